@@ -1,0 +1,14 @@
+"""fastppo: a kernel-optimized PPO trainer for RLHF of language models."""
+
+__version__ = "0.1.0"
+
+from fastppo import ops  # noqa: E402,F401
+
+
+def __getattr__(name):
+    # The trainer pulls in transformers; import it only when asked for, so `fastppo.ops` stays light.
+    if name in ("PPOConfig", "PPOTrainer"):
+        from fastppo import config, trainer
+
+        return {"PPOConfig": config.PPOConfig, "PPOTrainer": trainer.PPOTrainer}[name]
+    raise AttributeError(f"module 'fastppo' has no attribute {name!r}")

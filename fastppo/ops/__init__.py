@@ -1,0 +1,225 @@
+"""fastppo's fused PPO ops: the public API.
+
+Every op checks its inputs here, once, then runs the implementation that `dispatch` picks for the tensors' device
+(Triton on CUDA, native C++ on CPU, the PyTorch reference otherwise). The semantics of each op are those of its
+reference in `fastppo.ops.reference`; read that module for the math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastppo.ops import reference
+from fastppo.ops.dispatch import BACKENDS, OPS, get_backend, implementation, report, select, set_backend, use_backend
+from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS, masked_mean
+
+__all__ = [
+    "BACKENDS",
+    "KL_ESTIMATORS",
+    "LOSS_AGGREGATIONS",
+    "OPS",
+    "gae",
+    "get_backend",
+    "kl_penalty",
+    "linear_token_logprobs",
+    "masked_mean",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "reference",
+    "report",
+    "select",
+    "set_backend",
+    "shape_rewards",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "use_backend",
+]
+
+
+def _check_float(name: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _check_same_shape(**tensors: torch.Tensor) -> None:
+    (first_name, first), *rest = tensors.items()
+    for name, x in rest:
+        if x.shape != first.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)} but {first_name} has {tuple(first.shape)}")
+
+
+def _check_tokens(tokens: torch.Tensor, lead_shape: torch.Size, what: str) -> None:
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
+    if tokens.shape != lead_shape:
+        raise ValueError(f"tokens has shape {tuple(tokens.shape)} but {what} has leading shape {tuple(lead_shape)}")
+
+
+def _check_2d_mask(response_mask: torch.Tensor, **tensors: torch.Tensor) -> None:
+    for name, x in tensors.items():
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be (B, T), got shape {tuple(x.shape)}")
+        _check_float(name, x)
+    _check_same_shape(**tensors, response_mask=response_mask)
+
+
+def _check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """float32 log softmax(logits / temperature)[tokens]. logits (..., V) fp32/bf16/fp16, tokens (...) -> (...)."""
+    _check_float("logits", logits)
+    _check_tokens(tokens, logits.shape[:-1], "logits")
+    _check_temperature(temperature)
+    return implementation("token_logprobs", logits.device.type)(logits, tokens, temperature)
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy), both float32 (...), from one pass over logits (..., V). Both are differentiable."""
+    _check_float("logits", logits)
+    _check_tokens(tokens, logits.shape[:-1], "logits")
+    _check_temperature(temperature)
+    return implementation("token_logprobs_and_entropy", logits.device.type)(logits, tokens, temperature)
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    with_entropy: bool = False,
+):
+    """Log-probs (and entropy) of `tokens` under softmax((hidden @ weight.T + bias) / temperature),
+    without materializing the (..., V) logits. hidden (..., H), weight (V, H), bias (V,), tokens (...)."""
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be (V, H={hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must be (V={weight.shape[0]},), got {tuple(bias.shape)}")
+    _check_tokens(tokens, hidden.shape[:-1], "hidden")
+    _check_temperature(temperature)
+    impl = implementation("linear_token_logprobs", hidden.device.type)
+    return impl(hidden, weight, tokens, temperature, bias, with_entropy)
+
+
+# ----------------------------------------------------------------------------------------------
+# KL and reward shaping
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_estimator(estimator: str) -> None:
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate: k1, k2, k3 or abs of d = logprobs - ref_logprobs."""
+    _check_float("logprobs", logprobs)
+    _check_float("ref_logprobs", ref_logprobs)
+    _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
+    _check_estimator(estimator)
+    return implementation("kl_penalty", logprobs.device.type)(logprobs, ref_logprobs, estimator)
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, kl), both (B, T) float32: -kl_coef * kl per token plus each score at its row's last valid token."""
+    _check_2d_mask(response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs)
+    _check_float("scores", scores)
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(f"scores must be (B={logprobs.shape[0]},), got {tuple(scores.shape)}")
+    _check_estimator(estimator)
+    impl = implementation("shape_rewards", logprobs.device.type)
+    return impl(scores, logprobs, ref_logprobs, response_mask, float(kl_coef), estimator)
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages
+# ----------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages, returns), (B, T) float32, by GAE(gamma, lam) over right-padded responses; 0 at padding."""
+    _check_2d_mask(response_mask, rewards=rewards, values=values)
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
+    return implementation("gae", rewards.device.type)(rewards, values, response_mask, float(gamma), float(lam))
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked positions (unbiased variance), 0 at padding; float32."""
+    _check_float("x", x)
+    _check_same_shape(x=x, mask=mask)
+    return implementation("masked_whiten", x.device.type)(x, mask, shift_mean, float(eps))
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_agg(agg: str, denominator: float | None) -> None:
+    if agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
+    if denominator is not None and not denominator > 0:
+        raise ValueError(f"denominator must be > 0, got {denominator}")
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate loss (scalar) and detached stats; see `reference.ppo_policy_loss`."""
+    _check_2d_mask(response_mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    if not clip_low >= 0 or (clip_high is not None and not clip_high >= 0):
+        raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    _check_agg(agg, denominator)
+    impl = implementation("ppo_policy_loss", logprobs.device.type)
+    return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped value loss (scalar) and detached stats; see `reference.ppo_value_loss`."""
+    _check_2d_mask(response_mask, values=values, old_values=old_values, returns=returns)
+    if clip is not None and not clip >= 0:
+        raise ValueError(f"clip must be >= 0 or None, got {clip}")
+    _check_agg(agg, denominator)
+    impl = implementation("ppo_value_loss", values.device.type)
+    return impl(values, old_values, returns, response_mask, clip, agg, denominator)

@@ -1,0 +1,295 @@
+"""Plain-PyTorch references for every fused op: the specification the kernels must meet.
+
+Each function here is written for clarity, not speed. Every backend (Triton in `kernels/`,
+native C++ in `csrc/`) is tested against these, computed in float64, on random inputs.
+
+Shapes: B sequences, T response positions, V vocabulary, H hidden size, N = any number of tokens.
+Masks are `response_mask` (B, T): 1 for a generated token, 0 for padding. Responses are
+right-padded, so a sequence's valid tokens are a prefix of its row.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. log-probs of the sampled tokens (and the entropy of the distribution)
+# ----------------------------------------------------------------------------------------------
+
+
+def token_logprobs_and_entropy(
+    logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log softmax(logits / temperature)[token] and the entropy of softmax(logits / temperature).
+
+    logits: (..., V) float; tokens: (...) int64. Returns two (...) tensors in float32
+    (float64 when the logits are float64).
+    """
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scaled = logits.to(out_dtype) / temperature
+    logp = torch.log_softmax(scaled, dim=-1)  # (..., V): the tensor the kernels never materialize
+    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    p = logp.exp()
+    # p * log p is 0 where p is 0 (a -inf logit), not nan.
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    return token_logp, entropy
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    return token_logprobs_and_entropy(logits, tokens, temperature)[0]
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    with_entropy: bool = False,
+):
+    """token_logprobs(hidden @ weight.T + bias, tokens): the LM head and the log-probs in one op.
+
+    hidden: (..., H); weight: (V, H); bias: (V,) or None; tokens: (...). Returns (...) float32 log-probs,
+    and the entropy too when `with_entropy`. The fused kernels compute this without the (..., V) logits.
+    """
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logp, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    return (logp, entropy) if with_entropy else logp
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. per-token KL against the reference, and the shaped reward
+# ----------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the sampled tokens' log-probs.
+
+    With d = logprobs - ref_logprobs (the log-ratio log pi/pi_ref of the sampled token):
+      k1 = d                    unbiased, high variance, can be negative
+      k2 = d^2 / 2              biased, low variance
+      k3 = exp(-d) - 1 + d      unbiased, low variance, never negative (Schulman's estimator)
+      abs = |d|
+    """
+    d = logprobs - ref_logprobs
+    if estimator == "k1":
+        return d
+    if estimator == "k2":
+        return 0.5 * d * d
+    if estimator == "k3":
+        return torch.expm1(-d) + d
+    if estimator == "abs":
+        return d.abs()
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def last_valid_index(response_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last valid token; -1 for a row with none."""
+    T = response_mask.shape[-1]
+    positions = torch.arange(T, device=response_mask.device).expand_as(response_mask)
+    return torch.where(response_mask.bool(), positions, torch.full_like(positions, -1)).amax(-1)
+
+
+def shape_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    response_mask: torch.Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards for PPO: -kl_coef * KL at every valid token, plus the sequence's score at its last one.
+
+    scores: (B,); logprobs, ref_logprobs, response_mask: (B, T). Returns (rewards, kl), both (B, T) float32
+    and 0 at padded positions. A row with no valid token gets all zeros (its score has nowhere to go).
+    """
+    out_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    valid = response_mask.bool()
+    kl = kl_penalty(logprobs.to(out_dtype), ref_logprobs.to(out_dtype), estimator)
+    kl = torch.where(valid, kl, torch.zeros_like(kl))
+    rewards = -kl_coef * kl
+    last = last_valid_index(response_mask)  # (B,)
+    is_last = torch.arange(rewards.shape[-1], device=rewards.device) == last.unsqueeze(-1)  # (B, T)
+    rewards = rewards + torch.where(is_last, scores.to(out_dtype).unsqueeze(-1), torch.zeros_like(rewards))
+    return rewards, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. generalized advantage estimation, and whitening
+# ----------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(gamma, lambda) over right-padded responses: the reverse scan over time.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t
+
+    where V_{t+1} and A_{t+1} are 0 when t+1 is padding or past the end: nothing is bootstrapped past a
+    sequence's last valid token. rewards, values, response_mask: (B, T). Returns (advantages, returns),
+    (B, T) float32, 0 at padded positions (whatever the inputs hold there, even nan).
+    """
+    out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
+    valid = response_mask.bool()
+    zero = torch.zeros((), dtype=out_dtype, device=rewards.device)
+    rewards = torch.where(valid, rewards.to(out_dtype), zero)
+    values = torch.where(valid, values.to(out_dtype), zero)
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=out_dtype, device=rewards.device)
+    next_advantage = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, zero)
+        advantages[:, t] = advantage
+        next_value, next_advantage = values[:, t], advantage  # both 0 at padding: the episode ends there
+    returns = torch.where(valid, advantages + values, zero)
+    return advantages, returns
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over positions where mask is 1; 0 when the mask is empty."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked positions; `shift_mean=False` adds the mean back.
+
+    Mean and the unbiased variance (n - 1 in the denominator; plain n when n < 2) are taken over every position
+    where mask is 1. Padded positions come back as 0. Returns float32 (float64 for float64 x).
+    """
+    out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    valid = mask.bool()
+    zero = torch.zeros((), dtype=out_dtype, device=x.device)
+    x = torch.where(valid, x.to(out_dtype), zero)
+    count = valid.sum().to(out_dtype)
+    mean = x.sum() / count.clamp(min=1)
+    centered = torch.where(valid, x - mean, zero)
+    var = (centered * centered).sum() / (count - 1).clamp(min=1)
+    whitened = centered * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(valid, whitened, zero)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. PPO's clipped policy loss and clipped value loss
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_weights(response_mask: torch.Tensor, agg: str, denominator: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) weights w such that the aggregated loss is sum(w * per_token_loss).
+
+    token-mean:          every valid token counts the same: 1 / (number of valid tokens)
+    seq-mean-token-mean: each non-empty sequence counts the same, its tokens averaged: 1 / (len_b * n_seqs)
+    seq-mean-token-sum:  each non-empty sequence counts the same, its tokens summed: 1 / n_seqs
+
+    `denominator` replaces the token count (token-mean) or the sequence count (seq-mean-*): with gradient
+    accumulation or many ranks it is the count over the whole minibatch, so the sum of the micro-batch losses
+    equals the loss of the whole minibatch.
+    """
+    if agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
+    mask = response_mask.to(dtype)
+    lengths = mask.sum(-1, keepdim=True)  # (B, 1)
+    if agg == "token-mean":
+        total = lengths.sum() if denominator is None else torch.tensor(float(denominator), dtype=dtype)
+        return mask / total.clamp(min=1)
+    n_seqs = (lengths > 0).sum() if denominator is None else torch.tensor(float(denominator), dtype=dtype)
+    n_seqs = n_seqs.to(dtype).clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return mask / (lengths.clamp(min=1) * n_seqs)
+    return mask / n_seqs
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    agg: str = "token-mean",
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate, as a loss to minimize.
+
+        ratio = exp(logprobs - old_logprobs)
+        loss_t = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+        dual clip (c > 1), for A < 0 only: loss_t = min(loss_t, -c * A)
+
+    clip_high defaults to clip_low (asymmetric "clip-higher" when larger). All tensors (B, T); only
+    `logprobs` gets a gradient. Returns the scalar loss (aggregated by `agg`, see `loss_weights`) and
+    detached stats over valid tokens: clip_frac (the clipped branch won), dual_clip_frac, approx_kl
+    (k3 of the ratio), ratio_mean, ratio_max.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    valid = response_mask.bool()
+    compute_dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    logprobs = logprobs.to(compute_dtype)
+    zero = torch.zeros((), dtype=compute_dtype, device=logprobs.device)
+    log_ratio = torch.where(valid, logprobs - old_logprobs.to(compute_dtype), zero)
+    advantages = torch.where(valid, advantages.to(compute_dtype), zero)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(unclipped, clipped)
+    dual_clipped = torch.zeros_like(valid)
+    if dual_clip is not None:
+        cap = -dual_clip * advantages
+        dual_clipped = (advantages < 0) & (per_token > cap)
+        per_token = torch.where(dual_clipped, cap, per_token)
+    weights = loss_weights(response_mask, agg, denominator, compute_dtype)
+    loss = (weights * per_token).sum()
+
+    with torch.no_grad():
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).to(compute_dtype), valid),
+            "dual_clip_frac": masked_mean(dual_clipped.to(compute_dtype), valid),
+            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, valid),  # k3 of the old->new ratio
+            "ratio_mean": masked_mean(ratio, valid),
+            "ratio_max": torch.where(valid, ratio, zero).amax() if valid.any() else zero.clone(),
+        }
+    return loss, {k: v.detach().float() for k, v in stats.items()}
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip: float | None = 0.2,
+    agg: str = "token-mean",
+    denominator: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped value loss: 0.5 * max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, +-clip).
+
+    `clip=None` gives the plain squared error. All tensors (B, T); only `values` gets a gradient. Returns the
+    scalar loss (aggregated by `agg`) and detached stats: value_clip_frac (the clipped branch won).
+    """
+    valid = response_mask.bool()
+    compute_dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    zero = torch.zeros((), dtype=compute_dtype, device=values.device)
+    values = torch.where(valid, values.to(compute_dtype), zero)
+    old_values = torch.where(valid, old_values.to(compute_dtype), zero)
+    returns = torch.where(valid, returns.to(compute_dtype), zero)
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        per_token, clipped = 0.5 * unclipped, unclipped
+    else:
+        values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        clipped = (values_clipped - returns) ** 2
+        per_token = 0.5 * torch.maximum(unclipped, clipped)
+    loss = (loss_weights(response_mask, agg, denominator, compute_dtype) * per_token).sum()
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean((clipped > unclipped).to(compute_dtype), valid)}
+    return loss, {k: v.detach().float() for k, v in stats.items()}

@@ -1,0 +1,117 @@
+"""Shared machinery for the op tests: every backend x dtype x shape is checked against the float64 reference.
+
+- `backends()` lists the backends that can run on this machine's test device; `run_with(backend, fn, ...)`
+  forces one for a call.
+- `TOLERANCES[dtype]` is the (atol, rtol) a backend must meet against the float64 reference when its inputs are
+  in `dtype`. Inputs are rounded to `dtype` first and the reference sees the same rounded values, so the tolerance
+  covers only the kernel's own arithmetic (fp32 accumulation everywhere), not the input rounding.
+- `poisoned_outputs()` makes every `torch.empty`/`empty_like` return nan-filled memory, so an output element a
+  kernel forgets to write shows up as nan instead of as whatever the allocator left there.
+- `assert_close(actual, expected, ...)` names the op and prints the worst mismatching indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import pytest
+import torch
+
+from fastppo.ops import dispatch, use_backend
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# (atol, rtol) against the float64 reference for outputs computed from inputs of this dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (2e-3, 2e-3),  # inputs are exact in bf16; only the fp32 accumulation differs
+    torch.float16: (2e-3, 2e-3),
+}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def backends(op: str = "gae") -> list[str]:
+    """Backends that can run `op` on DEVICE here (Triton on CPU needs TRITON_INTERPRET=1, set in conftest)."""
+    return [b for b in dispatch.BACKENDS if dispatch.unavailable_reason(b, op, DEVICE) is None]
+
+
+def backend_params(op: str):
+    """pytest params over every backend, with the unavailable ones shown as skips that say why."""
+    params = []
+    for backend in dispatch.BACKENDS:
+        reason = dispatch.unavailable_reason(backend, op, DEVICE)
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(backend, id=backend, marks=marks))
+    return params
+
+
+def run_with(backend: str, fn, *args, **kwargs):
+    with use_backend(backend), poisoned_outputs():
+        return fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Fill fresh allocations with nan (or the int min) so unwritten output elements cannot pass a check."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(torch.iinfo(t.dtype).min)
+        return t
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed + int(os.environ.get("FASTPPO_TEST_SEED", "0")))
+
+
+def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
+    """Random normal values, rounded to `dtype`, on DEVICE."""
+    x = torch.randn(*shape, generator=seeded(seed), dtype=torch.float64) * scale
+    return x.to(dtype).to(DEVICE)
+
+
+def random_mask(B: int, T: int, seed: int = 0, empty_rows=(), full_rows=()) -> torch.Tensor:
+    """(B, T) right-padded response mask with random lengths in [1, T], some rows forced empty or full."""
+    lengths = torch.randint(1, T + 1, (B,), generator=seeded(seed))
+    for row in empty_rows:
+        lengths[row] = 0
+    for row in full_rows:
+        lengths[row] = T
+    mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
+    return mask.to(DEVICE)
+
+
+def f64(x):
+    """A float64 copy of a float tensor (other tensors unchanged), for the reference."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().double()
+    return x
+
+
+def assert_close(actual, expected, dtype=torch.float32, name="output", atol=None, rtol=None):
+    """Compare with the float64 reference within TOLERANCES[dtype]; infinities and nans must match exactly."""
+    default_atol, default_rtol = TOLERANCES[dtype]
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    same_special = (actual == expected) | (actual.isnan() & expected.isnan())
+    close = same_special | ((actual - expected).abs() <= atol + rtol * expected.abs())
+    if not bool(close.all()):
+        bad = (~close).nonzero()[:5].tolist()
+        details = ", ".join(f"{tuple(i)}: {actual[tuple(i)].item():.8g} vs {expected[tuple(i)].item():.8g}" for i in bad)
+        n_bad = int((~close).sum())
+        raise AssertionError(f"{name}: {n_bad}/{close.numel()} elements off (atol={atol}, rtol={rtol}); {details}")
