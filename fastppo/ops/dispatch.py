@@ -34,6 +34,10 @@ _TRITON_MODULES = {
 }
 OPS = tuple(_TRITON_MODULES)
 
+# The torch backend runs the references, except where a reference is too wasteful to use for real: the
+# linear log-prob reference materializes the (N, V) logits, so its torch backend is the chunked version.
+_TORCH_MODULES = {"linear_token_logprobs": "fastppo.ops.chunked"}
+
 # Fastest first. Interpreted Triton on a CPU is for testing only, so `auto` never picks it there.
 PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}
 
@@ -88,7 +92,7 @@ def _import(module_name: str):
 
 def _module_for(backend: str, op: str):
     if backend == "torch":
-        return _import("fastppo.ops.reference")
+        return _import(_TORCH_MODULES.get(op, "fastppo.ops.reference"))
     if backend == "native":
         return _import("fastppo.ops.native")
     return _import(_TRITON_MODULES[op])

@@ -1,0 +1,5 @@
+import sys
+
+from fastppo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,47 @@
+"""`fastppo <command>`: the command-line entry point.
+
+Each command lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their command runs, so `fastppo doctor` does not pay for importing transformers.
+With no command, `fastppo` runs the built-in demo (the same as `fastppo train` with no config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from fastppo.errors import InputError
+
+COMMANDS = {
+    "train": ("fastppo.train_cli", "run PPO from a YAML config (no config: the built-in demo)"),
+    "demo": ("fastppo.demo.pipeline", "the built-in offline RLHF pipeline: SFT, reward model, PPO, evaluation"),
+    "sft": ("fastppo.sft", "supervised fine-tuning on a JSONL of {prompt, response}"),
+    "reward-model": ("fastppo.reward_training", "train a reward model on a JSONL of {prompt, chosen, rejected}"),
+    "doctor": ("fastppo.doctor", "which backend each op uses on this machine, and why"),
+    "selfcheck": ("fastppo.selfcheck", "check every op against its reference here and time it"),
+    "bench": ("fastppo.bench_cli", "run the benchmark suite against the peers"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["demo", *argv]
+    parser = argparse.ArgumentParser(prog="fastppo", description="A kernel-optimized PPO trainer for RLHF.")
+    sub = parser.add_subparsers(dest="command", metavar="command", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        command_parser.set_defaults(module=module_name)
+        if argv[0] == name:  # only the chosen command's module is imported
+            importlib.import_module(module_name).add_arguments(command_parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except InputError as error:
+        print(f"fastppo {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
