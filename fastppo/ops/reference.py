@@ -75,7 +75,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
       k3 = exp(-d) - 1 + d      unbiased, low variance, never negative (Schulman's estimator)
       abs = |d|
     """
-    d = logprobs - ref_logprobs
+    out_dtype = torch.float64 if torch.float64 in (logprobs.dtype, ref_logprobs.dtype) else torch.float32
+    d = logprobs.to(out_dtype) - ref_logprobs.to(out_dtype)
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -286,7 +287,9 @@ def ppo_value_loss(
     if clip is None:
         per_token, clipped = 0.5 * unclipped, unclipped
     else:
-        values_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+        # Inside the clip range the clipped value is V itself: old + (V - old) can round to a neighbour of V.
+        inside = (values - old_values).abs() <= clip
+        values_clipped = torch.where(inside, values, old_values + torch.clamp(values - old_values, -clip, clip))
         clipped = (values_clipped - returns) ** 2
         per_token = 0.5 * torch.maximum(unclipped, clipped)
     loss = (loss_weights(response_mask, agg, denominator, compute_dtype) * per_token).sum()

@@ -112,6 +112,29 @@ def assert_close(actual, expected, dtype=torch.float32, name="output", atol=None
     close = same_special | ((actual - expected).abs() <= atol + rtol * expected.abs())
     if not bool(close.all()):
         bad = (~close).nonzero()[:5].tolist()
-        details = ", ".join(f"{tuple(i)}: {actual[tuple(i)].item():.8g} vs {expected[tuple(i)].item():.8g}" for i in bad)
+        details = ", ".join(
+            f"{tuple(i)}: {actual[tuple(i)].item():.8g} vs {expected[tuple(i)].item():.8g}" for i in bad
+        )
         n_bad = int((~close).sum())
         raise AssertionError(f"{name}: {n_bad}/{close.numel()} elements off (atol={atol}, rtol={rtol}); {details}")
+
+
+def transposed_copy(x: torch.Tensor) -> torch.Tensor:
+    """The same values as x (B, T), laid out column-major: a non-contiguous view."""
+    return x.t().contiguous().t()
+
+
+def with_garbage(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x with nan/+inf/-inf at padded positions: none of it may reach an output."""
+    garbage = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=x.dtype, device=x.device)
+    return torch.where(mask.bool(), x, garbage[torch.arange(x.numel(), device=x.device).view(x.shape) % 3])
+
+
+def assert_grad_close(actual, expected, dtype, name, scale=1.0):
+    """Gradients come back in the input dtype, so one rounding to it is allowed on top of TOLERANCES (and inf is
+    right where the float64 gradient overflows it). `scale` is the gradients' natural size (a loss weight), which
+    the absolute tolerance is relative to."""
+    rounded = expected.to(dtype).double()
+    expected = torch.where(rounded.isinf(), rounded, expected)
+    atol, rtol = TOLERANCES[dtype]
+    assert_close(actual, expected, dtype, name=name, atol=atol * scale, rtol=rtol + torch.finfo(dtype).eps / 2)
