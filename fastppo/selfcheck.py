@@ -42,7 +42,10 @@ def _inputs(device: str, seed: int = 0, B: int = 16, T: int = 128, V: int = 1000
 def _cases(x):
     """op name -> (call(module) -> tensor outputs, differentiable input names)."""
     return {
-        "token_logprobs_and_entropy": (lambda m: m.token_logprobs_and_entropy(x["logits"], x["tokens"], 0.9), ["logits"]),
+        "token_logprobs_and_entropy": (
+            lambda m: m.token_logprobs_and_entropy(x["logits"], x["tokens"], 0.9),
+            ["logits"],
+        ),
         "linear_token_logprobs": (
             lambda m: m.linear_token_logprobs(x["hidden"], x["weight"], x["tokens"], 1.0, None, True),
             ["hidden", "weight"],
