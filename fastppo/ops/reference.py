@@ -34,8 +34,8 @@ def token_logprobs_and_entropy(
     logp = torch.log_softmax(scaled, dim=-1)  # (..., V): the tensor the kernels never materialize
     token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
     p = logp.exp()
-    # p * log p is 0 where p is 0 (a -inf logit), not nan.
-    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
+    # p log p is 0 where p is 0 (a -inf logit): zero log p there first, so neither the value nor its gradient is nan.
+    entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
     return token_logp, entropy
 
 

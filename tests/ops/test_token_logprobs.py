@@ -1,0 +1,141 @@
+"""token_logprobs / token_logprobs_and_entropy: every backend against the float64 reference, forward and backward.
+
+Tolerances: TOLERANCES[dtype] from helpers on the values; log-probs of rows holding +-1e4 logits are ~1e4 in size, so
+the relative part of the tolerance applies. Gradients come back in the logits' dtype: `assert_grad_close` allows one
+rounding to it on top.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastppo import ops
+from fastppo.ops import reference
+from tests.ops.helpers import (
+    DEVICE,
+    FLOAT_DTYPES,
+    assert_close,
+    assert_grad_close,
+    backend_params,
+    f64,
+    randn,
+    run_with,
+    seeded,
+)
+
+BACKENDS = backend_params("token_logprobs")
+
+
+def random_tokens(shape, V, seed=0):
+    return torch.randint(0, V, shape, generator=seeded(seed)).to(DEVICE)
+
+
+def check_against_reference(backend, logits, tokens, temperature=1.0, dtype=torch.float32, grad=True):
+    """Forward (log-probs and entropy) and the gradient of a random weighting of both."""
+    logits = logits.detach().requires_grad_(grad)
+    logprobs, entropy = run_with(backend, ops.token_logprobs_and_entropy, logits, tokens, temperature)
+    assert logprobs.dtype == entropy.dtype == torch.float32
+    assert logprobs.shape == entropy.shape == tokens.shape
+
+    logits64 = f64(logits).requires_grad_(grad)
+    expected_logprobs, expected_entropy = reference.token_logprobs_and_entropy(logits64, tokens, temperature)
+    assert_close(logprobs, expected_logprobs, dtype, name="logprobs")
+    assert_close(entropy, expected_entropy, dtype, name="entropy")
+    if not grad:
+        return
+    w_logp = randn(*tokens.shape, dtype=torch.float64, seed=11)
+    w_entropy = randn(*tokens.shape, dtype=torch.float64, seed=12)
+    (logprobs.double() * w_logp + entropy.double() * w_entropy).sum().backward()
+    (expected_logprobs * w_logp + expected_entropy * w_entropy).sum().backward()
+    assert logits.grad.dtype == logits.dtype
+    assert_grad_close(logits.grad, logits64.grad, dtype, name="grad logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "lead_shape, V",
+    [((9,), 7), ((2, 5), 1000), ((1,), 50257), ((3, 1), 257), ((2,), 151936)],
+    ids=["N9-V7", "B2T5-V1000", "T1-V50257", "B3T1-V257", "N2-V151936"],
+)
+def test_matches_reference(backend, dtype, lead_shape, V):
+    logits = randn(*lead_shape, V, dtype=dtype, scale=3.0, seed=V)
+    check_against_reference(backend, logits, random_tokens(lead_shape, V, seed=V), dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_temperature(backend, temperature):
+    logits = randn(4, 6, 333, scale=2.0, seed=1)
+    check_against_reference(backend, logits, random_tokens((4, 6), 333, seed=1), temperature)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_extreme_logits(backend, dtype):
+    """+-1e4 and -inf entries: no overflow in the online logsumexp, and p log p = 0 where p = 0."""
+    V = 301
+    logits = randn(4, V, dtype=torch.float64, scale=3.0, seed=2)
+    logits[0, 5] = 1e4
+    logits[1, :50] = -1e4
+    logits[2, ::3] = float("-inf")
+    logits[3, 7] = -1e4
+    tokens = torch.tensor([5, 60, 1, 7], device=DEVICE)  # finite logits; row 3 targets a -1e4 logit
+    big = 6e4 if dtype == torch.float16 else 1e4  # fp16 tops out at 65504
+    logits[0, 5] = big
+    check_against_reference(backend, logits.to(dtype), tokens, dtype=dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_of_single_finite_logit_and_minus_inf_target(backend):
+    """A one-hot row has zero entropy; a target at a -inf logit has log-prob -inf (no gradient check: inf loss)."""
+    logits = torch.full((2, 37), float("-inf"), device=DEVICE)
+    logits[0, 3] = 1.5
+    logits[1, :] = randn(37, seed=3)
+    logits[1, 9] = float("-inf")
+    tokens = torch.tensor([3, 9], device=DEVICE)
+    check_against_reference(backend, logits, tokens, grad=False)
+    logprobs, entropy = run_with(backend, ops.token_logprobs_and_entropy, logits, tokens)
+    assert logprobs[0].item() == 0.0 and entropy[0].item() == 0.0
+    assert logprobs[1].item() == float("-inf")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    """PPO scores logits[:, :-1] against input_ids[:, 1:]: strided views, and a logits tensor with strided V."""
+    logits = randn(3, 8, 129, seed=4)
+    tokens = random_tokens((3, 8), 129, seed=4)
+    check_against_reference(backend, logits[:, :-1], tokens[:, 1:])
+    transposed = randn(129, 5, seed=5).t()  # (5, 129) with stride 5 along V
+    check_against_reference(backend, transposed, random_tokens((5,), 129, seed=5))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_only_gradient_and_int32_tokens(backend):
+    logits = randn(6, 77, seed=6).requires_grad_(True)
+    tokens = random_tokens((6,), 77, seed=6).to(torch.int32)
+    logprobs = run_with(backend, ops.token_logprobs, logits, tokens, 0.9)
+    logprobs.sum().backward()
+    logits64 = f64(logits).requires_grad_(True)
+    expected = reference.token_logprobs(logits64, tokens.long(), 0.9)
+    expected.sum().backward()
+    assert_close(logprobs, expected, name="logprobs")
+    assert_close(logits.grad, logits64.grad, name="grad logits")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_input(backend):
+    logits = torch.zeros(0, 11, device=DEVICE)
+    tokens = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    logprobs, entropy = run_with(backend, ops.token_logprobs_and_entropy, logits, tokens)
+    assert logprobs.shape == entropy.shape == (0,)
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="tokens has shape"):
+        ops.token_logprobs(torch.zeros(2, 3, 5), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(TypeError, match="logits must be a floating-point"):
+        ops.token_logprobs(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        ops.token_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0)
