@@ -8,6 +8,7 @@ the ratio. It is a quick smoke check for a new install; the full suites are `pyt
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -151,6 +152,9 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     device = args.device
+    if device == "cpu":
+        # Check the Triton kernels too, in Triton's interpreter (set before any kernel module is imported).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     print(f"fastppo selfcheck on {device}: every op and backend against the float64 reference")
     print(f"{'op':28s} {'backend':8s} {'max abs error':>14s}")
     worst = 0.0

@@ -152,6 +152,26 @@ def _forward(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
     return logprobs, entropy, lse
 
 
+def _backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, temperature, out=None):
+    """dL/dlogits (N, V) in the logits' dtype; `out` may be the logits themselves (each element is read, then
+    overwritten by the same program), which the fused linear op uses to keep one chunk buffer."""
+    rows, L1, V, stride_0, stride_1 = _as_rows(logits)
+    N = tokens.numel()
+    grad_logits = torch.empty((N, V), dtype=logits.dtype, device=logits.device) if out is None else out
+    if grad_logprobs is None:
+        grad_logprobs = torch.zeros(N, dtype=torch.float32, device=logits.device)
+    has_grad_entropy = grad_entropy is not None
+    grad_entropy = grad_entropy if has_grad_entropy else grad_logprobs  # unread placeholder
+    if N > 0:
+        _token_logprobs_bwd_kernel[(N,)](
+            rows, grad_logits, tokens.reshape(-1), lse, entropy,
+            grad_logprobs.reshape(-1).float().contiguous(), grad_entropy.reshape(-1).float().contiguous(),
+            L1, V, stride_0, stride_1, 1.0 / temperature,
+            HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(V), num_warps=8,
+        )  # fmt: skip
+    return grad_logits
+
+
 class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, tokens, temperature):
@@ -163,20 +183,7 @@ class TokenLogprobsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logprobs, grad_entropy):
         logits, tokens, lse, entropy = ctx.saved_tensors
-        rows, L1, V, stride_0, stride_1 = _as_rows(logits)
-        N = tokens.numel()
-        grad_logits = torch.empty((N, V), dtype=logits.dtype, device=logits.device)
-        if grad_logprobs is None:
-            grad_logprobs = torch.zeros(N, dtype=torch.float32, device=logits.device)
-        has_grad_entropy = grad_entropy is not None
-        grad_entropy = grad_entropy if has_grad_entropy else grad_logprobs  # unread placeholder
-        if N > 0:
-            _token_logprobs_bwd_kernel[(N,)](
-                rows, grad_logits, tokens.reshape(-1), lse, entropy,
-                grad_logprobs.reshape(-1).float().contiguous(), grad_entropy.reshape(-1).float().contiguous(),
-                L1, V, stride_0, stride_1, 1.0 / ctx.temperature,
-                HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(V), num_warps=8,
-            )  # fmt: skip
+        grad_logits = _backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, ctx.temperature)
         return grad_logits.view(logits.shape), None, None
 
 

@@ -32,7 +32,7 @@ def token_logprobs_and_entropy(
     out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scaled = logits.to(out_dtype) / temperature
     logp = torch.log_softmax(scaled, dim=-1)  # (..., V): the tensor the kernels never materialize
-    token_logp = logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    token_logp = logp.gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
     p = logp.exp()
     # p log p is 0 where p is 0 (a -inf logit): zero log p there first, so neither the value nor its gradient is nan.
     entropy = -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
@@ -40,7 +40,11 @@ def token_logprobs_and_entropy(
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    return token_logprobs_and_entropy(logits, tokens, temperature)[0]
+    """The log-prob half of `token_logprobs_and_entropy`, without paying for the entropy."""
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scaled = logits.to(out_dtype) if temperature == 1.0 else logits.to(out_dtype) / temperature
+    logp = torch.log_softmax(scaled, dim=-1)
+    return logp.gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
 
 
 def linear_token_logprobs(
