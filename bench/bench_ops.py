@@ -1,0 +1,237 @@
+"""Op benchmarks: each fastppo backend against the baseline RLHF code uses today, in the same pytest run.
+
+Every benchmark lands in a pytest-benchmark group named after the op and mode; `bench/report.py` divides the
+baseline's median by each row's median to get the speed-ups, so ratios always come from one run on one machine.
+`extra_info["largest_tensor_mb"]` is the largest tensor the call allocates (recorded once, outside the timing):
+it shows which implementations materialize an (N, V) intermediate.
+
+Sizes: CPU token_logprobs N = 4096, V = 32000 fp32; GAE and losses B = 64, T = 512. On CUDA, N = 16384 with
+V = 32000 and 151936. FASTPPO_BENCH_QUICK=1 shrinks everything for the smoke test.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench import baselines
+from fastppo import ops
+from fastppo.ops import dispatch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+QUICK = os.environ.get("FASTPPO_BENCH_QUICK") == "1"
+
+
+def sizes():
+    if QUICK:
+        return {"logprobs": [(64, 1000, torch.float32)], "seq": (8, 64), "linear": (64, 32, 1000)}
+    if DEVICE == "cuda":
+        logprobs = [(16384, V, dtype) for V in (32000, 151936) for dtype in (torch.bfloat16, torch.float32)]
+        return {"logprobs": logprobs, "seq": (64, 512), "linear": (8192, 2048, 151936)}
+    return {"logprobs": [(4096, 32000, torch.float32)], "seq": (64, 512), "linear": (2048, 256, 32000)}
+
+
+SIZES = sizes()
+
+
+def fastppo_backends(op):
+    return [b for b in dispatch.BACKENDS if dispatch.unavailable_reason(b, op, DEVICE) is None and b != "triton"] + (
+        ["triton"] if DEVICE == "cuda" and dispatch.unavailable_reason("triton", op, DEVICE) is None else []
+    )
+
+
+class LargestTensor(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bytes = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.bytes = max(self.bytes, t.numel() * t.element_size())
+        return out
+
+
+def run_benchmark(benchmark, group, impl, fn, baseline=False, **info):
+    with LargestTensor() as largest:
+        fn()
+    benchmark.group = group
+    benchmark.extra_info.update(
+        impl=impl, baseline=baseline, device=DEVICE, largest_tensor_mb=largest.bytes / 2**20, **info
+    )
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    benchmark.pedantic(fn, rounds=5 if QUICK else 10, warmup_rounds=1, iterations=1)
+
+
+def sync(fn):
+    if DEVICE != "cuda":
+        return fn
+
+    def wrapped():
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return wrapped
+
+
+# ----------------------------------------------------------------------------------------------
+# token_logprobs
+# ----------------------------------------------------------------------------------------------
+
+
+def logprob_impls():
+    impls = [("log_softmax+gather", baselines.log_softmax_gather, True)]
+    trl_fn, reason = baselines.trl_selective_log_softmax()
+    if trl_fn is not None:
+        impls.append(("trl selective_log_softmax", trl_fn, False))
+    for backend in fastppo_backends("token_logprobs"):
+
+        def fastppo_fn(logits, tokens, backend=backend):
+            with ops.use_backend(backend):
+                return ops.token_logprobs(logits, tokens)
+
+        impls.append((f"fastppo[{backend}]", fastppo_fn, False))
+    return impls
+
+
+LOGPROB_IMPLS = logprob_impls()
+
+
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("N, V, dtype", SIZES["logprobs"], ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("impl, fn, baseline", LOGPROB_IMPLS, ids=[i[0] for i in LOGPROB_IMPLS])
+def test_token_logprobs(benchmark, impl, fn, baseline, N, V, dtype, mode):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(N, V, generator=g) * 2).to(dtype).to(DEVICE)
+    tokens = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    if mode == "forward":
+
+        def call():
+            with torch.no_grad():
+                return fn(logits, tokens)
+    else:
+        logits.requires_grad_(True)
+
+        def call():
+            logits.grad = None
+            fn(logits, tokens).sum().backward()
+
+    group = f"token_logprobs {mode} N={N} V={V} {str(dtype)[6:]}"
+    bytes_moved = N * V * logits.element_size() * (1 if mode == "forward" else 3)
+    run_benchmark(benchmark, group, impl, sync(call), baseline, bytes=bytes_moved)
+
+
+# ----------------------------------------------------------------------------------------------
+# GAE, reward shaping, losses: (B, T) sequence ops
+# ----------------------------------------------------------------------------------------------
+
+
+def sequence_inputs(B, T):
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
+    mask = (torch.arange(T) < lengths[:, None]).float()
+
+    def randn():
+        return torch.randn(B, T, generator=g).to(DEVICE)
+
+    return {
+        "mask": mask.to(DEVICE),
+        "rewards": randn(),
+        "values": randn(),
+        "returns": randn(),
+        "advantages": randn(),
+        "logprobs": -randn().abs(),
+        "old_logprobs": -randn().abs(),
+        "scores": torch.randn(B, generator=g).to(DEVICE),
+    }
+
+
+def with_backend(backend, fn):
+    def call(*args):
+        with ops.use_backend(backend):
+            return fn(*args)
+
+    return call
+
+
+@pytest.mark.parametrize("impl", ["python loop"] + [f"fastppo[{b}]" for b in fastppo_backends("gae")], ids=lambda s: s)
+def test_gae(benchmark, impl):
+    B, T = SIZES["seq"]
+    x = sequence_inputs(B, T)
+    if impl == "python loop":
+        fn = baselines.python_loop_gae
+    else:
+        fn = with_backend(impl[8:-1], lambda r, v, m: ops.gae(r, v, m, 1.0, 0.95))
+    call = sync(lambda: fn(x["rewards"], x["values"], x["mask"]))
+    run_benchmark(benchmark, f"gae B={B} T={T}", impl, call, baseline=impl == "python loop")
+
+
+@pytest.mark.parametrize(
+    "impl", ["unfused torch"] + [f"fastppo[{b}]" for b in fastppo_backends("shape_rewards")], ids=lambda s: s
+)
+def test_shape_rewards(benchmark, impl):
+    B, T = SIZES["seq"]
+    x = sequence_inputs(B, T)
+    args = (x["scores"], x["logprobs"], x["old_logprobs"], x["mask"], 0.05)
+    if impl == "unfused torch":
+        call = sync(lambda: baselines.unfused_shape_rewards(*args))
+    else:
+        call = sync(lambda: with_backend(impl[8:-1], ops.shape_rewards)(*args, "k1"))
+    run_benchmark(benchmark, f"shape_rewards B={B} T={T}", impl, call, baseline=impl == "unfused torch")
+
+
+@pytest.mark.parametrize(
+    "impl", ["unfused autograd"] + [f"fastppo[{b}]" for b in fastppo_backends("ppo_policy_loss")], ids=lambda s: s
+)
+def test_policy_and_value_loss(benchmark, impl):
+    """Forward + backward of policy loss + value loss, as one PPO micro-batch needs them."""
+    B, T = SIZES["seq"]
+    x = sequence_inputs(B, T)
+    logprobs = x["logprobs"].clone().requires_grad_(True)
+    values = x["values"].clone().requires_grad_(True)
+    if impl == "unfused autograd":
+        policy_loss, value_loss = baselines.unfused_policy_loss, baselines.unfused_value_loss
+    else:
+        policy_loss = with_backend(impl[8:-1], ops.ppo_policy_loss)
+        value_loss = with_backend(impl[8:-1], ops.ppo_value_loss)
+
+    def call():
+        logprobs.grad = values.grad = None
+        pg, _ = policy_loss(logprobs, x["old_logprobs"], x["advantages"], x["mask"])
+        vf, _ = value_loss(values, x["values"], x["returns"], x["mask"])
+        (pg + 0.5 * vf).backward()
+
+    run_benchmark(benchmark, f"policy+value loss fwd+bwd B={B} T={T}", impl, sync(call), impl == "unfused autograd")
+
+
+# ----------------------------------------------------------------------------------------------
+# LM head + log-probs without the logits
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["materialized logits", "fastppo fused"], ids=lambda s: s)
+def test_linear_token_logprobs(benchmark, impl):
+    N, H, V = SIZES["linear"]
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(N, H, generator=g).to(dtype).to(DEVICE).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) / H**0.5).to(dtype).to(DEVICE).requires_grad_(True)
+    tokens = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+
+    def call():
+        hidden.grad = weight.grad = None
+        if impl == "materialized logits":
+            logits = hidden @ weight.t()
+            logprobs = torch.log_softmax(logits.float(), -1).gather(-1, tokens[:, None]).squeeze(-1)
+        else:
+            logprobs = ops.linear_token_logprobs(hidden, weight, tokens)
+        logprobs.sum().backward()
+
+    group = f"linear_token_logprobs fwd+bwd N={N} H={H} V={V} {str(dtype)[6:]}"
+    run_benchmark(benchmark, group, impl, sync(call), impl == "materialized logits", logits_mb=N * V * 4 / 2**20)

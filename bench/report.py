@@ -1,0 +1,103 @@
+"""Turn benchmark JSON from `bench/results/` into the Markdown tables of `bench/README.md` (never typed by hand).
+
+    python -m bench.report [ops.json] [e2e.json]     # default: the newest of each kind in bench/results/
+
+The README keeps its prose; only the text between `<!-- results:begin -->` and `<!-- results:end -->` is replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parent / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def newest(pattern: str) -> Path | None:
+    files = sorted(RESULTS.glob(pattern))
+    return files[-1] if files else None
+
+
+def machine_line(machine: dict) -> str:
+    keys = ("device", "cpu", "cores", "torch", "triton", "transformers", "trl", "commit", "date")
+    return ", ".join(f"{k}: {machine[k]}" for k in keys if machine.get(k))
+
+
+def ops_table(data: dict) -> str:
+    groups = defaultdict(list)
+    for bench in data["benchmarks"]:
+        groups[bench["group"]].append(bench)
+    lines = [
+        "| op | implementation | median ms | speed-up vs baseline | largest tensor MB |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for group, rows in groups.items():
+        base = next((r for r in rows if r["extra_info"].get("baseline")), None)
+        for r in rows:
+            median = r["stats"]["median"]
+            ratio = f"{base['stats']['median'] / median:.2f}x" if base else "n/a"
+            if r is base:
+                ratio = "1.00x (baseline)"
+            info = r["extra_info"]
+            lines.append(
+                f"| {group} | {info['impl']} | {median * 1e3:.3f} | {ratio} | {info.get('largest_tensor_mb', 0):.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def e2e_table(data: dict) -> str:
+    lines = [
+        "| framework | s / iteration | tokens / s | peak memory MB | speed-up | memory ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = data["runs"]
+    base = next((r for r in rows if r["framework"].startswith("trl")), None)
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['framework']} | skipped: {r['error']} | | | | |")
+            continue
+        speed = (
+            f"{base['seconds_per_iteration'] / r['seconds_per_iteration']:.2f}x" if base and "error" not in base else ""
+        )
+        memory = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}" if base and "error" not in base else ""
+        lines.append(
+            f"| {r['framework']} | {r['seconds_per_iteration']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"{r['peak_memory_mb']:.0f} | {speed} | {memory} |"
+        )
+    split = data.get("fastppo_time_split")
+    if split:
+        parts = ", ".join(f"{k} {v:.0%}" for k, v in split.items())
+        lines.append(f"\nWhere fastppo's iteration goes: {parts}.")
+    return "\n".join(lines)
+
+
+def render(ops_path: Path | None, e2e_path: Path | None) -> str:
+    out = [BEGIN]
+    if ops_path:
+        data = json.loads(ops_path.read_text())
+        out += [f"### Ops (`{ops_path.name}`)", "", machine_line(data.get("machine_info", {}).get("fastppo", {})), ""]
+        out += [ops_table(data), ""]
+    if e2e_path:
+        data = json.loads(e2e_path.read_text())
+        out += [f"### One PPO iteration, end to end (`{e2e_path.name}`)", "", machine_line(data["machine"]), ""]
+        out += [f"Config: {data['config']}", "", e2e_table(data), ""]
+    out.append(END)
+    return "\n".join(out)
+
+
+def update_readme(ops_path: Path | None, e2e_path: Path | None) -> None:
+    text = README.read_text()
+    start, end = text.index(BEGIN), text.index(END) + len(END)
+    README.write_text(text[:start] + render(ops_path, e2e_path) + text[end:])
+
+
+if __name__ == "__main__":
+    paths = [Path(p) for p in sys.argv[1:]]
+    ops_path = next((p for p in paths if p.name.startswith("ops")), None) or newest("ops-*.json")
+    e2e_path = next((p for p in paths if p.name.startswith("e2e")), None) or newest("e2e-*.json")
+    update_readme(ops_path, e2e_path)
+    print(render(ops_path, e2e_path))

@@ -1,0 +1,37 @@
+"""The benchmark harness runs end to end at tiny sizes (no timing is checked: numbers here mean nothing)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.report import render
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_op_benchmarks_run_and_report(tmp_path):
+    out = tmp_path / "ops-quick.json"
+    env = {**os.environ, "FASTPPO_BENCH_QUICK": "1"}
+    command = [sys.executable, "-m", "pytest", "bench/bench_ops.py", "-q", "-p", "no:warnings",
+               "-p", "no:cacheprovider", f"--benchmark-json={out}"]  # fmt: skip
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    groups = {b["group"].split()[0] for b in data["benchmarks"]}
+    assert {"token_logprobs", "gae", "shape_rewards", "policy+value", "linear_token_logprobs"} <= groups
+    table = render(out, None)
+    assert "1.00x (baseline)" in table and "fastppo[torch]" in table
+
+
+@pytest.mark.slow
+def test_e2e_harness_runs(tmp_path):
+    from bench import e2e
+
+    data = e2e.main(tmp_path / "e2e-quick.json", quick=True)
+    fastppo = next(r for r in data["runs"] if r["framework"] == "fastppo")
+    assert "error" not in fastppo, fastppo
+    assert fastppo["seconds_per_iteration"] > 0 and fastppo["peak_memory_mb"] > 0
