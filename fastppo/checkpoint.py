@@ -1,0 +1,143 @@
+"""Checkpoints: the policy in the Hugging Face layout, the value head, and the trainer state, written atomically.
+
+    <output_dir>/checkpoint-<step>/
+        config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files)
+        adapter/                                          the LoRA adapter (always, when training LoRA: resume)
+        value_head.safetensors (+ critic.safetensors)     the critic
+        trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
+        manifest.json                                     sha256 of every file above; written last
+
+A checkpoint is written into a temporary directory beside it and renamed into place, so a crash never leaves a
+half-written `checkpoint-<step>`; the manifest lets a resume detect a corrupted one and fall back to the previous.
+Weights load through safetensors, the state through `torch.load(weights_only=True)`: no pickle runs on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastppo.errors import InputError
+
+STATE_FILE, MANIFEST = "trainer_state.pt", "manifest.json"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(root, name), directory)
+        for root, _, names in os.walk(directory)
+        for name in names
+        if name != MANIFEST
+    )
+
+
+def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state: dict, merge_lora: bool) -> str:
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lm = model.lm
+    if hasattr(lm, "peft_config"):
+        lm.save_pretrained(os.path.join(tmp, "adapter"))
+        if merge_lora:
+            import copy
+
+            copy.deepcopy(lm).merge_and_unload().save_pretrained(tmp)
+        else:
+            lm.save_pretrained(tmp)
+    else:
+        lm.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
+    if model.critic_backbone is not None:
+        state = {k: v.contiguous() for k, v in model.critic_backbone.state_dict().items()}
+        save_file(state, f"{tmp}/critic.safetensors")
+    torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+    manifest = {"step": step, "files": {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}}
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    if os.path.exists(final):  # saving the same step again: move the old one aside first, then drop it
+        trash = f"{final}.old-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def verify(checkpoint: str) -> str | None:
+    """None when the checkpoint is complete and every checksum matches, else what is wrong."""
+    path = os.path.join(checkpoint, MANIFEST)
+    if not os.path.isfile(path):
+        return "no manifest (incomplete)"
+    try:
+        manifest = json.load(open(path))
+    except (OSError, json.JSONDecodeError) as error:
+        return f"unreadable manifest ({error})"
+    for name, digest in manifest["files"].items():
+        file = os.path.join(checkpoint, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def find_resumable(path: str) -> str:
+    """The checkpoint to resume from: `path` itself, or the newest valid checkpoint of the run directory `path`."""
+    if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, STATE_FILE)):
+        problem = verify(path)
+        if problem:
+            raise InputError(f"resume_from: checkpoint {path} is damaged: {problem}")
+        return path
+    for step, checkpoint in reversed(list_checkpoints(path)):
+        problem = verify(checkpoint)
+        if problem is None:
+            return checkpoint
+        warnings.warn(f"skipping damaged checkpoint {checkpoint}: {problem}")
+    raise InputError(f"resume_from: no valid checkpoint in {path}")
+
+
+def load_checkpoint(checkpoint: str, model) -> dict:
+    """Load the weights of `checkpoint` into `model` (in place) and return the trainer state."""
+    from transformers import AutoModelForCausalLM
+
+    lm = model.lm
+    if hasattr(lm, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        adapter = os.path.join(checkpoint, "adapter")
+        weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        set_peft_model_state_dict(lm, weights)
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=next(lm.parameters()).dtype)
+        lm.load_state_dict(saved.state_dict())
+    model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
+    if model.critic_backbone is not None:
+        model.critic_backbone.load_state_dict(load_file(os.path.join(checkpoint, "critic.safetensors")))
+    return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)

@@ -1,0 +1,243 @@
+"""PPOConfig: every knob of a fastppo run, in one typed dataclass, validated in one place.
+
+YAML run files mirror these field names (`fastppo train --config run.yaml --set key=value`). `validate()` checks
+everything it can before any model is loaded: unknown keys, types, ranges, batch sizes that must divide, paths that
+must exist. Every error is an `InputError` that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+from fastppo.errors import InputError
+from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
+
+
+def _f(default, help: str, **kwargs):
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kwargs})
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class PPOConfig:
+    # --- models -----------------------------------------------------------------------------------------------
+    policy_model: str | None = _f(None, "Path of the causal LM to train (a Hugging Face checkpoint directory).")
+    tokenizer: str | None = _f(None, "Tokenizer path; defaults to policy_model.")
+    reward_model: str | None = _f(
+        None, "Path of a 1-label AutoModelForSequenceClassification, or 'module:function' taking (prompts, responses)."
+    )
+    reward_tokenizer: str | None = _f(None, "Reward model tokenizer path; defaults to reward_model.")
+    critic: str = _f("shared", "'shared': value head on the policy backbone (one model); 'separate': own backbone.")
+    reference: str = _f("copy", "'copy': a frozen copy of the initial policy; 'adapter': the policy, LoRA disabled.")
+    reference_quantization: str = _f("none", "Load the reference copy 'none', '8bit' or '4bit' (NF4, bitsandbytes).")
+    reward_quantization: str = _f("none", "Load the reward model 'none', '8bit' or '4bit'.")
+    lora_rank: int = _f(0, "LoRA rank for the policy; 0 trains every weight.")
+    lora_alpha: float = _f(16.0, "LoRA scaling numerator (effective scale lora_alpha / lora_rank).")
+    save_merged_lora: bool = _f(True, "Save LoRA merged into the weights (True) or as an adapter (False).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward: less memory, ~30% more time.")
+    fused_logprobs: bool = _f(True, "Compute log-probs from hidden states without materializing the logits.")
+    device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'. bf16 autocast on CUDA, fp32 on CPU.")
+    # --- data and rollout -------------------------------------------------------------------------------------
+    prompts: typing.Any = _f(None, "JSONL of {'prompt': ...} or {'messages': [...]} lines, or a list of strings.")
+    max_prompt_length: int = _f(256, "Prompt tokens kept; longer prompts are cut from the left (see below).")
+    truncate_long_prompts: bool = _f(True, "Left-truncate prompts over max_prompt_length with a warning (else error).")
+    rollout_batch_size: int = _f(16, "Prompts per PPO iteration (one response each).")
+    max_new_tokens: int = _f(64, "Response length limit, in tokens.")
+    temperature: float = _f(1.0, "Sampling temperature; the log-probs PPO uses are taken at the same temperature.")
+    top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
+    top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 = off.")
+    stop_strings: list = _f([], "Strings that end a response, besides the EOS token.")
+    # --- reward and KL ----------------------------------------------------------------------------------------
+    kl_coef: float = _f(0.05, "Initial weight of the per-token KL penalty against the reference.")
+    kl_target: float | None = _f(None, "Target KL per sequence for adaptive control (Ziegler et al. 2019); None=fixed.")
+    kl_horizon: int = _f(10000, "Adaptive KL horizon, in episodes: how fast kl_coef moves toward the target.")
+    kl_estimator: str = _f("k1", "Per-token KL estimator: k1 (log-ratio), k2, k3 (low variance) or abs.")
+    missing_eos_penalty: float | None = _f(None, "Subtracted from the score of responses that never emit EOS.")
+    reward_normalization: bool = _f(False, "Divide scores by a running std (and subtract its mean).")
+    reward_clip: float | None = _f(None, "Clip (normalized) scores to [-reward_clip, reward_clip].")
+    # --- advantages and update --------------------------------------------------------------------------------
+    gamma: float = _f(1.0, "Discount per token; 1.0 is standard for RLHF (the reward comes at the end).")
+    lam: float = _f(0.95, "GAE lambda: bias/variance trade-off of the advantage estimate.")
+    whiten_advantages: bool = _f(True, "Normalize advantages over the batch (zero mean, unit variance).")
+    ppo_epochs: int = _f(1, "Passes over each rollout batch.")
+    mini_batch_size: int = _f(16, "Sequences per optimizer step; must divide rollout_batch_size.")
+    micro_batch_size: int | None = _f(None, "Sequences per forward/backward (gradient accumulation); None = mini.")
+    learning_rate: float = _f(1e-5, "AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    lr_scheduler: str = _f("constant", "'constant', 'linear' or 'cosine' decay after warmup.")
+    warmup_steps: int = _f(0, "Optimizer steps of linear warmup.")
+    max_grad_norm: float | None = _f(1.0, "Gradient clipping norm; None = off.")
+    clip_range: float = _f(0.2, "PPO ratio clip epsilon (lower side; also the upper one unless clip_range_high).")
+    clip_range_high: float | None = _f(None, "Upper ratio clip ('clip-higher'); None = clip_range.")
+    dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; None = off.")
+    clip_range_value: float | None = _f(0.2, "Value clip around the old values; None = plain squared error.")
+    vf_coef: float = _f(0.1, "Weight of the value loss.")
+    entropy_coef: float = _f(0.0, "Weight of the entropy bonus.")
+    loss_agg: str = _f("token-mean", "Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum.")
+    # --- run ----------------------------------------------------------------------------------------------------
+    output_dir: str = _f("runs/ppo", "Run directory: metrics.jsonl, TensorBoard logs, checkpoints.")
+    steps: int = _f(100, "PPO iterations to run.")
+    seed: int = _f(0, "Seed for sampling, shuffling and initialization.")
+    save_every: int = _f(0, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
+    resume_from: str | None = _f(None, "Run directory (latest valid checkpoint) or checkpoint directory to resume.")
+    overwrite_output_dir: bool = _f(False, "Allow a fresh run into an output_dir that holds checkpoints.")
+    tensorboard: bool = _f(True, "Also log to TensorBoard in <output_dir>/tb.")
+    max_skipped_steps: int = _f(5, "Stop after this many consecutive steps skipped for a non-finite loss/gradient.")
+
+    # ------------------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> PPOConfig:
+        unknown = sorted(set(values) - cls.field_names())
+        if unknown:
+            raise InputError(f"{source}: unknown key(s) {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str, overrides: typing.Sequence[str] = ()) -> PPOConfig:
+        import yaml
+
+        if not os.path.isfile(path):
+            raise InputError(f"config file {path} does not exist")
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise InputError(f"{path}: not valid YAML ({error})") from None
+        if not isinstance(values, dict):
+            raise InputError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+        for override in overrides:
+            key, sep, value = override.partition("=")
+            if not sep:
+                raise InputError(f"--set {override!r}: expected key=value")
+            values[key.strip()] = yaml.safe_load(value)
+        return cls.from_dict(values, source=path)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # --- validation: the one place ---------------------------------------------------------------------------------
+
+    def validate(self) -> PPOConfig:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(f.name, getattr(self, f.name), hints[f.name])
+        self._check_choices()
+        self._check_ranges()
+        self._check_batches()
+        self._check_paths()
+        return self
+
+    def _check_choices(self) -> None:
+        choices = {
+            "critic": ("shared", "separate"),
+            "reference": ("copy", "adapter"),
+            "reference_quantization": ("none", "8bit", "4bit"),
+            "reward_quantization": ("none", "8bit", "4bit"),
+            "kl_estimator": KL_ESTIMATORS,
+            "loss_agg": LOSS_AGGREGATIONS,
+            "lr_scheduler": ("constant", "linear", "cosine"),
+            "device": ("auto", "cpu", "cuda"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.reference == "adapter" and self.lora_rank == 0:
+            raise InputError("reference: 'adapter' needs LoRA (lora_rank > 0): without adapters there is no reference")
+
+    def _check_ranges(self) -> None:
+        positive = ["steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
+                    "max_prompt_length", "learning_rate", "temperature", "kl_horizon"]  # fmt: skip
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
+        non_negative = ["kl_coef", "lora_rank", "top_k", "warmup_steps", "save_every", "vf_coef", "entropy_coef",
+                        "weight_decay", "clip_range", "max_skipped_steps"]  # fmt: skip
+        for name in non_negative:
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must lie in (0, 1], got {self.top_p}")
+        for name in ("kl_target", "reward_clip", "max_grad_norm", "micro_batch_size", "clip_range_value",
+                     "clip_range_high", "missing_eos_penalty"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InputError(f"{name} must be >= 0 or null, got {value}")
+        if self.kl_target is not None and self.kl_target == 0:
+            raise InputError("kl_target must be > 0 (or null for a fixed kl_coef)")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise InputError(f"dual_clip must be > 1 or null, got {self.dual_clip}")
+
+    def _check_batches(self) -> None:
+        if self.rollout_batch_size % self.mini_batch_size:
+            raise InputError(
+                f"mini_batch_size ({self.mini_batch_size}) must divide rollout_batch_size ({self.rollout_batch_size})"
+            )
+        micro = self.micro_batch_size or self.mini_batch_size
+        if micro <= 0 or self.mini_batch_size % micro:
+            raise InputError(f"micro_batch_size ({micro}) must divide mini_batch_size ({self.mini_batch_size})")
+
+    def _check_paths(self) -> None:
+        for name in ("policy_model", "tokenizer", "reward_tokenizer"):
+            _check_path(name, getattr(self, name))
+        if isinstance(self.reward_model, str) and not _is_callable_spec(self.reward_model):
+            _check_path("reward_model", self.reward_model)
+        if isinstance(self.prompts, str):
+            _check_path("prompts", self.prompts, file=True)
+        elif self.prompts is not None and not (
+            isinstance(self.prompts, list) and all(isinstance(p, str) for p in self.prompts)
+        ):
+            raise InputError("prompts must be a JSONL path or a list of strings")
+        if self.resume_from is not None:
+            _check_path("resume_from", self.resume_from)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.micro_batch_size or self.mini_batch_size
+
+
+def _is_callable_spec(spec: str) -> bool:
+    """'package.module:function' (and not a Windows-style or existing path)."""
+    module, sep, function = spec.partition(":")
+    return bool(sep) and function.isidentifier() and not os.path.exists(spec) and "/" not in module
+
+
+def _check_path(name: str, path, file: bool = False) -> None:
+    if path is None:
+        return
+    if not os.path.exists(path):
+        raise InputError(f"{name}: path {path} does not exist")
+    if file and not os.path.isfile(path):
+        raise InputError(f"{name}: {path} is not a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"{name}: {path} is not readable")
+
+
+def _check_type(name: str, value, hint) -> None:
+    if hint is typing.Any:
+        return
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    allowed = args if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    for option in allowed:
+        option = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return
+        if option not in (float, int, type(None)) and isinstance(value, option):
+            return
+    names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in allowed)
+    raise InputError(f"{name} must be {names}, got {type(value).__name__} {value!r}")

@@ -1,0 +1,125 @@
+"""Rewards: a learned reward model (a 1-label sequence classifier) or a Python function of the texts.
+
+Either way a reward is called as `reward(batch) -> (B,) float32 scores`, and every score batch is checked: the
+right count, all finite. A reward model with the policy's vocabulary scores the generated token ids directly; one
+with another tokenizer gets the decoded texts re-tokenized with its own.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from fastppo.errors import InputError
+from fastppo.models import freeze, load_pretrained, load_tokenizer
+
+
+class RewardError(InputError):
+    """The reward returned something unusable (wrong count, NaN, not numbers) or raised."""
+
+
+class FunctionReward:
+    """A rule-based reward: fn(prompts: list[str], responses: list[str]) -> list[float]."""
+
+    def __init__(self, fn, name: str | None = None):
+        self.fn, self.name = fn, name or getattr(fn, "__qualname__", repr(fn))
+
+    def __call__(self, batch) -> torch.Tensor:
+        try:
+            scores = self.fn(list(batch.prompts), list(batch.responses))
+        except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
+            raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {error}") from error
+        try:
+            scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise RewardError(f"reward function {self.name} must return numbers, got {scores!r:.100}") from error
+        return check_scores(scores, len(batch.prompts), self.name)
+
+
+class ModelReward:
+    """A sequence classifier with one label, scoring prompt + response."""
+
+    def __init__(self, model, tokenizer, policy_tokenizer, max_length: int = 4096):
+        self.model = freeze(model)
+        self.tokenizer = tokenizer
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
+        self.max_length = max_length
+        self.name = type(model).__name__
+
+    @torch.no_grad()
+    def __call__(self, batch) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        if self.same_vocab:
+            rows = [
+                torch.cat([p[pm.bool()], r[rm.bool()]]).tolist()
+                for p, pm, r, rm in zip(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
+                                        strict=True)  # fmt: skip
+            ]
+        else:
+            texts = [p + r for p, r in zip(batch.prompts, batch.responses, strict=True)]
+            rows = [self.tokenizer(t, truncation=True, max_length=self.max_length)["input_ids"] for t in texts]
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, r in enumerate(rows):  # right-padded: the score is read at the last real token
+            input_ids[i, : len(r)] = torch.tensor(r)
+            attention_mask[i, : len(r)] = 1
+        scores = self._score(input_ids.to(device), attention_mask.to(device))
+        return check_scores(scores.float().cpu(), len(rows), self.name)
+
+    def _score(self, input_ids, attention_mask) -> torch.Tensor:
+        """The head's output at each row's last real token (not at the last non-pad id: pad may equal EOS)."""
+        if not hasattr(self.model, "score"):  # an architecture with another head name: its own pooling
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+        last = attention_mask.sum(-1) - 1
+        return self.model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1)
+
+
+def check_scores(scores: torch.Tensor, expected: int, name: str) -> torch.Tensor:
+    if scores.numel() != expected:
+        raise RewardError(f"reward {name} returned {scores.numel()} scores for {expected} responses")
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise RewardError(f"reward {name} returned non-finite scores at positions {bad[:5]}")
+    return scores
+
+
+def load_function(spec: str):
+    module_name, _, function_name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise InputError(f"reward_model: cannot import module {module_name!r} ({error})") from None
+    fn = getattr(module, function_name, None)
+    if not callable(fn):
+        raise InputError(f"reward_model: {module_name} has no function {function_name!r}")
+    return fn
+
+
+def load_reward(spec, config, policy_tokenizer, device):
+    """A reward from a path, a 'module:function' string, a callable, or a loaded sequence-classification model."""
+    from fastppo.config import _is_callable_spec
+
+    if spec is None:
+        raise InputError("reward_model: no reward given (a model path, 'module:function' or a callable)")
+    if isinstance(spec, str) and _is_callable_spec(spec):
+        return FunctionReward(load_function(spec), name=spec)
+    if isinstance(spec, str):
+        from transformers import AutoModelForSequenceClassification
+
+        model = load_pretrained(AutoModelForSequenceClassification, spec, config.reward_quantization, device)
+        if model.config.num_labels != 1:
+            raise InputError(f"reward_model {spec}: expected a classifier with 1 label, got {model.config.num_labels}")
+        tokenizer = load_tokenizer(config.reward_tokenizer or spec)
+        return ModelReward(model, tokenizer, policy_tokenizer)
+    if isinstance(spec, torch.nn.Module):
+        tokenizer = load_tokenizer(config.reward_tokenizer) if config.reward_tokenizer else policy_tokenizer
+        return ModelReward(spec.to(device) if config.reward_quantization == "none" else spec, tokenizer, policy_tokenizer)
+    if callable(spec):
+        return FunctionReward(spec)
+    raise InputError(f"reward: cannot use a {type(spec).__name__} as a reward")

@@ -1,0 +1,145 @@
+"""Generation and the rollout batch that travels through one PPO iteration.
+
+`generate` is a plain decode loop over the model's KV cache: one prefill of the left-padded prompts, then one
+token per step for the whole batch, with temperature / top-k / top-p sampling, stopping rows at EOS or a stop
+string and the batch when every row has stopped. It avoids `model.generate`'s per-step machinery (logits
+processors, stopping criteria objects, cache bookkeeping), and the prefill keeps only the last position's logits.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, fields
+
+import torch
+
+from fastppo.models import position_ids_for
+
+
+@dataclass
+class RolloutBatch:
+    """One PPO batch. B sequences, P prompt positions (left-padded), T response positions (right-padded)."""
+
+    prompt_ids: torch.Tensor  # (B, P) long
+    prompt_mask: torch.Tensor  # (B, P) long, 1 = real prompt token
+    response_ids: torch.Tensor  # (B, T) long, pad after the end
+    response_mask: torch.Tensor  # (B, T) long, 1 = generated token (EOS included)
+    ended_with_eos: torch.Tensor  # (B,) bool
+    prompts: list  # B prompt strings
+    responses: list  # B response strings (decoded, without EOS/pad)
+    scores: torch.Tensor | None = None  # (B,) float32 scores PPO optimizes (penalized, normalized, clipped)
+    raw_scores: torch.Tensor | None = None  # (B,) float32 what the reward returned
+    old_logprobs: torch.Tensor | None = None  # (B, T) float32, policy at rollout time
+    ref_logprobs: torch.Tensor | None = None  # (B, T) float32, reference
+    old_values: torch.Tensor | None = None  # (B, T) float32, critic at rollout time
+    rewards: torch.Tensor | None = None  # (B, T) float32 shaped rewards
+    kl: torch.Tensor | None = None  # (B, T) float32 per-token KL estimate
+    advantages: torch.Tensor | None = None  # (B, T) float32
+    returns: torch.Tensor | None = None  # (B, T) float32
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:  # (B, P + T)
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def select(self, index: torch.Tensor) -> RolloutBatch:
+        """The sub-batch of rows `index` (tensors and lists alike)."""
+        values = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[index.to(value.device)]
+            elif isinstance(value, list):
+                value = [value[i] for i in index.tolist()]
+            values[f.name] = value
+        return RolloutBatch(**values)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """(B,) next tokens from (B, V) logits; temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+
+
+def _forward_kwargs(lm) -> tuple[dict, str]:
+    """Keep only the last position's logits in the prefill, and find the KV-cache argument's name: transformers 5
+    renamed `past_key_values` to `cache`."""
+    params = inspect.signature(lm.forward).parameters
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    return ({"logits_to_keep": 1} if "logits_to_keep" in params else {}), cache_name
+
+
+@torch.no_grad()
+def generate(
+    lm,
+    tokenizer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stop_strings: tuple = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample responses: (response_ids (B, T), response_mask (B, T), ended_with_eos (B,)), T <= max_new_tokens."""
+    B = prompt_ids.shape[0]
+    device = prompt_ids.device
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    ended_with_eos = torch.zeros(B, dtype=torch.bool, device=device)
+    attention_mask = prompt_mask.clone()
+    position_ids = position_ids_for(attention_mask)
+    prefill_kwargs, cache_name = _forward_kwargs(lm)
+    out = lm(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+             **prefill_kwargs)  # fmt: skip
+    next_position = position_ids[:, -1:] + 1
+    steps = 0
+    for t in range(max_new_tokens):
+        token = sample_next(out.logits[:, -1], temperature, top_k, top_p)
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        response_ids[:, t] = token
+        response_mask[:, t] = (~finished).long()
+        is_eos = (token == eos_id) & ~finished
+        ended_with_eos |= is_eos
+        finished |= is_eos
+        if stop_strings:
+            finished |= _hit_stop_string(tokenizer, response_ids[:, : t + 1], finished, stop_strings)
+        steps = t + 1
+        if bool(finished.all()) or t == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
+        out = lm(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
+                 use_cache=True, **{cache_name: getattr(out, cache_name)})  # fmt: skip
+        next_position = next_position + 1
+    return response_ids[:, :steps], response_mask[:, :steps], ended_with_eos
+
+
+def _hit_stop_string(tokenizer, response_ids, finished, stop_strings) -> torch.Tensor:
+    """Rows whose text now ends with a stop string (only the tail is decoded: stop strings are short)."""
+    hit = torch.zeros_like(finished)
+    for row in (~finished).nonzero().flatten().tolist():
+        tail = tokenizer.decode(response_ids[row, -16:], skip_special_tokens=True)
+        hit[row] = any(s in tail for s in stop_strings)
+    return hit
+
+
+def decode_responses(tokenizer, response_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
+    return [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(response_ids.cpu(), response_mask.cpu(), strict=True)
+    ]

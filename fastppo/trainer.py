@@ -1,0 +1,462 @@
+"""PPOTrainer: the PPO-for-RLHF loop, one iteration per `step()`.
+
+    batch = generate(prompts)                       sample responses with the policy
+    batch.scores = score(batch)                     reward model or reward function
+    logprobs, values = policy(batch); ref = ref(batch)
+    batch.rewards, batch.kl = shape_rewards(...)    -kl_coef * KL per token, the score at the last token
+    batch.advantages, batch.returns = gae(...)      value baseline, whitened
+    ppo_update(batch)                               clipped policy + value loss, ppo_epochs x minibatches
+
+Every heavy step is an op of `fastppo.ops` (fused kernels where the device has them).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from fastppo import ops
+from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
+from fastppo.config import PPOConfig
+from fastppo.data import PromptSampler, read_prompts, tokenize_prompts
+from fastppo.errors import InputError
+from fastppo.metrics import MetricsLogger, explained_variance, peak_memory_mb
+from fastppo.models import (
+    PolicyValueModel,
+    add_lora,
+    disable_dropout,
+    freeze,
+    load_pretrained,
+    load_tokenizer,
+    reference_logprobs,
+    resolve_device,
+)
+from fastppo.rewards import load_reward
+from fastppo.rollout import RolloutBatch, decode_responses, generate
+
+
+class KLController:
+    """The KL coefficient: fixed, or adapted toward a target KL per sequence (Ziegler et al. 2019)."""
+
+    def __init__(self, init: float, target: float | None, horizon: int):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl_per_sequence: float, n_episodes: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl_per_sequence / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_episodes / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
+
+
+class RunningMoments:
+    """Running mean and variance of the scores (Chan et al. merge), for optional reward normalization."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n, mean = x.numel(), float(x.double().mean())
+        m2 = float(((x.double() - mean) ** 2).sum())
+        delta, total = mean - self.mean, self.count + n
+        self.mean += delta * n / total
+        self.m2 += m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / max(self.count - 1, 1)) or 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
+
+
+def _lr_lambda(config: PPOConfig, total_steps: int):
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        if config.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return 1.0
+
+    return factor
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
+        self.config = config.validate()
+        self._check_output_dir()
+        self.device = resolve_device(config.device)
+        _seed_everything(config.seed)
+
+        policy = policy if policy is not None else config.policy_model
+        if policy is None:
+            raise InputError("policy_model: no policy given (a path or a model)")
+        self.tokenizer = load_tokenizer(tokenizer or config.tokenizer or (policy if isinstance(policy, str) else None))
+        self.prompts = read_prompts(prompts if prompts is not None else config.prompts, self.tokenizer)
+        self.reward = load_reward(reward if reward is not None else config.reward_model, config, self.tokenizer,
+                                  self.device)  # fmt: skip
+
+        self.model = self._build_policy(policy)
+        self.reference = self._build_reference(policy, reference)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+        )  # fmt: skip
+        updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(config, config.steps * updates_per_step)
+        )
+        self.kl_controller = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.sampler = PromptSampler(len(self.prompts), config.seed)
+        self.step_count = 0
+        self.skipped_in_a_row = 0
+
+        resume_step = self._resume(config.resume_from) if config.resume_from else None
+        self.metrics = MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
+        if resume_step is not None:
+            self.metrics.truncate_after(resume_step)
+
+    # --- setup ----------------------------------------------------------------------------------------------------
+
+    def _check_output_dir(self) -> None:
+        out = self.config.output_dir
+        if list_checkpoints(out) and not self.config.resume_from and not self.config.overwrite_output_dir:
+            raise InputError(
+                f"output_dir {out} already holds checkpoints: set resume_from to continue, "
+                "or overwrite_output_dir: true to start over (old checkpoints are then replaced step by step)"
+            )
+
+    def _build_policy(self, policy) -> PolicyValueModel:
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        lm = load_pretrained(AutoModelForCausalLM, policy, "none", self.device) if isinstance(policy, str) else policy
+        lm.to(self.device)
+        disable_dropout(lm)
+        if cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_rank > 0:
+            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
+        model = PolicyValueModel(lm, critic=cfg.critic, fused_logprobs=cfg.fused_logprobs)
+        model.train()
+        return model
+
+    def _build_reference(self, policy, reference):
+        """The frozen reference LM, or None when it is the policy with LoRA adapters disabled."""
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config
+        if cfg.reference == "adapter":
+            return None
+        if reference is not None and not isinstance(reference, str):
+            return freeze(reference.to(self.device) if cfg.reference_quantization == "none" else reference)
+        source = reference or policy
+        if isinstance(source, str):
+            return freeze(load_pretrained(AutoModelForCausalLM, source, cfg.reference_quantization, self.device))
+        if cfg.reference_quantization == "none":
+            lm = self.model.lm.get_base_model() if cfg.lora_rank > 0 else self.model.lm
+            return freeze(copy.deepcopy(lm))
+        with tempfile.TemporaryDirectory() as tmp:  # quantized loading goes through from_pretrained
+            source.save_pretrained(tmp)
+            return freeze(load_pretrained(AutoModelForCausalLM, tmp, cfg.reference_quantization, self.device))
+
+    # --- the six steps ------------------------------------------------------------------------------------------
+
+    def step(self) -> dict:
+        """One PPO iteration; returns (and logs) its metrics."""
+        cfg, start = self.config, time.perf_counter()
+        prompts = [self.prompts[i] for i in self.sampler.next_indices(cfg.rollout_batch_size)]
+        batch = self.rollout(prompts)
+        rollout_s = time.perf_counter() - start
+
+        batch.scores = self.score(batch)
+        self.compute_old_logprobs_and_values(batch)
+        batch.rewards, batch.kl = ops.shape_rewards(
+            batch.scores.to(self.device), batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
+            self.kl_controller.value, cfg.kl_estimator,
+        )  # fmt: skip
+        batch.advantages, batch.returns = ops.gae(batch.rewards, batch.old_values, batch.response_mask, cfg.gamma,
+                                                  cfg.lam)  # fmt: skip
+        if cfg.whiten_advantages:
+            batch.advantages = ops.masked_whiten(batch.advantages, batch.response_mask)
+        score_s = time.perf_counter() - start - rollout_s
+
+        update_stats = self.ppo_update(batch)
+        train_s = time.perf_counter() - start - rollout_s - score_s
+
+        self.step_count += 1
+        kl_per_sequence = float(batch.kl.sum(-1).mean())
+        self.kl_controller.update(kl_per_sequence, cfg.rollout_batch_size)
+        metrics = self._metrics(batch, update_stats, rollout_s, score_s, train_s, kl_per_sequence)
+        self.metrics.log(metrics)
+        return metrics
+
+    def rollout(self, prompts: list[str]) -> RolloutBatch:
+        """Generate one response per prompt with the current policy."""
+        cfg = self.config
+        prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
+                                                   cfg.truncate_long_prompts)  # fmt: skip
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        self.model.eval()
+        with self._autocast():
+            response_ids, response_mask, ended = generate(
+                self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
+                cfg.top_k, cfg.top_p, tuple(cfg.stop_strings),
+            )  # fmt: skip
+        self.model.train()
+        responses = decode_responses(self.tokenizer, response_ids, response_mask)
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended, list(prompts), responses)
+
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B,) scores: the reward, then the missing-EOS penalty, then optional normalization and clipping."""
+        cfg = self.config
+        scores = self.reward(batch).float().to(self.device)
+        raw = scores.clone()
+        if cfg.missing_eos_penalty is not None:
+            scores = torch.where(batch.ended_with_eos, scores, scores - cfg.missing_eos_penalty)
+        if cfg.reward_normalization:
+            self.score_moments.update(scores)
+            scores = (scores - self.score_moments.mean) / self.score_moments.std
+        if cfg.reward_clip is not None:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
+        batch.raw_scores = raw
+        return scores
+
+    @torch.no_grad()
+    def compute_old_logprobs_and_values(self, batch: RolloutBatch) -> None:
+        """Log-probs and values at rollout time, through the same forward as training; the reference's log-probs."""
+        cfg, P = self.config, batch.prompt_ids.shape[1]
+        old_logprobs, old_values, ref_logprobs = [], [], []
+        for rows in torch.arange(len(batch.prompts)).split(cfg.micro_batch):
+            micro = batch.select(rows)
+            input_ids, attention_mask = micro.input_ids, micro.attention_mask
+            with self._autocast():
+                logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
+                if self.reference is None:
+                    with self.model.adapters_disabled() as lm:
+                        ref = reference_logprobs(lm, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
+                else:
+                    ref = reference_logprobs(self.reference, input_ids, attention_mask, P, cfg.temperature,
+                                             cfg.fused_logprobs)  # fmt: skip
+            old_logprobs.append(logprobs)
+            old_values.append(values)
+            ref_logprobs.append(ref)
+        batch.old_logprobs = torch.cat(old_logprobs)
+        batch.old_values = torch.cat(old_values)
+        batch.ref_logprobs = torch.cat(ref_logprobs)
+
+    def ppo_update(self, batch: RolloutBatch) -> dict:
+        """ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
+        micro-batches whose losses are normalized by the whole minibatch's token (or sequence) count."""
+        cfg, P, B = self.config, batch.prompt_ids.shape[1], len(batch.prompts)
+        totals: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(cfg.ppo_epochs):
+            for minibatch_rows in torch.randperm(B).split(cfg.mini_batch_size):
+                mask = batch.response_mask[minibatch_rows.to(self.device)]
+                if cfg.loss_agg == "token-mean":
+                    denominator = max(float(mask.sum()), 1.0)
+                else:
+                    denominator = max(float((mask.sum(-1) > 0).sum()), 1.0)
+                self.optimizer.zero_grad(set_to_none=True)
+                stats = {}
+                for rows in minibatch_rows.split(cfg.micro_batch):
+                    micro_stats = self._micro_step(batch.select(rows), P, denominator)
+                    for k, v in micro_stats.items():
+                        stats[k] = stats.get(k, 0.0) + v * len(rows) / len(minibatch_rows)
+                stats["grad_norm"] = self._optimizer_step()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v
+                n_updates += 1
+        return {k: v / n_updates for k, v in totals.items()}
+
+    def _micro_step(self, micro: RolloutBatch, P: int, denominator: float) -> dict:
+        cfg = self.config
+        with self._autocast():
+            logprobs, entropy, values = self.model(micro.input_ids, micro.attention_mask, P, cfg.temperature)
+        mask = micro.response_mask
+        policy_loss, policy_stats = ops.ppo_policy_loss(
+            logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_range, cfg.clip_range_high,
+            cfg.dual_clip, cfg.loss_agg, denominator,
+        )  # fmt: skip
+        value_loss, value_stats = ops.ppo_value_loss(
+            values, micro.old_values, micro.returns, mask, cfg.clip_range_value, cfg.loss_agg, denominator
+        )
+        entropy_mean = (entropy * mask).sum() / max(float(mask.sum()), 1.0)
+        loss = policy_loss + cfg.vf_coef * value_loss
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * (entropy * mask).sum() / denominator
+        loss.backward()
+        stats = {"policy/loss": policy_loss.item(), "value/loss": value_loss.item(),
+                 "policy/entropy": entropy_mean.item()}  # fmt: skip
+        stats.update({f"policy/{k}": float(v) for k, v in policy_stats.items()})
+        stats.update({f"value/{k.removeprefix('value_')}": float(v) for k, v in value_stats.items()})
+        return stats
+
+    def _optimizer_step(self) -> float:
+        """Clip, check, step. A non-finite gradient skips the step (counted); too many in a row stops the run."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row += 1
+            self.skipped_total = getattr(self, "skipped_total", 0) + 1
+            if self.skipped_in_a_row >= self.config.max_skipped_steps:
+                raise FloatingPointError(
+                    f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient: stopping. "
+                    "Lower learning_rate, enable reward_normalization/reward_clip, or check the reward's scale; "
+                    f"the last checkpoint in {self.config.output_dir} is intact."
+                )
+            return grad_norm
+        self.skipped_in_a_row = 0
+        self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm
+
+    # --- metrics, generation, saving ----------------------------------------------------------------------------
+
+    def _metrics(self, batch, update_stats, rollout_s, score_s, train_s, kl_per_sequence) -> dict:
+        mask = batch.response_mask
+        lengths = mask.sum(-1).float()
+        tokens = float(mask.sum() + batch.prompt_mask.sum())
+        scores = batch.raw_scores
+        metrics = {
+            "step": self.step_count,
+            "reward/score_mean": float(scores.mean()),
+            "reward/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "reward/shaped_mean": float(batch.rewards.sum(-1).mean()),
+            "policy/kl": kl_per_sequence,
+            "value/explained_variance": explained_variance(batch.old_values, batch.returns, mask),
+            "rollout/response_length_mean": float(lengths.mean()),
+            "rollout/response_length_max": float(lengths.max()),
+            "rollout/eos_rate": float(batch.ended_with_eos.float().mean()),
+            "kl/coef": self.kl_controller.value,
+            "perf/rollout_tokens_per_s": float(mask.sum()) / max(rollout_s, 1e-9),
+            "perf/train_tokens_per_s": tokens * self.config.ppo_epochs / max(train_s, 1e-9),
+            "perf/peak_memory_mb": peak_memory_mb(self.device),
+            "perf/skipped_steps": getattr(self, "skipped_total", 0),
+            "time/rollout_s": rollout_s,
+            "time/score_s": score_s,
+            "time/train_s": train_s,
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        metrics.update(update_stats)
+        return metrics
+
+    def train(self) -> list[dict]:
+        """Run until config.steps, saving every save_every steps and at the end."""
+        from tqdm.auto import tqdm
+
+        cfg, history = self.config, []
+        bar = tqdm(total=cfg.steps, initial=self.step_count, desc="ppo", dynamic_ncols=True)
+        while self.step_count < cfg.steps:
+            metrics = self.step()
+            history.append(metrics)
+            bar.update(1)
+            bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
+            if cfg.save_every and self.step_count % cfg.save_every == 0:
+                self.save()
+        bar.close()
+        if not cfg.save_every or self.step_count % cfg.save_every:
+            self.save()
+        return history
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], temperature: float | None = None) -> list[str]:
+        """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy)."""
+        cfg = self.config
+        prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
+                                                   cfg.truncate_long_prompts)  # fmt: skip
+        self.model.eval()
+        with self._autocast():
+            response_ids, response_mask, _ = generate(
+                self.model.lm, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
+                cfg.max_new_tokens, cfg.temperature if temperature is None else temperature, cfg.top_k, cfg.top_p,
+                tuple(cfg.stop_strings),
+            )  # fmt: skip
+        self.model.train()
+        return decode_responses(self.tokenizer, response_ids, response_mask)
+
+    def save(self, path: str | None = None) -> str:
+        """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`)."""
+        state = {
+            "step": self.step_count,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": _rng_state(),
+        }
+        return save_checkpoint(path or self.config.output_dir, self.step_count, self.model, self.tokenizer, state,
+                               self.config.save_merged_lora)  # fmt: skip
+
+    def _resume(self, path: str) -> int:
+        checkpoint = find_resumable(path)
+        state = load_checkpoint(checkpoint, self.model)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        self.step_count = state["step"]
+        print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
+        return self.step_count
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    """Every RNG the run draws from, as tensors and plain values (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
