@@ -115,11 +115,11 @@ def find_resumable(path: str) -> str:
         if problem:
             raise InputError(f"resume_from: checkpoint {path} is damaged: {problem}")
         return path
-    for step, checkpoint in reversed(list_checkpoints(path)):
+    for _step, checkpoint in reversed(list_checkpoints(path)):
         problem = verify(checkpoint)
         if problem is None:
             return checkpoint
-        warnings.warn(f"skipping damaged checkpoint {checkpoint}: {problem}")
+        warnings.warn(f"skipping damaged checkpoint {checkpoint}: {problem}", stacklevel=2)
     raise InputError(f"resume_from: no valid checkpoint in {path}")
 
 
@@ -135,7 +135,7 @@ def load_checkpoint(checkpoint: str, model) -> dict:
         weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
         set_peft_model_state_dict(lm, weights)
     else:
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=next(lm.parameters()).dtype)
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
         lm.load_state_dict(saved.state_dict())
     model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
     if model.critic_backbone is not None:

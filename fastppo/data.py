@@ -60,8 +60,13 @@ def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, truncate: b
     too_long = [i for i, r in enumerate(rows) if len(r) > max_length]
     if too_long:
         if not truncate:
-            raise InputError(f"{len(too_long)} prompt(s) exceed max_prompt_length={max_length} (first: #{too_long[0]})")
-        warnings.warn(f"{len(too_long)} prompt(s) longer than max_prompt_length={max_length}: kept the last tokens")
+            raise InputError(
+                f"{len(too_long)} prompt(s) exceed max_prompt_length={max_length} (first: #{too_long[0]}); "
+                "raise max_prompt_length or set truncate_long_prompts: true"
+            )
+        warnings.warn(
+            f"{len(too_long)} prompt(s) longer than max_prompt_length={max_length}: kept the last tokens", stacklevel=2
+        )
         rows = [r[-max_length:] for r in rows]
     if any(len(r) == 0 for r in rows):
         raise InputError("a prompt tokenizes to zero tokens")

@@ -55,8 +55,9 @@ class ModelReward:
         if self.same_vocab:
             rows = [
                 torch.cat([p[pm.bool()], r[rm.bool()]]).tolist()
-                for p, pm, r, rm in zip(batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask,
-                                        strict=True)  # fmt: skip
+                for p, pm, r, rm in zip(
+                    batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, strict=True
+                )  # fmt: skip
             ]
         else:
             texts = [p + r for p, r in zip(batch.prompts, batch.responses, strict=True)]
@@ -119,7 +120,8 @@ def load_reward(spec, config, policy_tokenizer, device):
         return ModelReward(model, tokenizer, policy_tokenizer)
     if isinstance(spec, torch.nn.Module):
         tokenizer = load_tokenizer(config.reward_tokenizer) if config.reward_tokenizer else policy_tokenizer
-        return ModelReward(spec.to(device) if config.reward_quantization == "none" else spec, tokenizer, policy_tokenizer)
+        model = spec.to(device) if config.reward_quantization == "none" else spec
+        return ModelReward(model, tokenizer, policy_tokenizer)
     if callable(spec):
         return FunctionReward(spec)
     raise InputError(f"reward: cannot use a {type(spec).__name__} as a reward")

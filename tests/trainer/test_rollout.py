@@ -1,0 +1,52 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastppo.data import tokenize_prompts
+from fastppo.rollout import generate, sample_next
+from tests.trainer.conftest import build_tokenizer
+
+
+def test_greedy_generation_is_independent_of_padding(tiny_models):
+    """A prompt generates the same greedy response alone and in a left-padded batch (KV cache + positions)."""
+    tokenizer = build_tokenizer()
+    for arch in ("llama", "gpt2"):
+        lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0])
+        ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)
+        batch_ids, batch_mask, _ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+        alone_ids, alone_mask, _ = generate(lm, tokenizer, ids[1:, -1:], mask[1:, -1:], max_new_tokens=6,
+                                            temperature=0)  # fmt: skip
+        n = int(alone_mask.sum())
+        assert batch_ids[1, :n].tolist() == alone_ids[0, :n].tolist(), arch
+
+
+def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
+    """Row 0 emits EOS at once, row 1 at its third token: masks cover each response through its EOS only."""
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0])
+    head_forward, calls = lm.lm_head.forward, []
+
+    def forward_with_eos(hidden):  # (B, L, H) -> logits with EOS forced where the test wants it
+        logits = head_forward(hidden)
+        calls.append(1)
+        force = torch.tensor([True, len(calls) >= 3])
+        logits[force, :, tokenizer.eos_token_id] = 1e4
+        return logits
+
+    lm.lm_head.forward = forward_with_eos
+    ids, mask = tokenize_prompts(["w1", "w2 w3"], tokenizer, max_length=8)
+    response_ids, response_mask, ended = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=1.0)
+    assert ended.tolist() == [True, True]
+    assert response_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert response_ids[0].tolist() == [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * 2
+    assert response_ids[1, 2].item() == tokenizer.eos_token_id and tokenizer.eos_token_id not in response_ids[1, :2]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    torch.manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    top_k = sample_next(logits, 1.0, top_k=2, top_p=1.0)
+    assert set(top_k.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...: top_p 0.8 keeps the first two
+    top_p = sample_next(logits, 1.0, top_k=0, top_p=0.8)
+    assert set(top_p.tolist()) == {0, 1} and probs[:2].sum() > 0.8
+    assert sample_next(logits[:1], 0.0, 0, 1.0).item() == 0

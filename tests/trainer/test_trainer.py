@@ -1,0 +1,94 @@
+"""The trainer end to end through the Python API, on tiny random models of four architectures."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from fastppo import PPOTrainer
+from tests.trainer.conftest import count_w7, prompt_list, small_config
+
+EXPECTED_METRICS = """step reward/score_mean reward/score_std reward/shaped_mean policy/kl policy/entropy policy/loss
+policy/clip_frac policy/approx_kl value/loss value/clip_frac value/explained_variance rollout/response_length_mean
+rollout/response_length_max rollout/eos_rate perf/rollout_tokens_per_s perf/train_tokens_per_s
+perf/peak_memory_mb kl/coef""".split()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
+def test_runs_end_to_end_with_a_reward_model(tiny_models, tmp_path, arch):
+    policy, reward = tiny_models[arch]
+    config = small_config(tmp_path, policy_model=policy, reward_model=reward, tensorboard=True)
+    trainer = PPOTrainer(config, prompts=prompt_list())
+    history = trainer.train()
+    assert len(history) == 2
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2]
+    for name in EXPECTED_METRICS:
+        assert name in lines[-1] and math.isfinite(lines[-1][name]), name
+    assert (tmp_path / "run" / "checkpoint-2" / "model.safetensors").exists()
+    assert list((tmp_path / "run" / "tb").iterdir())
+    assert len(trainer.generate(["w1 w2", "w3"])) == 2
+
+
+def test_objects_instead_of_paths(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from tests.trainer.conftest import build_tokenizer
+
+    config = small_config(tmp_path, reference_quantization="8bit", critic="separate", kl_target=1.0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0])
+    trainer = PPOTrainer(config, policy=lm, tokenizer=build_tokenizer(), reward=count_w7, prompts=prompt_list())
+    metrics = trainer.step()
+    assert math.isfinite(metrics["policy/loss"]) and metrics["kl/coef"] != config.kl_coef  # adaptive KL moved
+
+
+def test_lora_with_adapter_reference(tiny_models, tmp_path):
+    config = small_config(tmp_path, policy_model=tiny_models["gpt2"][0], lora_rank=4, reference="adapter",
+                          save_merged_lora=False)  # fmt: skip
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    assert trainer.reference is None
+    first = trainer.step()
+    assert first["policy/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference before any update
+    trainer.step()
+    path = trainer.save()
+    assert (torch.load(f"{path}/trainer_state.pt", weights_only=True)["step"]) == 2
+    assert any(p.name.startswith("adapter_model") for p in (tmp_path / "run" / "checkpoint-2").iterdir())
+
+
+@pytest.mark.slow
+def test_rule_based_reward_rises_while_kl_stays_finite(tiny_models, tmp_path):
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], steps=20, rollout_batch_size=16,
+                          mini_batch_size=8, micro_batch_size=8, max_new_tokens=8, learning_rate=3e-3, kl_coef=0.01,
+                          ppo_epochs=2)  # fmt: skip
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    history = [trainer.step() for _ in range(20)]
+    first = sum(m["reward/score_mean"] for m in history[:3]) / 3
+    last = sum(m["reward/score_mean"] for m in history[-3:]) / 3
+    assert last > first + 1.0, (first, last)
+    assert all(math.isfinite(m["policy/kl"]) for m in history)
+
+
+def test_resume_equals_uninterrupted(tiny_models, tmp_path):
+    """On CPU with a fixed seed: 2 of 4 steps, checkpoint, stop, resume, finish == 4 steps straight (bitwise)."""
+    policy, reward = tiny_models["llama"]
+    common = dict(policy_model=policy, reward_model=reward, steps=4, lr_scheduler="linear", kl_target=1.0)
+    straight = PPOTrainer(small_config(tmp_path / "a", **common), prompts=prompt_list())
+    straight.train()
+
+    interrupted = PPOTrainer(small_config(tmp_path / "b", **common), prompts=prompt_list())
+    interrupted.step(), interrupted.step()
+    interrupted.save()  # the run stops here, as if killed right after its checkpoint at step 2
+    del interrupted
+    resumed_config = small_config(tmp_path / "b", **common, resume_from=str(tmp_path / "b" / "run"))
+    resumed = PPOTrainer(resumed_config, prompts=prompt_list())
+    assert resumed.step_count == 2
+    resumed.train()
+
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    lines_a = [json.loads(x) for x in open(tmp_path / "a" / "run" / "metrics.jsonl")]
+    lines_b = [json.loads(x) for x in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [m["step"] for m in lines_b] == [1, 2, 3, 4]
+    for a, b in zip(lines_a, lines_b, strict=True):
+        assert a["reward/score_mean"] == b["reward/score_mean"] and a["policy/loss"] == b["policy/loss"]
