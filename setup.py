@@ -30,7 +30,7 @@ def native_extension_args():
     use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and (
         os.environ.get("FASTPPO_FORCE_CUDA") == "1" or __import__("torch").cuda.is_available()
     )
-    flags = ["-O3", "-std=c++17", "-fopenmp"]
+    flags = ["-O3", "-fopenmp"]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "fastppo._C",

@@ -1,17 +1,198 @@
-"""The native C++ kernels of `csrc/`, compiled into `fastppo._C` by setup.py (placeholder until they exist)."""
+"""The native C++ kernels of `csrc/` (`fastppo._C`, registered as `torch.ops.fastppo.*`), with their autograd.
+
+setup.py builds the extension when a compiler and torch are present at install time; without it the dispatcher
+falls back to the PyTorch reference and says why (`fastppo doctor`). The C++ kernels compute in float32 (or
+float64 for the log-prob kernels); float64 sequence-op inputs are routed to the reference, which is exact for them.
+"""
 
 from __future__ import annotations
 
+import torch
+
+from fastppo.ops import reference
+from fastppo.ops.chunked import ChunkKernels, linear_token_logprobs_with
+from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
+
 try:
-    from fastppo import _C  # noqa: F401
-except ImportError as error:  # built optionally; dispatch falls back
+    from fastppo import _C
+except ImportError as error:  # built optionally; the dispatcher falls back
     _C = None
     IMPORT_ERROR = str(error)
 else:
     IMPORT_ERROR = None
 
+NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "kl_penalty", "shape_rewards",
+              "gae", "masked_whiten", "ppo_policy_loss", "ppo_value_loss")  # fmt: skip
+
 
 def unavailable_reason(op: str, device_type: str) -> str | None:
     if _C is None:
         return f"fastppo._C not built ({IMPORT_ERROR})"
-    return f"no native kernel for {op}"
+    if device_type != "cpu":
+        return "the native extension was built for CPU only"
+    if op not in NATIVE_OPS:
+        return f"no native kernel for {op}"
+    return None
+
+
+def build_info() -> dict:
+    return {} if _C is None else dict(_C.build_info())
+
+
+# ----------------------------------------------------------------------------------------------
+# log-probs
+# ----------------------------------------------------------------------------------------------
+
+
+def _rows(logits: torch.Tensor) -> torch.Tensor:
+    """(N, V) view of (..., V) logits with unit stride along V (a copy only when unavoidable)."""
+    rows = logits.reshape(-1, logits.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature):
+        rows, flat_tokens = _rows(logits), tokens.reshape(-1).long()
+        logprobs, entropy, lse = torch.ops.fastppo.token_logprobs_forward(rows, flat_tokens, 1.0 / temperature)
+        ctx.save_for_backward(rows, flat_tokens, lse, entropy)
+        ctx.temperature, ctx.shape = temperature, logits.shape
+        return logprobs.view(tokens.shape), entropy.view(tokens.shape)
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        rows, tokens, lse, entropy = ctx.saved_tensors
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        grad = torch.ops.fastppo.token_logprobs_backward(
+            rows, tokens, lse, entropy, grad_logprobs.reshape(-1),
+            None if grad_entropy is None else grad_entropy.reshape(-1), 1.0 / ctx.temperature,
+        )  # fmt: skip
+        return grad.view(ctx.shape), None, None
+
+
+def token_logprobs_and_entropy(logits, tokens, temperature=1.0):
+    if logits.dtype == torch.float64:
+        return reference.token_logprobs_and_entropy(logits, tokens, temperature)
+    return _TokenLogprobs.apply(logits, tokens, float(temperature))
+
+
+def token_logprobs(logits, tokens, temperature=1.0):
+    if logits.dtype == torch.float64:
+        return reference.token_logprobs(logits, tokens, temperature)
+    return _TokenLogprobs.apply(logits, tokens, float(temperature))[0]
+
+
+def _chunk_forward(logits, tokens, temperature):
+    logprobs, entropy, lse = torch.ops.fastppo.token_logprobs_forward(logits, tokens.long(), 1.0 / temperature)
+    return logprobs, entropy, lse
+
+
+def _chunk_backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, temperature):
+    return torch.ops.fastppo.token_logprobs_backward(logits, tokens.long(), lse, entropy, grad_logprobs,
+                                                     grad_entropy, 1.0 / temperature)  # fmt: skip
+
+
+# The chunked LM head + log-probs of fastppo.ops.chunked, with the native kernels on each (C, V) chunk.
+NATIVE_CHUNK_KERNELS = ChunkKernels(_chunk_forward, _chunk_backward, upcast=True)
+
+
+def linear_token_logprobs(hidden, weight, tokens, temperature=1.0, bias=None, with_entropy=False):
+    return linear_token_logprobs_with(NATIVE_CHUNK_KERNELS, hidden, weight, tokens, temperature, bias, with_entropy)
+
+
+# ----------------------------------------------------------------------------------------------
+# KL and reward shaping
+# ----------------------------------------------------------------------------------------------
+
+
+class _KLPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logprobs, ref_logprobs, estimator_index):
+        ctx.save_for_backward(logprobs, ref_logprobs)
+        ctx.estimator = estimator_index
+        return torch.ops.fastppo.kl_penalty_forward(logprobs, ref_logprobs, estimator_index).view(logprobs.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logprobs, ref_logprobs = ctx.saved_tensors
+        d = torch.ops.fastppo.kl_penalty_backward(logprobs, ref_logprobs, grad, ctx.estimator).view(grad.shape)
+        return d.to(logprobs.dtype), (-d).to(ref_logprobs.dtype), None
+
+
+def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
+    return _KLPenalty.apply(logprobs, ref_logprobs, KL_ESTIMATORS.index(estimator))
+
+
+def shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator="k1"):
+    if logprobs.dtype == torch.float64:
+        return reference.shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator)
+    rewards, kl = torch.ops.fastppo.shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef,
+                                                  KL_ESTIMATORS.index(estimator))  # fmt: skip
+    return rewards, kl
+
+
+# ----------------------------------------------------------------------------------------------
+# advantages
+# ----------------------------------------------------------------------------------------------
+
+
+def gae(rewards, values, response_mask, gamma=1.0, lam=0.95):
+    if rewards.dtype == torch.float64:
+        return reference.gae(rewards, values, response_mask, gamma, lam)
+    advantages, returns = torch.ops.fastppo.gae(rewards, values, response_mask, gamma, lam)
+    return advantages, returns
+
+
+def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
+    return torch.ops.fastppo.masked_whiten(x, mask, shift_mean, eps)
+
+
+# ----------------------------------------------------------------------------------------------
+# losses: the gradient comes out of the forward pass; backward scales it
+# ----------------------------------------------------------------------------------------------
+
+
+class _FusedLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, *args):
+        loss, grad, stats = kernel(x, *args)
+        ctx.save_for_backward(grad)
+        ctx.input_dtype = x.dtype
+        ctx.n_args = len(args)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.input_dtype), None, *([None] * ctx.n_args)
+
+
+def _denominator(denominator):
+    return -1.0 if denominator is None else float(denominator)
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", denominator=None):  # fmt: skip
+    if logprobs.dtype == torch.float64:
+        return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
+                                         dual_clip, agg, denominator)  # fmt: skip
+    clip_high = clip_low if clip_high is None else clip_high
+    loss, stats = _FusedLoss.apply(
+        logprobs, torch.ops.fastppo.ppo_policy_loss, old_logprobs, advantages, response_mask, float(clip_low),
+        float(clip_high), -1.0 if dual_clip is None else float(dual_clip), LOSS_AGGREGATIONS.index(agg),
+        _denominator(denominator),
+    )  # fmt: skip
+    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
+    return loss, dict(zip(names, stats.unbind(), strict=True))
+
+
+def ppo_value_loss(values, old_values, returns, response_mask, clip=0.2, agg="token-mean", denominator=None):
+    if values.dtype == torch.float64:
+        return reference.ppo_value_loss(values, old_values, returns, response_mask, clip, agg, denominator)
+    loss, stats = _FusedLoss.apply(
+        values, torch.ops.fastppo.ppo_value_loss, old_values, returns, response_mask,
+        -1.0 if clip is None else float(clip), LOSS_AGGREGATIONS.index(agg), _denominator(denominator),
+    )  # fmt: skip
+    return loss, {"value_clip_frac": stats[0]}
