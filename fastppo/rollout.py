@@ -4,6 +4,9 @@
 token per step for the whole batch, with temperature / top-k / top-p sampling, stopping rows at EOS or a stop
 string and the batch when every row has stopped. It avoids `model.generate`'s per-step machinery (logits
 processors, stopping criteria objects, cache bookkeeping), and the prefill keeps only the last position's logits.
+Measured on this 2-core CPU (1 thread, random Llama, 16 prompts, 32 greedy tokens, median of 5): hidden 64 / 2 layers
+19.8 ms vs 21.8 ms for `model.generate`; hidden 256 / 4 layers 68.4 ms vs 71.9 ms. So the loop is kept: a little
+faster, and it yields the response mask and EOS flags PPO needs directly.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from fastppo.models import position_ids_for
+from fastppo.models import position_ids_for, unwrap
 
 
 @dataclass
@@ -71,13 +74,16 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+    # argmax p / E with E ~ Exp(1) draws from p (the exponential race): one pass, where torch.multinomial on a
+    # (B, 32000) CPU tensor costs ~20 ms a call, more than the model's decode step.
+    probs = logits.softmax(-1)
+    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
 
 
 def _forward_kwargs(lm) -> tuple[dict, str]:
     """Keep only the last position's logits in the prefill, and find the KV-cache argument's name: transformers 5
-    renamed `past_key_values` to `cache`."""
-    params = inspect.signature(lm.forward).parameters
+    renamed `past_key_values` to `cache`. A peft wrapper forwards **kwargs, so read the wrapped model's signature."""
+    params = inspect.signature(unwrap(lm).forward).parameters
     cache_name = "cache" if "cache" in params else "past_key_values"
     return ({"logits_to_keep": 1} if "logits_to_keep" in params else {}), cache_name
 

@@ -86,6 +86,9 @@ class RunningMoments:
         self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
 
 
+_LOSS_STATS = ("policy/loss", "value/loss")
+
+
 def _lr_lambda(config: PPOConfig, total_steps: int):
     def factor(step: int) -> float:
         if step < config.warmup_steps:
@@ -119,7 +122,7 @@ class PPOTrainer:
         self.reference = self._build_reference(policy, reference)
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
-            weight_decay=config.weight_decay,
+            weight_decay=config.weight_decay, foreach=True,  # one kernel per op over all tensors, not per tensor
         )  # fmt: skip
         updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -281,9 +284,12 @@ class PPOTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = {}
                 for rows in minibatch_rows.split(cfg.micro_batch):
-                    micro_stats = self._micro_step(batch.select(rows), P, denominator)
-                    for k, v in micro_stats.items():
-                        stats[k] = stats.get(k, 0.0) + v * len(rows) / len(minibatch_rows)
+                    micro = batch.select(rows)
+                    # The losses are already parts of the minibatch loss (shared denominator): they add up. The
+                    # other stats are token means over the micro-batch: weight them by its share of the tokens.
+                    token_share = float(micro.response_mask.sum()) / max(float(mask.sum()), 1.0)
+                    for k, v in self._micro_step(micro, P, denominator).items():
+                        stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
                 stats["grad_norm"] = self._optimizer_step()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v

@@ -69,6 +69,16 @@ def count_w7(prompts, responses):
     return [float(r.split().count("w7")) for r in responses]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: a second intra-op thread only adds OpenMP contention (measured here
+    with other jobs running: a (160, 32) x (32, 64) linear takes 14 us on 1 thread, 7.7 ms on 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     directory = tmp_path_factory.mktemp("models")

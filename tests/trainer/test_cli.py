@@ -1,6 +1,7 @@
 """`fastppo train --config ...` as a user runs it: a subprocess, exit codes, messages."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import yaml
 
 
 def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastppo", *args], capture_output=True, text=True, cwd=cwd)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: see the one_thread fixture in conftest.py
+    return subprocess.run([sys.executable, "-m", "fastppo", *args], capture_output=True, text=True, cwd=cwd, env=env)
 
 
 def test_train_from_yaml(tiny_models, tmp_path):

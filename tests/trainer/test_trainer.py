@@ -92,3 +92,28 @@ def test_resume_equals_uninterrupted(tiny_models, tmp_path):
     assert [m["step"] for m in lines_b] == [1, 2, 3, 4]
     for a, b in zip(lines_a, lines_b, strict=True):
         assert a["reward/score_mean"] == b["reward/score_mean"] and a["policy/loss"] == b["policy/loss"]
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-sum"])
+def test_micro_batches_accumulate_to_the_minibatch_update(tiny_models, tmp_path, loss_agg):
+    """The minibatch's token (or sequence) count is every micro-batch's denominator, so micro_batch_size 1 and
+    micro_batch_size = mini_batch_size take the same optimizer step (up to float summation order)."""
+    models = []
+    for micro in (1, 4):
+        config = small_config(tmp_path / f"micro{micro}", policy_model=tiny_models["llama"][0], steps=1,
+                              rollout_batch_size=4, mini_batch_size=4, micro_batch_size=micro, loss_agg=loss_agg,
+                              max_grad_norm=None, max_new_tokens=8)  # fmt: skip
+        trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        metrics = trainer.step()
+        models.append((trainer.model.state_dict(), metrics))
+    (accumulated, m1), (whole, m4) = models
+    assert m1["rollout/response_length_mean"] == m4["rollout/response_length_mean"]  # the same rollout
+    for name in ("policy/loss", "value/loss", "policy/entropy", "policy/approx_kl", "value/clip_frac"):
+        assert m1[name] == pytest.approx(m4[name], rel=1e-4, abs=1e-6), name
+    assert m4["value/loss"] > 1e-4  # not trivially equal
+    moved = 0
+    for name, a in accumulated.items():
+        torch.testing.assert_close(a, whole[name], atol=1e-6, rtol=1e-5, msg=name)
+        moved += int(not torch.equal(a, before[name]))
+    assert moved > 0  # the step did change the weights, so the comparison means something

@@ -1,0 +1,45 @@
+// Registers the native kernels as torch.ops.fastppo.* (see fastppo/ops/native.py for the autograd side), and the
+// module fastppo._C that loading them needs.
+
+#include <torch/extension.h>
+
+#include "common.h"
+
+TORCH_LIBRARY(fastppo, m) {
+  m.def("token_logprobs_forward(Tensor logits, Tensor tokens, float inv_temperature) -> Tensor[]");
+  m.def("token_logprobs_backward(Tensor logits, Tensor tokens, Tensor lse, Tensor entropy, Tensor grad_logprobs, "
+        "Tensor? grad_entropy, float inv_temperature) -> Tensor");
+  m.def("kl_penalty_forward(Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
+  m.def("kl_penalty_backward(Tensor logprobs, Tensor ref_logprobs, Tensor grad, int estimator) -> Tensor");
+  m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor response_mask, float kl_coef, "
+        "int estimator) -> Tensor[]");
+  m.def("gae(Tensor rewards, Tensor values, Tensor response_mask, float gamma, float lam) -> Tensor[]");
+  m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
+  m.def("ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor response_mask, "
+        "float clip_low, float clip_high, float dual_clip, int agg, float denominator) -> Tensor[]");
+  m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor response_mask, float clip, "
+        "int agg, float denominator) -> Tensor[]");
+}
+
+TORCH_LIBRARY_IMPL(fastppo, CPU, m) {
+  m.impl("token_logprobs_forward", &fastppo::token_logprobs_forward);
+  m.impl("token_logprobs_backward", &fastppo::token_logprobs_backward);
+  m.impl("kl_penalty_forward", &fastppo::kl_penalty_forward);
+  m.impl("kl_penalty_backward", &fastppo::kl_penalty_backward);
+  m.impl("shape_rewards", &fastppo::shape_rewards);
+  m.impl("gae", &fastppo::gae);
+  m.impl("masked_whiten", &fastppo::masked_whiten);
+  m.impl("ppo_policy_loss", &fastppo::ppo_policy_loss);
+  m.impl("ppo_value_loss", &fastppo::ppo_value_loss);
+}
+
+PYBIND11_MODULE(_C, module) {
+  module.doc() = "fastppo native CPU kernels; the ops are registered as torch.ops.fastppo.*";
+  module.def("build_info", [] {
+    pybind11::dict info;
+    info["threads"] = at::get_num_threads();
+    info["parallel"] = at::get_parallel_info();
+    info["cuda"] = false;
+    return info;
+  });
+}

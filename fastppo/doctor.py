@@ -1,0 +1,51 @@
+"""`fastppo doctor`: which backend each op uses on this machine, and why the faster ones were passed over.
+
+It imports torch and the kernels only: no model, no transformers, so it answers in a second. Run it first when an
+install is slow or a backend is missing; `fastppo selfcheck` then checks the chosen backends' numbers.
+"""
+
+from __future__ import annotations
+
+import platform
+
+
+def versions() -> dict[str, str]:
+    """The versions that decide the backends: Python, torch (and its CUDA), Triton, the native extension."""
+    import torch
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError as error:
+        info["triton"] = f"not importable ({error})"
+    try:
+        from fastppo import _C
+
+        build = _C.build_info()
+        info["fastppo._C"] = f"built, {build['threads']} threads"
+    except ImportError as error:
+        info["fastppo._C"] = f"not built ({error}); reinstall with `pip install --no-build-isolation -e .`"
+    info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return info
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--device", action="append", choices=("cpu", "cuda"), help="device type to report (default: cpu and cuda)"
+    )
+
+
+def run(args) -> int:
+    from fastppo.ops import dispatch
+
+    for name, value in versions().items():
+        print(f"{name:11s} {value}")
+    print(f"\nbackend choice: {dispatch.get_backend()} (FASTPPO_BACKEND or fastppo.ops.set_backend to force one)")
+    rows = dispatch.report(tuple(args.device or ("cpu", "cuda")))
+    width = max(len(r["op"]) for r in rows)
+    print(f"\n{'device':6s}  {'op':{width}s}  {'backend':7s}  why")
+    for r in rows:
+        print(f"{r['device']:6s}  {r['op']:{width}s}  {r['backend']:7s}  {r['why']}")
+    return 0

@@ -1,0 +1,75 @@
+"""`fastppo demo --quick` end to end: SFT, reward model, PPO, gold evaluation, and the files a user is promised."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from fastppo.cli import main
+from fastppo.demo import pipeline
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output_dir = str(tmp_path_factory.mktemp("demo") / "run")
+    assert main(["demo", "--quick", "--output-dir", output_dir, "--seed", "0"]) == 0
+    with open(os.path.join(output_dir, "summary.json")) as f:
+        return output_dir, json.load(f)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_ppo_raises_gold_reward_over_the_sft_policy(quick_run):
+    _, summary = quick_run
+    sft, ppo = summary["eval"][0], summary["eval"][-1]
+    assert ppo["step"] == pipeline.QUICK.ppo_steps
+    assert ppo["gold"] - sft["gold"] > 0.5, f"gold {sft['gold']:+.2f} -> {ppo['gold']:+.2f}"
+    assert ppo["proxy"] > sft["proxy"]
+    assert summary["reward_model"]["eval_accuracy"] > 0.7
+
+
+@pytest.mark.slow
+def test_kl_is_finite_and_near_its_target(quick_run):
+    output_dir, summary = quick_run
+    target = pipeline.QUICK.kl_target
+    rows = read_jsonl(os.path.join(output_dir, "ppo", "metrics.jsonl"))
+    assert len(rows) >= pipeline.QUICK.ppo_steps
+    assert all(math.isfinite(r["policy/kl"]) for r in rows)
+    final_kl = summary["eval"][-1]["kl"]
+    assert target / 4 < final_kl < target * 2, f"KL {final_kl:.2f} nats, target {target}"
+
+
+@pytest.mark.slow
+def test_run_directory_has_checkpoints_plot_and_report(quick_run):
+    output_dir, summary = quick_run
+    AutoModelForCausalLM.from_pretrained(os.path.join(output_dir, "sft"))
+    AutoModelForSequenceClassification.from_pretrained(os.path.join(output_dir, "reward_model"))
+    ppo_files = [name for _, _, names in os.walk(os.path.join(output_dir, "ppo")) for name in names]
+    assert any(name.endswith(".safetensors") for name in ppo_files), ppo_files
+
+    eval_rows = read_jsonl(os.path.join(output_dir, "eval.jsonl"))
+    assert [r["step"] for r in eval_rows] == [r["step"] for r in summary["eval"]]
+    assert set(eval_rows[0]) >= {"step", "gold", "proxy", "kl", "length"}
+    with open(os.path.join(output_dir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(output_dir, "report.md")) as f:
+        report = f.read()
+    assert "| SFT (before PPO) |" in report and "| PPO, step" in report and "(curves.png)" in report
+    assert summary["samples"] and all(s["prompt"] in report for s in summary["samples"])
+
+
+def test_no_kl_control_flag_turns_the_penalty_off(tmp_path):
+    for stage in ("sft", "reward_model"):  # the config checks that the earlier stages' directories exist
+        (tmp_path / stage).mkdir()
+    with_kl = pipeline.ppo_config(str(tmp_path), pipeline.QUICK, kl_control=True, seed=0)
+    without = pipeline.ppo_config(str(tmp_path), pipeline.QUICK, kl_control=False, seed=0)
+    assert with_kl.kl_coef > 0 and with_kl.kl_target == pipeline.QUICK.kl_target
+    assert without.kl_coef == 0 and without.kl_target is None
