@@ -38,9 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(args.module).run(args) or 0)
-    except InputError as error:
+    except InputError as error:  # bad input, found before (or, for a reward, at) the step that needed it
         print(f"fastppo {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except FloatingPointError as error:  # the trainer's diagnosis after too many non-finite steps in a row
+        print(f"fastppo {args.command}: stopped: {error}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -53,14 +53,22 @@ class MetricsLogger:
             self.writer.flush()
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop lines of steps after the checkpoint, which the resumed run will log again."""
+        """On resume: drop lines of steps after the checkpoint, which the resumed run will log again, and a last
+        line torn by a kill mid-write. The file is replaced atomically, so a second crash here loses nothing."""
         self.file.close()
         kept = []
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        with open(self.path, "w") as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= step:
+                            kept.append(line)
+                    except json.JSONDecodeError:
+                        continue  # blank, or torn by a kill
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
             f.writelines(kept)
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a")
 
     def close(self) -> None:

@@ -36,6 +36,10 @@ def run(args) -> int:
 
     trainer = PPOTrainer(config)
     history = trainer.train()
+    if trainer.stop_request.requested:
+        print(f"stopped by {trainer.stop_request.name} at step {trainer.step_count}, checkpoint saved; "
+              f"continue with: fastppo train --config {args.config} --resume")  # fmt: skip
+        return trainer.stop_request.exit_code
     if history:
         last = history[-1]
         print(f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, KL {last['policy/kl']:.4f}; "

@@ -40,6 +40,7 @@ from fastppo.models import (
 )
 from fastppo.rewards import load_reward
 from fastppo.rollout import RolloutBatch, decode_responses, generate
+from fastppo.signals import stop_at_step_boundary
 
 
 class KLController:
@@ -371,21 +372,24 @@ class PPOTrainer:
         return metrics
 
     def train(self) -> list[dict]:
-        """Run until config.steps, saving every save_every steps and at the end."""
+        """Run until config.steps, saving every save_every steps and at the end. SIGINT/SIGTERM stop the run at the
+        next step boundary with a checkpoint (`self.stop_request` says which signal); an exception saves nothing,
+        so the last checkpoint stays the last good one."""
         from tqdm.auto import tqdm
 
         cfg, history = self.config, []
         bar = tqdm(total=cfg.steps, initial=self.step_count, desc="ppo", dynamic_ncols=True)
-        while self.step_count < cfg.steps:
-            metrics = self.step()
-            history.append(metrics)
-            bar.update(1)
-            bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
-            if cfg.save_every and self.step_count % cfg.save_every == 0:
+        with stop_at_step_boundary() as self.stop_request:
+            while self.step_count < cfg.steps and not self.stop_request.requested:
+                metrics = self.step()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
+                if cfg.save_every and self.step_count % cfg.save_every == 0:
+                    self.save()
+            bar.close()
+            if self.step_count > 0 and (not cfg.save_every or self.step_count % cfg.save_every):
                 self.save()
-        bar.close()
-        if not cfg.save_every or self.step_count % cfg.save_every:
-            self.save()
         return history
 
     @torch.no_grad()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -93,3 +97,13 @@ def small_config(tmp_path, **overrides):
                   tensorboard=False)  # fmt: skip
     values.update(overrides)
     return PPOConfig(**values)
+
+
+def cli_command(*args) -> tuple[list[str], dict]:
+    """`fastppo ARGS` as a subprocess command line and environment (one thread: see the one_thread fixture)."""
+    return [sys.executable, "-m", "fastppo", *args], {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    command, env = cli_command(*args)
+    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env)

@@ -1,16 +1,10 @@
 """`fastppo train --config ...` as a user runs it: a subprocess, exit codes, messages."""
 
 import json
-import os
-import subprocess
-import sys
 
 import yaml
 
-
-def run_cli(*args, cwd=None):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: see the one_thread fixture in conftest.py
-    return subprocess.run([sys.executable, "-m", "fastppo", *args], capture_output=True, text=True, cwd=cwd, env=env)
+from tests.trainer.conftest import run_cli
 
 
 def test_train_from_yaml(tiny_models, tmp_path):
