@@ -41,6 +41,11 @@ class PPOConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward: less memory, ~30% more time.")
     fused_logprobs: bool = _f(True, "Compute log-probs from hidden states without materializing the logits.")
     device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'. bf16 autocast on CUDA, fp32 on CPU.")
+    parallel: str = _f(
+        "ddp",
+        "Under torchrun: 'ddp' replicates the policy, 'fsdp' shards it (FSDP2); 'none' refuses several "
+        "processes. One process runs unwrapped whatever this says. Batch sizes are global: each rank takes 1/N.",
+    )
     # --- data and rollout -------------------------------------------------------------------------------------
     prompts: typing.Any = _f(None, "JSONL of {'prompt': ...} or {'messages': [...]} lines, or a list of strings.")
     max_prompt_length: int = _f(256, "Prompt tokens kept; longer prompts are cut from the left (see below).")
@@ -126,13 +131,18 @@ class PPOConfig:
 
     # --- validation: the one place ---------------------------------------------------------------------------------
 
-    def validate(self) -> PPOConfig:
+    def validate(self, world_size: int | None = None) -> PPOConfig:
+        """Check every field; `world_size` (default: torchrun's, 1 without it) is the number of processes."""
+        if world_size is None:
+            from fastppo.distributed import world_size as current_world_size
+
+            world_size = current_world_size()
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         self._check_choices()
         self._check_ranges()
-        self._check_batches()
+        self._check_batches(world_size)
         self._check_paths()
         return self
 
@@ -146,6 +156,7 @@ class PPOConfig:
             "loss_agg": LOSS_AGGREGATIONS,
             "lr_scheduler": ("constant", "linear", "cosine"),
             "device": ("auto", "cpu", "cuda"),
+            "parallel": ("none", "ddp", "fsdp"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -179,14 +190,23 @@ class PPOConfig:
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise InputError(f"dual_clip must be > 1 or null, got {self.dual_clip}")
 
-    def _check_batches(self) -> None:
+    def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
             raise InputError(
                 f"mini_batch_size ({self.mini_batch_size}) must divide rollout_batch_size ({self.rollout_batch_size})"
             )
-        micro = self.micro_batch_size or self.mini_batch_size
-        if micro <= 0 or self.mini_batch_size % micro:
-            raise InputError(f"micro_batch_size ({micro}) must divide mini_batch_size ({self.mini_batch_size})")
+        if world_size > 1:
+            if self.parallel == "none":
+                raise InputError(f"parallel: 'none' runs one process, but {world_size} were started: use ddp or fsdp")
+            for name in ("rollout_batch_size", "mini_batch_size"):  # global sizes: every rank takes an equal share
+                if getattr(self, name) % world_size:
+                    raise InputError(f"{name} ({getattr(self, name)}) must be a multiple of the number of processes "
+                                     f"({world_size}): each takes an equal share")  # fmt: skip
+        mini = self.mini_batch_size // max(world_size, 1)  # one rank's share of a minibatch
+        micro = self.micro_batch_size or mini
+        if micro <= 0 or mini % micro:
+            what = f"mini_batch_size / processes ({mini})" if world_size > 1 else f"mini_batch_size ({mini})"
+            raise InputError(f"micro_batch_size ({micro}) must divide {what}")
 
     def _check_paths(self) -> None:
         for name in ("policy_model", "tokenizer", "reward_tokenizer"):
@@ -204,7 +224,10 @@ class PPOConfig:
 
     @property
     def micro_batch(self) -> int:
-        return self.micro_batch_size or self.mini_batch_size
+        """Sequences per forward/backward on one rank: micro_batch_size, else one rank's share of a minibatch."""
+        from fastppo.distributed import world_size
+
+        return self.micro_batch_size or self.mini_batch_size // world_size()
 
 
 def _is_callable_spec(spec: str) -> bool:

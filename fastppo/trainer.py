@@ -22,7 +22,7 @@ import time
 import numpy as np
 import torch
 
-from fastppo import ops
+from fastppo import distributed, ops
 from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
 from fastppo.data import PromptSampler, read_prompts, tokenize_prompts
@@ -108,8 +108,8 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
         self.config = config.validate()
         self._check_output_dir()
-        self.device = resolve_device(config.device)
-        _seed_everything(config.seed)
+        self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
+        _seed_everything(config.seed)  # the same seed on every rank: the same initial weights
 
         policy = policy if policy is not None else config.policy_model
         if policy is None:
@@ -121,6 +121,13 @@ class PPOTrainer:
 
         self.model = self._build_policy(policy)
         self.reference = self._build_reference(policy, reference)
+        checkpoint = find_resumable(config.resume_from) if config.resume_from else None
+        resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
+        # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
+        self.parallel = distributed.Parallel(config.parallel)
+        self.model, self.reference = self.parallel.wrap(self.model, self.reference, self.device)
+        if distributed.world_size() > 1:
+            _seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
             weight_decay=config.weight_decay, foreach=True,  # one kernel per op over all tensors, not per tensor
@@ -135,8 +142,9 @@ class PPOTrainer:
         self.step_count = 0
         self.skipped_in_a_row = 0
 
-        resume_step = self._resume(config.resume_from) if config.resume_from else None
-        self.metrics = MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
+        resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
+        self.metrics = (MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
+                        if distributed.is_main() else distributed.NullLogger())  # fmt: skip
         if resume_step is not None:
             self.metrics.truncate_after(resume_step)
 
@@ -189,8 +197,8 @@ class PPOTrainer:
     def step(self) -> dict:
         """One PPO iteration; returns (and logs) its metrics."""
         cfg, start = self.config, time.perf_counter()
-        prompts = [self.prompts[i] for i in self.sampler.next_indices(cfg.rollout_batch_size)]
-        batch = self.rollout(prompts)
+        indices = distributed.share(self.sampler.next_indices(cfg.rollout_batch_size))  # this rank's block
+        batch = self.rollout([self.prompts[i] for i in indices])
         rollout_s = time.perf_counter() - start
 
         batch.scores = self.score(batch)
@@ -202,16 +210,17 @@ class PPOTrainer:
         batch.advantages, batch.returns = ops.gae(batch.rewards, batch.old_values, batch.response_mask, cfg.gamma,
                                                   cfg.lam)  # fmt: skip
         if cfg.whiten_advantages:
-            batch.advantages = ops.masked_whiten(batch.advantages, batch.response_mask)
+            batch.advantages = distributed.masked_whiten(batch.advantages, batch.response_mask)  # global stats
         score_s = time.perf_counter() - start - rollout_s
 
         update_stats = self.ppo_update(batch)
         train_s = time.perf_counter() - start - rollout_s - score_s
 
         self.step_count += 1
-        kl_per_sequence = float(batch.kl.sum(-1).mean())
+        whole = distributed.gather_batch(batch)  # every rank's share (`batch` in one process): the same KL, metrics
+        kl_per_sequence = float(whole.kl.sum(-1).mean())
         self.kl_controller.update(kl_per_sequence, cfg.rollout_batch_size)
-        metrics = self._metrics(batch, update_stats, rollout_s, score_s, train_s, kl_per_sequence)
+        metrics = self._metrics(whole, update_stats, rollout_s, score_s, train_s, kl_per_sequence)
         self.metrics.log(metrics)
         return metrics
 
@@ -222,7 +231,7 @@ class PPOTrainer:
                                                    cfg.truncate_long_prompts)  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         self.model.eval()
-        with self._autocast():
+        with self._autocast(), self.parallel.full_params(self.model):
             response_ids, response_mask, ended = generate(
                 self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
                 cfg.top_k, cfg.top_p, tuple(cfg.stop_strings),
@@ -239,7 +248,7 @@ class PPOTrainer:
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(batch.ended_with_eos, scores, scores - cfg.missing_eos_penalty)
         if cfg.reward_normalization:
-            self.score_moments.update(scores)
+            self.score_moments.update(distributed.all_gather_rows(scores))  # every rank's scores: the same moments
             scores = (scores - self.score_moments.mean) / self.score_moments.std
         if cfg.reward_clip is not None:
             scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
@@ -254,7 +263,8 @@ class PPOTrainer:
         for rows in torch.arange(len(batch.prompts)).split(cfg.micro_batch):
             micro = batch.select(rows)
             input_ids, attention_mask = micro.input_ids, micro.attention_mask
-            with self._autocast():
+            # FSDP: the LMs are called below without their root's forward, which would unshard the root's weights.
+            with self._autocast(), self.parallel.root_params(self.model), self.parallel.root_params(self.reference):
                 logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
                 if self.reference is None:
                     with self.model.adapters_disabled() as lm:
@@ -273,24 +283,27 @@ class PPOTrainer:
         """ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
         micro-batches whose losses are normalized by the whole minibatch's token (or sequence) count."""
         cfg, P, B = self.config, batch.prompt_ids.shape[1], len(batch.prompts)
+        mini_batch = cfg.mini_batch_size // distributed.world_size()  # this rank's share of every minibatch
         totals: dict[str, float] = {}
         n_updates = 0
         for _ in range(cfg.ppo_epochs):
-            for minibatch_rows in torch.randperm(B).split(cfg.mini_batch_size):
-                mask = batch.response_mask[minibatch_rows.to(self.device)]
-                if cfg.loss_agg == "token-mean":
-                    denominator = max(float(mask.sum()), 1.0)
-                else:
-                    denominator = max(float((mask.sum(-1) > 0).sum()), 1.0)
+            for minibatch_rows in torch.randperm(B).split(mini_batch):
+                # Counts over the whole minibatch, every rank's share included: the losses' shared denominator.
+                n_tokens, n_sequences = distributed.global_counts(batch.response_mask[minibatch_rows.to(self.device)])
+                denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = {}
-                for rows in minibatch_rows.split(cfg.micro_batch):
+                micro_batches = minibatch_rows.split(cfg.micro_batch)
+                for i, rows in enumerate(micro_batches):
                     micro = batch.select(rows)
                     # The losses are already parts of the minibatch loss (shared denominator): they add up. The
                     # other stats are token means over the micro-batch: weight them by its share of the tokens.
-                    token_share = float(micro.response_mask.sum()) / max(float(mask.sum()), 1.0)
-                    for k, v in self._micro_step(micro, P, denominator).items():
+                    token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
+                    with self.parallel.no_sync(last=i == len(micro_batches) - 1):
+                        micro_stats = self._micro_step(micro, P, denominator)
+                    for k, v in micro_stats.items():
                         stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
+                stats = distributed.sum_stats(stats)  # each rank held its share of the sums
                 stats["grad_norm"] = self._optimizer_step()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v
@@ -300,7 +313,8 @@ class PPOTrainer:
     def _micro_step(self, micro: RolloutBatch, P: int, denominator: float) -> dict:
         cfg = self.config
         with self._autocast():
-            logprobs, entropy, values = self.model(micro.input_ids, micro.attention_mask, P, cfg.temperature)
+            logprobs, entropy, values = self.parallel.train_model(micro.input_ids, micro.attention_mask, P,
+                                                                  cfg.temperature)  # fmt: skip
         mask = micro.response_mask
         policy_loss, policy_stats = ops.ppo_policy_loss(
             logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_range, cfg.clip_range_high,
@@ -313,7 +327,7 @@ class PPOTrainer:
         loss = policy_loss + cfg.vf_coef * value_loss
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * (entropy * mask).sum() / denominator
-        loss.backward()
+        self.parallel.backward(loss)
         stats = {"policy/loss": policy_loss.item(), "value/loss": value_loss.item(),
                  "policy/entropy": entropy_mean.item()}  # fmt: skip
         stats.update({f"policy/{k}": float(v) for k, v in policy_stats.items()})
@@ -324,7 +338,7 @@ class PPOTrainer:
         """Clip, check, step. A non-finite gradient skips the step (counted); too many in a row stops the run."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(self.parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # global
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row += 1
@@ -378,9 +392,11 @@ class PPOTrainer:
         from tqdm.auto import tqdm
 
         cfg, history = self.config, []
-        bar = tqdm(total=cfg.steps, initial=self.step_count, desc="ppo", dynamic_ncols=True)
+        bar = tqdm(total=cfg.steps, initial=self.step_count, desc="ppo", dynamic_ncols=True,
+                   disable=not distributed.is_main())  # fmt: skip
         with stop_at_step_boundary() as self.stop_request:
-            while self.step_count < cfg.steps and not self.stop_request.requested:
+            # Every rank must stop at the same step (a signal may reach one rank only), or the others wait forever.
+            while self.step_count < cfg.steps and not distributed.any_rank(self.stop_request.requested):
                 metrics = self.step()
                 history.append(metrics)
                 bar.update(1)
@@ -394,12 +410,13 @@ class PPOTrainer:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], temperature: float | None = None) -> list[str]:
-        """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy)."""
+        """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy).
+        Under FSDP every rank calls it (the weights are gathered)."""
         cfg = self.config
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
                                                    cfg.truncate_long_prompts)  # fmt: skip
         self.model.eval()
-        with self._autocast():
+        with self._autocast(), self.parallel.full_params(self.model):
             response_ids, response_mask, _ = generate(
                 self.model.lm, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
                 cfg.max_new_tokens, cfg.temperature if temperature is None else temperature, cfg.top_k, cfg.top_p,
@@ -409,30 +426,42 @@ class PPOTrainer:
         return decode_responses(self.tokenizer, response_ids, response_mask)
 
     def save(self, path: str | None = None) -> str:
-        """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`)."""
+        """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`).
+        Under torchrun every rank calls it (the weights are gathered) and rank 0 writes it."""
         state = {
             "step": self.step_count,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.parallel.optimizer_state_dict(self.model, self.optimizer),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_controller.state_dict(),
             "score_moments": self.score_moments.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": _rng_state(),
         }
-        return save_checkpoint(path or self.config.output_dir, self.step_count, self.model, self.tokenizer, state,
-                               self.config.save_merged_lora)  # fmt: skip
+        if distributed.world_size() > 1:
+            state["rng_per_rank"] = distributed.all_gather_objects(_rng_state())
+        with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
+            saved = None if model is None else save_checkpoint(
+                path or self.config.output_dir, self.step_count, model, self.tokenizer, state,
+                self.config.save_merged_lora)  # fmt: skip
+        return distributed.broadcast_object(saved)
 
-    def _resume(self, path: str) -> int:
-        checkpoint = find_resumable(path)
-        state = load_checkpoint(checkpoint, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _resume(self, checkpoint: str, state: dict) -> int:
+        """Restore the trainer `state` of `checkpoint`, whose weights were loaded before wrapping the model."""
+        self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
+        if distributed.world_size() > 1:  # each rank its own stream: as saved, or new ones at a new world size
+            per_rank = state.get("rng_per_rank") or []
+            if len(per_rank) == distributed.world_size():
+                _set_rng_state(per_rank[distributed.rank()])
+            else:
+                _seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])
         self.step_count = state["step"]
-        print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
+        if distributed.is_main():
+            print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
         return self.step_count
 
     def _autocast(self):
