@@ -30,7 +30,9 @@ def native_extension_args():
     use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and (
         os.environ.get("FASTPPO_FORCE_CUDA") == "1" or __import__("torch").cuda.is_available()
     )
-    flags = ["-O3", "-fopenmp"]
+    # -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC will not
+    # if-convert a float comparison that selects a value (`mask != 0 ? x : 0`), so such loops stay scalar.
+    flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     if use_cuda:
         ext = cpp_extension.CUDAExtension(
             "fastppo._C",

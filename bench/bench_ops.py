@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench import baselines
@@ -44,15 +45,20 @@ def fastppo_backends(op):
 
 
 class LargestTensor(TorchDispatchMode):
+    """The largest tensor an op allocates: outputs that share storage with an input (views, in-place results) are
+    not allocations and are not counted."""
+
     def __init__(self):
         super().__init__()
         self.bytes = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = pytree.tree_leaves((args, kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.bytes = max(self.bytes, t.numel() * t.element_size())
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen:
+                self.bytes = max(self.bytes, t.untyped_storage().nbytes())
         return out
 
 

@@ -13,7 +13,7 @@ static inline acc_t kl_value(acc_t d, int64_t estimator) {
   switch (estimator) {
     case 0: return d;                           // k1
     case 1: return acc_t(0.5) * d * d;          // k2
-    case 2: return std::expm1(-d) + d;          // k3
+    case 2: return std::expm1(-d) + d;          // k3 (exact: this one also serves float64)
     default: return std::abs(d);                // abs
   }
 }
@@ -58,27 +58,44 @@ Tensor kl_penalty_backward(const Tensor& logprobs_in, const Tensor& ref_in, cons
   return out;
 }
 
+// One sequence: kl_t (0 at padding) and reward_t = -kl_coef kl_t. The estimator is a loop constant, so each case is
+// its own vectorized loop. Returns the index of the last valid token, or -1.
+FASTPPO_SIMD static int64_t shape_row(const float* a, const float* b, const float* m, int64_t T, float kl_coef,
+                                      int64_t estimator, float* kl, float* rewards) {
+  for (int64_t t = 0; t < T; ++t) kl[t] = m[t] != 0 ? a[t] - b[t] : 0.0f;  // d, selected: garbage stays out
+  switch (estimator) {
+    case 0: break;
+    case 1:
+      for (int64_t t = 0; t < T; ++t) kl[t] = 0.5f * kl[t] * kl[t];
+      break;
+    case 2:
+      for (int64_t t = 0; t < T; ++t) kl[t] = exp_neg_minus_one_plus(kl[t]);
+      break;
+    default:
+      for (int64_t t = 0; t < T; ++t) kl[t] = std::abs(kl[t]);
+  }
+  for (int64_t t = 0; t < T; ++t) rewards[t] = -kl_coef * kl[t];
+  int64_t last = T - 1;
+  while (last >= 0 && m[last] == 0) --last;
+  return last;
+}
+
 std::vector<Tensor> shape_rewards(const Tensor& scores_in, const Tensor& logprobs_in, const Tensor& ref_in,
                                   const Tensor& mask_in, double kl_coef, int64_t estimator) {
   check_bt(logprobs_in, mask_in, "logprobs");
   check_bt(ref_in, mask_in, "ref_logprobs");
-  const Tensor lp = logprobs_in.to(at::kFloat).contiguous(), ref = ref_in.to(at::kFloat).contiguous();
-  const Tensor scores = scores_in.to(at::kFloat).contiguous(), mask = float_mask(mask_in);
+  const Tensor lp = as_f32(logprobs_in), ref = as_f32(ref_in), scores = as_f32(scores_in), mask = float_mask(mask_in);
   const int64_t B = lp.size(0), T = lp.size(1);
+  TORCH_CHECK(scores.numel() == B, "scores must be (B=", B, ",), got ", scores_in.sizes());
   Tensor rewards = at::empty({B, T}, lp.options()), kl = at::empty({B, T}, lp.options());
-  const float *a = lp.data_ptr<float>(), *b = ref.data_ptr<float>(), *m = mask.data_ptr<float>();
+  const float *a = lp.const_data_ptr<float>(), *b = ref.const_data_ptr<float>(), *m = mask.const_data_ptr<float>();
+  const float* score = scores.const_data_ptr<float>();
   float *r = rewards.data_ptr<float>(), *k = kl.data_ptr<float>();
   at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      int64_t last = -1;
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t i = row * T + t;
-        const bool valid = m[i] != 0;
-        k[i] = valid ? kl_value<float>(a[i] - b[i], estimator) : 0.0f;
-        r[i] = static_cast<float>(-kl_coef * k[i]);
-        if (valid) last = t;
-      }
-      if (last >= 0) r[row * T + last] += scores.data_ptr<float>()[row];
+      const int64_t i = row * T;
+      const int64_t last = shape_row(a + i, b + i, m + i, T, static_cast<float>(kl_coef), estimator, k + i, r + i);
+      if (last >= 0) r[i + last] += score[row];
     }
   });
   return {rewards, kl};

@@ -13,7 +13,10 @@ static std::vector<double> row_scales(const float* m, int64_t B, int64_t T, int6
   std::vector<double> lengths(B, 0.0), scales(B);
   double total = 0, n_seqs = 0;
   for (int64_t b = 0; b < B; ++b) {
-    for (int64_t t = 0; t < T; ++t) lengths[b] += m[b * T + t];
+    float length = 0;  // exact in float for 0/1 masks up to 2^24 tokens a row
+#pragma omp simd reduction(+ : length)
+    for (int64_t t = 0; t < T; ++t) length += m[b * T + t];
+    lengths[b] = length;
     total += lengths[b];
     n_seqs += lengths[b] > 0;
   }
@@ -27,6 +30,73 @@ static std::vector<double> row_scales(const float* m, int64_t B, int64_t T, int6
     }
   }
   return scales;
+}
+
+// One sequence of the policy loss. Branch-free so the loop vectorizes: every load is unconditional and every
+// condition is a select between floats (bool logic inside the loop keeps GCC from vectorizing it). Padded positions
+// are selected to neutral values, never multiplied, so garbage there cannot leak. out: loss, n_valid, clipped, dual
+// clipped, approx kl, ratio sum, ratio max.
+FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float* a, const float* m, float* g,
+                                    int64_t T, float scale, float low, float high, float dual_clip, double* out) {
+  const float c = dual_clip > 0 ? dual_clip : std::numeric_limits<float>::infinity();  // dual clip off: no cap
+  // float accumulators within a row (the caller sums rows in double): double reductions keep the loop scalar.
+  float loss = 0, n = 0, clipped_count = 0, dual_count = 0, kl = 0, ratio_sum = 0, ratio_max = 0;
+#pragma omp simd reduction(+ : loss, n, clipped_count, dual_count, kl, ratio_sum) reduction(max : ratio_max)
+  for (int64_t t = 0; t < T; ++t) {
+    const float mt = m[t], lt = l[t], ot = o[t], at = a[t];
+    const float valid = mt != 0 ? 1.0f : 0.0f;
+    const float log_ratio = mt != 0 ? lt - ot : 0.0f, A = mt != 0 ? at : 0.0f;
+    const float ratio = fast_exp(log_ratio);
+    const float unclipped = -A * ratio;
+    const float clipped = -A * std::min(std::max(ratio, low), high);
+    const float inside = (ratio >= low ? 1.0f : 0.0f) * (ratio <= high ? 1.0f : 0.0f);
+    // d per_token / d log_ratio = unclipped * branch; at a tie torch.maximum splits the gradient in two.
+    const float branch = clipped > unclipped ? inside : (unclipped > clipped ? 1.0f : 0.5f * (1.0f + inside));
+    const float cap = A < 0 ? -c * A : std::numeric_limits<float>::infinity();  // dual clip: loss <= -c A for A < 0
+    const float surrogate = std::max(clipped, unclipped);
+    const float w = mt != 0 ? mt * scale : 0.0f;
+    g[t] = surrogate > cap ? 0.0f : w * unclipped * branch;
+    loss += w * std::min(surrogate, cap);
+    n += valid;
+    clipped_count += clipped > unclipped ? valid : 0.0f;
+    dual_count += surrogate > cap ? valid : 0.0f;
+    kl += exp_neg_minus_one_plus(log_ratio);  // 0 at padding: log_ratio was selected to 0
+    ratio_sum += valid * ratio;
+    ratio_max = std::max(ratio_max, mt != 0 ? ratio : 0.0f);
+  }
+  out[0] = loss, out[1] = n, out[2] = clipped_count, out[3] = dual_count, out[4] = kl, out[5] = ratio_sum;
+  out[6] = ratio_max;
+}
+
+// One sequence of the value loss, branch-free like policy_row. No clipping is an infinite clip range: every value
+// is then inside it, the clipped and unclipped errors coincide, and the loss is the plain squared error.
+// out: loss, n_valid, clipped.
+FASTPPO_SIMD static void value_row(const float* v, const float* o, const float* r, const float* m, float* g,
+                                   int64_t T, float scale, bool use_clip, float clip, double* out) {
+  const float bound = use_clip ? clip : std::numeric_limits<float>::infinity();
+  float loss = 0, n = 0, clipped_count = 0;  // float: see policy_row
+#pragma omp simd reduction(+ : loss, n, clipped_count)
+  for (int64_t t = 0; t < T; ++t) {
+    const float mt = m[t], vt = v[t], ot = o[t], rt = r[t];
+    const float valid = mt != 0 ? 1.0f : 0.0f;
+    const float value = mt != 0 ? vt : 0.0f, old = mt != 0 ? ot : 0.0f, ret = mt != 0 ? rt : 0.0f;
+    const float error = value - ret;
+    const float unclipped = error * error;
+    const float step = value - old;
+    const float inside = (step >= -bound ? 1.0f : 0.0f) * (step <= bound ? 1.0f : 0.0f);
+    // Inside the clip range the clipped value is V itself (old + (V - old) may round to a neighbour of V). Two
+    // statements, not one nested expression: GCC 12 vectorizes only this form.
+    const float outside_error = old + std::min(std::max(step, -bound), bound) - ret;
+    const float clipped_error = inside > 0 ? error : outside_error;
+    const float clipped = clipped_error * clipped_error;
+    const float s = clipped > unclipped ? 1.0f : (unclipped > clipped ? 0.0f : 0.5f);  // share of the clipped term
+    const float w = mt != 0 ? mt * scale : 0.0f;
+    g[t] = w * ((1.0f - s) * error + inside * s * clipped_error);
+    loss += w * 0.5f * std::max(clipped, unclipped);
+    n += valid;
+    clipped_count += clipped > unclipped ? valid : 0.0f;
+  }
+  out[0] = loss, out[1] = n, out[2] = clipped_count;
 }
 
 // Returns loss (0-dim), grad (B, T) float32 (d loss / d logprobs), stats [clip, dual clip, approx kl, ratio mean,
@@ -46,45 +116,13 @@ std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs_in, const Tensor& old
   Tensor grad = at::empty({B, T}, lp.options());
   float* g = grad.data_ptr<float>();
   const float low = static_cast<float>(1.0 - clip_low), high = static_cast<float>(1.0 + clip_high);
-  const bool use_dual = dual_clip > 0;
   // per-row partials: loss, n_valid, clipped, dual clipped, approx kl, ratio sum, ratio max
   std::vector<double> partials(B * 7, 0.0);
   at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      double* p = &partials[b * 7];
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t i = b * T + t;
-        if (m[i] == 0) {
-          g[i] = 0;
-          continue;
-        }
-        const float log_ratio = l[i] - o[i], A = a[i];
-        const float ratio = std::exp(log_ratio);
-        const float unclipped = -A * ratio;
-        const float clipped = -A * std::min(std::max(ratio, low), high);
-        const bool inside = ratio >= low && ratio <= high;
-        float per_token, branch;
-        if (clipped > unclipped) {
-          per_token = clipped, branch = inside ? 1.0f : 0.0f;
-        } else if (unclipped > clipped) {
-          per_token = unclipped, branch = 1.0f;
-        } else {  // a tie: torch.maximum splits the gradient between the two branches
-          per_token = unclipped, branch = 0.5f * (1.0f + (inside ? 1.0f : 0.0f));
-        }
-        float d = unclipped * branch;
-        if (use_dual && A < 0 && per_token > static_cast<float>(-dual_clip) * A) {
-          per_token = static_cast<float>(-dual_clip) * A, d = 0;
-          p[3] += 1;
-        }
-        const double w = m[i] * scale[b];
-        p[0] += w * per_token;
-        g[i] = static_cast<float>(w * d);
-        p[1] += 1;
-        p[2] += clipped > unclipped;
-        p[4] += std::expm1(-static_cast<double>(log_ratio)) + log_ratio;
-        p[5] += ratio;
-        p[6] = std::max(p[6], static_cast<double>(ratio));
-      }
+      const int64_t i = b * T;
+      policy_row(l + i, o + i, a + i, m + i, g + i, T, static_cast<float>(scale[b]), low, high,
+                 static_cast<float>(dual_clip), &partials[b * 7]);
     }
   });
   double sums[7] = {0, 0, 0, 0, 0, 0, 0};
@@ -118,33 +156,9 @@ std::vector<Tensor> ppo_value_loss(const Tensor& values_in, const Tensor& old_in
   std::vector<double> partials(B * 3, 0.0);  // loss, n_valid, clipped
   at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
-      double* p = &partials[b * 3];
-      for (int64_t t = 0; t < T; ++t) {
-        const int64_t i = b * T + t;
-        if (m[i] == 0) {
-          g[i] = 0;
-          continue;
-        }
-        const float error = vv[i] - r[i];
-        const float unclipped = error * error;
-        float per_token = 0.5f * unclipped, d = error;
-        if (use_clip) {
-          const float step = vv[i] - o[i];
-          const bool inside = step >= -bound && step <= bound;
-          // Inside the clip range the clipped value is V itself (old + (V - old) may round to a neighbour of V).
-          const float v_clipped = inside ? vv[i] : o[i] + std::min(std::max(step, -bound), bound);
-          const float clipped_error = v_clipped - r[i];
-          const float clipped = clipped_error * clipped_error;
-          const float s_clipped = clipped > unclipped ? 1.0f : (unclipped > clipped ? 0.0f : 0.5f);
-          per_token = 0.5f * std::max(clipped, unclipped);
-          d = (1.0f - s_clipped) * error + (inside ? s_clipped * clipped_error : 0.0f);
-          p[2] += clipped > unclipped;
-        }
-        const double w = m[i] * scale[b];
-        p[0] += w * per_token;
-        p[1] += 1;
-        g[i] = static_cast<float>(w * d);
-      }
+      const int64_t i = b * T;
+      value_row(vv + i, o + i, r + i, m + i, g + i, T, static_cast<float>(scale[b]), use_clip, bound,
+                &partials[b * 3]);
     }
   });
   double loss = 0, n = 0, clipped = 0;

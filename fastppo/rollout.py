@@ -74,10 +74,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    # argmax p / E with E ~ Exp(1) draws from p (the exponential race): one pass, where torch.multinomial on a
-    # (B, 32000) CPU tensor costs ~20 ms a call, more than the model's decode step.
-    probs = logits.softmax(-1)
-    return (probs / torch.empty_like(probs).exponential_()).argmax(-1)
+    # Inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U(0, total). One cumsum and a
+    # binary search per row; torch.multinomial and the exponential race (argmax p / E) each cost ~20 ms a call on a
+    # (16, 32000) CPU tensor (exponential_ draws V random numbers), more than the model's decode step. The cumsum
+    # runs in float64 so every token keeps its probability to ~1e-16; a token of probability 0 (top-k/top-p) adds
+    # nothing to the cumsum and can never be the first to exceed u.
+    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
 
 
 def _forward_kwargs(lm) -> tuple[dict, str]:

@@ -50,3 +50,16 @@ def test_top_k_and_top_p_restrict_the_support():
     top_p = sample_next(logits, 1.0, top_k=0, top_p=0.8)
     assert set(top_p.tolist()) == {0, 1} and probs[:2].sum() > 0.8
     assert sample_next(logits[:1], 0.0, 0, 1.0).item() == 0
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, -1)  # 4000 rows: 4000 independent draws per call
+    torch.manual_seed(0)
+    draws = torch.cat([sample_next(logits, 1.0, 0, 1.0) for _ in range(5)])
+    frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert frequencies[1] == 0  # probability 0 is never drawn
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 4.5 sigma at n = 20000
+    hot = sample_next(torch.tensor([[0.0, 2.0, 0.0]]).expand(20000, -1), 0.5, 0, 1.0)  # temperature sharpens
+    expected = torch.tensor([0.0, 4.0, 0.0]).softmax(-1)[1]
+    assert abs((hot == 1).float().mean() - expected) < 0.01
