@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from fastppo import ops
 from fastppo.models import position_ids_for, unwrap
 
 
@@ -65,7 +66,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     """(B,) next tokens from (B, V) logits; temperature 0 means greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    if top_k > 0 or top_p < 1.0:  # mask the dropped tokens to -inf on the tempered logits, then sample those
+        logits, temperature = logits.float() / temperature, 1.0
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -74,14 +76,17 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    # Inverse-CDF sampling: the first token whose cumulative probability exceeds u ~ U(0, total). One cumsum and a
-    # binary search per row; torch.multinomial and the exponential race (argmax p / E) each cost ~20 ms a call on a
-    # (16, 32000) CPU tensor (exponential_ draws V random numbers), more than the model's decode step. The cumsum
-    # runs in float64 so every token keeps its probability to ~1e-16; a token of probability 0 (top-k/top-p) adds
-    # nothing to the cumsum and can never be the first to exceed u.
-    cdf = logits.softmax(-1).cumsum(-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    # Inverse-CDF sampling (see ops.sample_tokens): torch.multinomial, or an exponential race (argmax p / E), each
+    # cost ~20 ms a call on a (16, 32000) CPU tensor, more than the model's decode step; the native kernel reads the
+    # logits three times and writes nothing but the tokens.
+    tokens = ops.sample_tokens(logits, torch.rand(logits.shape[0], device=logits.device), temperature)
+    if bool((tokens < 0).any()):
+        rows = (tokens < 0).nonzero().flatten().tolist()
+        raise FloatingPointError(
+            f"the policy's next-token logits are not a distribution (nan, +inf or all -inf) in rows {rows[:5]}: "
+            "the model's weights or activations are no longer finite"
+        )
+    return tokens
 
 
 def _forward_kwargs(lm) -> tuple[dict, str]:

@@ -28,6 +28,7 @@ __all__ = [
     "ppo_value_loss",
     "reference",
     "report",
+    "sample_tokens",
     "select",
     "set_backend",
     "shape_rewards",
@@ -112,6 +113,18 @@ def linear_token_logprobs(
     _check_temperature(temperature)
     impl = implementation("linear_token_logprobs", hidden.device.type)
     return impl(hidden, weight, tokens, temperature, bias, with_entropy)
+
+
+def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B,) int64 tokens drawn from softmax(logits / temperature), logits (B, V), one uniform (B,) number in [0, 1)
+    per row; -1 for a row that is no distribution. Not differentiable: the decode loop's sampler."""
+    _check_float("logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    if uniform.shape != logits.shape[:1]:
+        raise ValueError(f"uniform must be (B={logits.shape[0]},), got shape {tuple(uniform.shape)}")
+    _check_temperature(temperature)
+    return implementation("sample_tokens", logits.device.type)(logits, uniform, temperature)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ except ImportError as error:  # built optionally; the dispatcher falls back
 else:
     IMPORT_ERROR = None
 
-NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "kl_penalty", "shape_rewards",
-              "gae", "masked_whiten", "ppo_policy_loss", "ppo_value_loss")  # fmt: skip
+NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens", "kl_penalty",
+              "shape_rewards", "gae", "masked_whiten", "ppo_policy_loss", "ppo_value_loss")  # fmt: skip
 
 
 def unavailable_reason(op: str, device_type: str) -> str | None:
@@ -99,6 +99,12 @@ NATIVE_CHUNK_KERNELS = ChunkKernels(_chunk_forward, _chunk_backward, upcast=True
 
 def linear_token_logprobs(hidden, weight, tokens, temperature=1.0, bias=None, with_entropy=False):
     return linear_token_logprobs_with(NATIVE_CHUNK_KERNELS, hidden, weight, tokens, temperature, bias, with_entropy)
+
+
+def sample_tokens(logits, uniform, temperature=1.0):
+    if logits.dtype == torch.float64:
+        return reference.sample_tokens(logits, uniform, temperature)
+    return torch.ops.fastppo.sample_tokens(_rows(logits), uniform, 1.0 / temperature)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp.gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
 
 
+def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(B,) int64 tokens drawn from softmax(logits / temperature), logits (B, V), by inverse CDF: the first token
+    whose cumulative probability exceeds uniform * total, with uniform (B,) in [0, 1) supplied by the caller (so
+    every backend draws the same tokens from the same numbers). A token of probability 0 is never drawn. A row that
+    is no distribution (a nan or +inf logit, or every logit -inf) gets -1."""
+    z = logits.double() / temperature
+    bad = z.isnan().any(-1) | (z == float("inf")).any(-1) | (z == float("-inf")).all(-1)
+    cdf = torch.softmax(z.masked_fill(bad.unsqueeze(-1), 0.0), dim=-1).cumsum(-1)  # (B, V)
+    target = uniform.double().unsqueeze(-1) * cdf[:, -1:]
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
+    return tokens.masked_fill(bad, -1)
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -58,11 +58,13 @@ def test_lora_with_adapter_reference(tiny_models, tmp_path):
 
 @pytest.mark.slow
 def test_rule_based_reward_rises_while_kl_stays_finite(tiny_models, tmp_path):
-    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], steps=20, rollout_batch_size=16,
+    # A random policy says w7 about once in 80 tokens, so the first steps are exploration (measured here: the score
+    # starts moving after 10 to 20 steps depending on the seed, then climbs to ~8, the most 8 tokens can hold).
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], steps=30, rollout_batch_size=16,
                           mini_batch_size=8, micro_batch_size=8, max_new_tokens=8, learning_rate=3e-3, kl_coef=0.01,
                           ppo_epochs=2)  # fmt: skip
     trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
-    history = [trainer.step() for _ in range(20)]
+    history = [trainer.step() for _ in range(30)]
     first = sum(m["reward/score_mean"] for m in history[:3]) / 3
     last = sum(m["reward/score_mean"] for m in history[-3:]) / 3
     assert last > first + 1.0, (first, last)

@@ -1,0 +1,61 @@
+"""sample_tokens on every backend: the same tokens as the float64 reference from the same uniform numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastppo import ops
+from fastppo.ops import reference
+from tests.ops.helpers import FLOAT_DTYPES, backend_params, randn, run_with
+
+
+def check_sample(backend, logits, uniform, temperature=1.0):
+    tokens = run_with(backend, ops.sample_tokens, logits, uniform, temperature)
+    expected = reference.sample_tokens(logits.double(), uniform, temperature)
+    assert tokens.dtype == torch.int64 and tokens.shape == logits.shape[:1]
+    # Identical except where u lands within rounding of a boundary between two tokens' cumulative probabilities:
+    # with these sizes that has probability ~1e-4 per row, so allow one row in a thousand.
+    assert (tokens != expected).float().mean() <= 1e-3, (tokens, expected)
+    return tokens
+
+
+@pytest.mark.parametrize("backend", backend_params("sample_tokens"))
+@pytest.mark.parametrize("V", [1, 7, 513, 1000, 50257])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_matches_reference(backend, V, dtype):
+    B = 2000 if V <= 1000 else 64
+    logits = randn(B, V, dtype=dtype, scale=3.0, seed=V)
+    uniform = torch.rand(B, generator=torch.Generator().manual_seed(V))
+    check_sample(backend, logits, uniform, temperature=0.7)
+
+
+@pytest.mark.parametrize("backend", backend_params("sample_tokens"))
+def test_masked_tokens_are_never_drawn_and_bad_rows_say_so(backend):
+    B, V = 3000, 600
+    logits = randn(B, V, seed=1)
+    logits[:, ::2] = float("-inf")  # top-k / top-p masking leaves -inf behind
+    uniform = torch.rand(B, generator=torch.Generator().manual_seed(2))
+    uniform[:3] = torch.tensor([0.0, 0.5, 1.0 - 2**-24])  # both ends of [0, 1)
+    tokens = check_sample(backend, logits, uniform)
+    assert (tokens % 2 == 1).all()
+    bad = randn(4, V, seed=3)
+    bad[0, 5], bad[1, 7], bad[2] = float("nan"), float("inf"), float("-inf")
+    tokens = run_with(backend, ops.sample_tokens, bad, torch.full((4,), 0.5))
+    assert tokens[:3].tolist() == [-1, -1, -1] and 0 <= tokens[3] < V
+
+
+@pytest.mark.parametrize("backend", backend_params("sample_tokens"))
+def test_frequencies_follow_the_distribution(backend):
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(20000, -1).contiguous()
+    tokens = run_with(backend, ops.sample_tokens, logits, torch.rand(20000, generator=torch.Generator().manual_seed(0)))
+    frequencies = torch.bincount(tokens, minlength=5).float() / tokens.numel()
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 4.5 sigma at n = 20000
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="uniform must be"):
+        ops.sample_tokens(torch.zeros(2, 5), torch.zeros(3))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        ops.sample_tokens(torch.zeros(2, 5), torch.zeros(2), 0.0)
