@@ -11,20 +11,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fastppo.cli import main
 from fastppo.demo import task
-from fastppo.demo.pipeline import build_policy
-from fastppo.demo.tokenizer import build_tokenizer
 from fastppo.errors import InputError
 from fastppo.reward_training import load_reward_model, pairwise_accuracy, score, split_pairs
 from fastppo.sft import read_jsonl
-
-
-@pytest.fixture
-def base_model(tmp_path) -> str:
-    tokenizer = build_tokenizer()
-    path = tmp_path / "base"
-    build_policy(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def sentiment_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:

@@ -9,7 +9,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastppo.cli import main
-from fastppo.demo.pipeline import build_policy
 from fastppo.demo.tokenizer import build_tokenizer
 from fastppo.errors import InputError
 from fastppo.sft import encode_prompt_response, read_jsonl, sft_batch
@@ -22,16 +21,6 @@ EXAMPLES = [
 
 def write_lines(path, lines: list[str]) -> str:
     path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-@pytest.fixture
-def base_model(tmp_path) -> str:
-    """A freshly initialised tiny Llama and the demo tokenizer, saved as a checkpoint directory."""
-    tokenizer = build_tokenizer()
-    path = tmp_path / "base"
-    build_policy(tokenizer, seed=0).save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return str(path)
 
 
