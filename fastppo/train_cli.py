@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastppo.demo import pipeline  # light: the demo's heavy imports happen when it runs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file whose keys mirror PPOConfig (see examples/ppo.yaml)")
@@ -13,11 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, default=None, metavar="N",
                         help="N processes on this machine (one per GPU), started by torchrun: the same as "
                         "`torchrun --standalone --nproc_per_node N -m fastppo train ...`")  # fmt: skip
-    demo = parser.add_argument_group("without --config: the built-in demo")
-    demo.add_argument("--quick", action="store_true", help="a short demo run (under a minute)")
-    demo.add_argument("--no-kl-control", action="store_true", help="turn the KL penalty off to show over-optimization")
-    demo.add_argument("--output-dir", default=None, help="demo run directory")
-    demo.add_argument("--seed", type=int, default=None, help="demo seed")
+    pipeline.add_arguments(parser.add_argument_group("without --config: the built-in demo"))  # the same flags
 
 
 def run(args) -> int:
@@ -25,8 +23,6 @@ def run(args) -> int:
         if args.set or args.resume or args.nproc:
             print("fastppo train: --set, --resume and --nproc need --config")
             return 2
-        from fastppo.demo import pipeline
-
         return pipeline.run(args)
 
     from fastppo.config import PPOConfig

@@ -73,3 +73,15 @@ def test_no_kl_control_flag_turns_the_penalty_off(tmp_path):
     without = pipeline.ppo_config(str(tmp_path), pipeline.QUICK, kl_control=False, seed=0)
     assert with_kl.kl_coef > 0 and with_kl.kl_target == pipeline.QUICK.kl_target
     assert without.kl_coef == 0 and without.kl_target is None
+
+
+def test_train_without_config_runs_the_demo_with_its_defaults(monkeypatch, tmp_path):
+    """`fastppo train` (the README's main job) reaches the demo with the demo's own defaults."""
+    calls = []
+    monkeypatch.setattr(pipeline, "run_pipeline", lambda *args, **kwargs: calls.append((args, kwargs)) or {})
+    monkeypatch.setattr(pipeline.report, "summary_text", lambda summary: "")
+    assert main(["train", "--output-dir", str(tmp_path)]) == 0
+    assert main(["train", "--quick", "--no-kl-control", "--seed", "3", "--output-dir", str(tmp_path)]) == 0
+    (args, kwargs), (quick_args, quick_kwargs) = calls
+    assert args[1] is pipeline.FULL and kwargs == {"kl_control": True, "seed": 0}
+    assert quick_args[1] is pipeline.QUICK and quick_kwargs == {"kl_control": False, "seed": 3}
