@@ -36,6 +36,7 @@ def _inputs(device: str, seed: int = 0, B: int = 16, T: int = 128, V: int = 1000
         "values": randn(B, T),
         "returns": randn(B, T),
         "scores": randn(B),
+        "uniform": torch.rand(B, generator=g).to(device),
         "mask": mask,
     }
 
@@ -51,6 +52,8 @@ def _cases(x):
             lambda m: m.linear_token_logprobs(x["hidden"], x["weight"], x["tokens"], 1.0, None, True),
             ["hidden", "weight"],
         ),
+        # The same uniform numbers draw the same tokens: the error is 0 unless a token differs.
+        "sample_tokens": (lambda m: m.sample_tokens(x["logits"][:, 0].contiguous(), x["uniform"], 0.9), []),
         "kl_penalty": (lambda m: m.kl_penalty(x["logprobs"], x["ref_logprobs"], "k3"), ["logprobs"]),
         "shape_rewards": (
             lambda m: m.shape_rewards(x["scores"], x["logprobs"], x["ref_logprobs"], x["mask"], 0.05, "k1"),

@@ -25,7 +25,7 @@ _TRITON_MODULES = {
     "token_logprobs": "fastppo.kernels.token_logprobs",
     "token_logprobs_and_entropy": "fastppo.kernels.token_logprobs",
     "linear_token_logprobs": "fastppo.kernels.linear_logprobs",
-    "sample_tokens": None,  # no Triton kernel: on a GPU the reference's softmax + cumsum are already fused enough
+    "sample_tokens": "fastppo.kernels.sample",
     "kl_penalty": "fastppo.kernels.kl",
     "shape_rewards": "fastppo.kernels.kl",
     "gae": "fastppo.kernels.gae",
@@ -110,8 +110,6 @@ def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
             return f"Triton has no {device_type} support here"
         if device_type == "cuda" and not _import("torch").cuda.is_available():
             return "no CUDA device"
-        if _TRITON_MODULES[op] is None:
-            return f"no Triton kernel for {op}"
         try:
             module = _module_for("triton", op)
         except ImportError as error:
