@@ -28,11 +28,16 @@ QUICK = os.environ.get("FASTPPO_BENCH_QUICK") == "1"
 
 def sizes():
     if QUICK:
-        return {"logprobs": [(64, 1000, torch.float32)], "seq": (8, 64), "linear": (64, 32, 1000)}
+        return {"logprobs": [(64, 1000, torch.float32)], "seq": (8, 64), "linear": (64, 32, 1000), "sample": (4, 1000)}
     if DEVICE == "cuda":
         logprobs = [(16384, V, dtype) for V in (32000, 151936) for dtype in (torch.bfloat16, torch.float32)]
-        return {"logprobs": logprobs, "seq": (64, 512), "linear": (8192, 2048, 151936)}
-    return {"logprobs": [(4096, 32000, torch.float32)], "seq": (64, 512), "linear": (2048, 256, 32000)}
+        return {"logprobs": logprobs, "seq": (64, 512), "linear": (8192, 2048, 151936), "sample": (64, 151936)}
+    return {
+        "logprobs": [(4096, 32000, torch.float32)],
+        "seq": (64, 512),
+        "linear": (2048, 256, 32000),
+        "sample": (16, 32000),
+    }
 
 
 SIZES = sizes()
@@ -133,6 +138,32 @@ def test_token_logprobs(benchmark, impl, fn, baseline, N, V, dtype, mode):
     run_benchmark(benchmark, group, impl, sync(call), baseline, bytes=bytes_moved)
 
 
+def with_backend(backend, fn):
+    def call(*args):
+        with ops.use_backend(backend):
+            return fn(*args)
+
+    return call
+
+
+SAMPLERS = {
+    "torch.multinomial": lambda logits, u: torch.multinomial(logits.softmax(-1), 1).squeeze(-1),  # HF generate's
+    "exponential race": lambda logits, u: (logits.softmax(-1) / torch.empty_like(logits).exponential_()).argmax(-1),
+    **{f"fastppo[{b}]": (lambda logits, u, b=b: with_backend(b, ops.sample_tokens)(logits, u))
+       for b in fastppo_backends("sample_tokens")},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("impl", list(SAMPLERS), ids=lambda s: s)
+def test_sample_tokens(benchmark, impl):
+    """One decode step's sampling from (B, V) logits: the share of the rollout that is not the model."""
+    B, V = SIZES["sample"]
+    g = torch.Generator().manual_seed(0)
+    logits, uniform = (torch.randn(B, V, generator=g) * 3).to(DEVICE), torch.rand(B, generator=g).to(DEVICE)
+    call = sync(lambda: SAMPLERS[impl](logits, uniform))
+    run_benchmark(benchmark, f"sample_tokens B={B} V={V}", impl, call, baseline=impl == "torch.multinomial")
+
+
 # ----------------------------------------------------------------------------------------------
 # GAE, reward shaping, losses: (B, T) sequence ops
 # ----------------------------------------------------------------------------------------------
@@ -156,14 +187,6 @@ def sequence_inputs(B, T):
         "old_logprobs": -randn().abs(),
         "scores": torch.randn(B, generator=g).to(DEVICE),
     }
-
-
-def with_backend(backend, fn):
-    def call(*args):
-        with ops.use_backend(backend):
-            return fn(*args)
-
-    return call
 
 
 @pytest.mark.parametrize("impl", ["python loop"] + [f"fastppo[{b}]" for b in fastppo_backends("gae")], ids=lambda s: s)
