@@ -5,7 +5,8 @@
 //   pass 1  m                                  (vectorized max)
 //   pass 2  the sum of each block of e_j       (vectorized exp + sum, kept per block, added up in double)
 //   pass 3  walk the block sums to the block holding u s, then the running sum inside it (e_j recomputed with the
-//           same function, so bitwise the values pass 2 summed)
+//           same function, so bitwise the values pass 2 summed; the sums themselves round differently, float
+//           within a block there, double here, so u s can land just past the block's end: then its last token)
 // A token of probability 0 (a -inf logit: top-k / top-p masking) adds 0 and can never be the first to exceed u s.
 // This replaces softmax + a float64 cumsum + searchsorted, which write and read three (B, V) tensors per decode step.
 // A row that is no distribution (a nan or +inf logit, or only -inf) gets token -1, for the caller to report.

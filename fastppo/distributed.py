@@ -165,12 +165,17 @@ def gather_batch(batch):
     return types.SimpleNamespace(**{name: all_gather_rows(getattr(batch, name)) for name in _METRIC_FIELDS})
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's `value` (the same on every rank); `value` in one process."""
+    if world_size() == 1:
+        return value
+    return int(_all_reduce_max(torch.tensor(int(value))))
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any: a decision all ranks take together (stop the loop) must not
     hang the others in their next collective. `flag` in one process."""
-    if world_size() == 1:
-        return flag
-    return bool(_all_reduce_max(torch.tensor(int(flag))))
+    return bool(max_over_ranks(int(flag)))
 
 
 def all_gather_objects(obj) -> list:

@@ -61,13 +61,17 @@ class MetricsLogger:
             with open(self.path) as f:
                 for line in f:
                     try:
-                        if json.loads(line).get("step", 0) <= step:
-                            kept.append(line)
+                        record = json.loads(line)
                     except json.JSONDecodeError:
                         continue  # blank, or torn by a kill
+                    if isinstance(record, dict) and record.get("step", 0) <= step:
+                        # A record torn just before its newline still parses: end it, or the next one joins it.
+                        kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
         self.file = open(self.path, "a")
 

@@ -2,15 +2,20 @@
 
 A PPO step is not interruptible halfway without losing it (the rollout, the optimizer state and the RNGs move
 together), so the first signal only asks the loop to stop at the next step boundary; the trainer then saves and
-returns. A second Ctrl-C is the user insisting: it interrupts at once. SIGKILL cannot be caught; what protects a
-run from it is the atomic checkpoint (see checkpoint.py) and `--resume`.
+returns. A second Ctrl-C a second or more after the first is the user insisting: it interrupts at once. Under
+torchrun there is no second Ctrl-C: the terminal signals every worker and torchrun forwards the same signal a moment
+later, so a repeat is ignored there (and torchrun kills workers still running some time after forwarding, 30 s in
+torch 2.13: a step plus a checkpoint must fit in that). SIGKILL cannot be caught; what protects a run from it is the
+atomic checkpoint (see checkpoint.py) and `--resume`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
+import time
 
 
 class StopRequest:
@@ -18,6 +23,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum: int | None = None
+        self.received_at = 0.0  # time.monotonic() of the first signal
 
     @property
     def requested(self) -> bool:
@@ -40,11 +46,18 @@ def stop_at_step_boundary():
         yield request
         return
 
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
     def handle(signum, frame):
-        if request.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # the second Ctrl-C
-        request.signum = signum
-        print(f"\nfastppo: {signal.Signals(signum).name} received: stopping after this step, with a checkpoint")
+        if request.requested:
+            insisting = signum == signal.SIGINT and time.monotonic() - request.received_at > 1.0
+            if insisting and not under_torchrun:
+                raise KeyboardInterrupt
+            return
+        request.signum, request.received_at = signum, time.monotonic()
+        # os.write, not print: the signal may have interrupted a write to stdout (print would then raise).
+        name = signal.Signals(signum).name
+        os.write(2, f"\nfastppo: {name} received: stopping after this step, with a checkpoint\n".encode())
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

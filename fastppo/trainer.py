@@ -406,6 +406,8 @@ class PPOTrainer:
             bar.close()
             if self.step_count > 0 and (not cfg.save_every or self.step_count % cfg.save_every):
                 self.save()
+            # The signal may have reached one rank only: every rank reports the same stop.
+            self.stop_request.signum = distributed.max_over_ranks(self.stop_request.signum or 0) or None
         return history
 
     @torch.no_grad()

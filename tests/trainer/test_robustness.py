@@ -158,3 +158,18 @@ def test_tokenizer_without_pad_token_pads_with_eos(tiny_models, tmp_path):
     trainer = PPOTrainer(config, tokenizer=tokenizer, reward=count_w7, prompts=prompt_list())
     assert trainer.tokenizer.pad_token_id == trainer.tokenizer.eos_token_id
     assert torch.isfinite(torch.tensor(trainer.step()["policy/loss"]))
+
+
+@pytest.mark.parametrize("tail", ['{"step": 3}', '{"step": 3, "reward/sc'], ids=["torn-before-newline", "torn-json"])
+def test_resume_keeps_whole_records_one_per_line(tmp_path, tail):
+    """A kill mid-write leaves a last record without its newline (kept, and ended) or cut short (dropped)."""
+    from fastppo.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n' + tail)
+    logger = MetricsLogger(str(tmp_path), tensorboard=False, append=True)
+    logger.truncate_after(3)
+    logger.log({"step": 4})
+    logger.close()
+    kept = [1, 2, 3] if tail.endswith("}") else [1, 2]
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [*kept, 4]
