@@ -28,6 +28,9 @@ from fastppo.sft import (
     read_jsonl,
     require_local,
     save_checkpoint,
+    shuffled_batches,
+    training_options,
+    update,
     warmup_then_linear_decay,
 )
 
@@ -115,24 +118,15 @@ def train_reward_model(
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = warmup_then_linear_decay(optimizer, total_steps)
-    generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
     correct: list[float] = []
-    order: list[int] = []
-    for step in range(total_steps):
-        if not order:
-            order = torch.randperm(len(encoded), generator=generator).tolist()
-        batch = [encoded[i] for i in order[:batch_size]]
-        order = order[batch_size:]
+    for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
+        batch = [encoded[i] for i in rows]
         # chosen and rejected in one forward: rows [0, B) are chosen, [B, 2B) rejected.
         rewards = score_tokens(model, [c for c, _ in batch] + [r for _, r in batch], tokenizer.pad_token_id)
         margin = rewards[: len(batch)] - rewards[len(batch) :]  # (B,)
         loss = -F.logsigmoid(margin).mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(loss, model, optimizer, scheduler)
         losses.append(loss.item())
         correct.append((margin > 0).float().mean().item())
         if (step + 1) % max(1, total_steps // 10) == 0 or step + 1 == total_steps:
@@ -181,18 +175,7 @@ def run(args) -> int:
     require_local(args.model, "model")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_reward_model(args.model, tokenizer)
-    summary = train_reward_model(
-        model,
-        tokenizer,
-        pairs,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_length=args.max_length,
-        eval_fraction=args.eval_fraction,
-        seed=args.seed,
-        output_dir=args.output_dir,
-    )
+    summary = train_reward_model(model, tokenizer, pairs, eval_fraction=args.eval_fraction, **training_options(args))
     print(
         f"fastppo reward-model: {summary['pairs']} pairs, {summary['steps']} steps, "
         f"held-out pairwise accuracy {summary['eval_accuracy']:.3f}, {summary['seconds']:.0f}s; "

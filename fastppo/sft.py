@@ -177,23 +177,13 @@ def train_sft(
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = warmup_then_linear_decay(optimizer, total_steps)
-    generator = torch.Generator().manual_seed(seed)
     losses: list[float] = []
-    order: list[int] = []
-    for step in range(total_steps):
-        if not order:
-            order = torch.randperm(len(encoded), generator=generator).tolist()
-        batch = [encoded[i] for i in order[:batch_size]]
-        order = order[batch_size:]
-        input_ids, attention_mask, labels = sft_batch(batch, tokenizer.pad_token_id)  # (B, T) each
+    for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
+        input_ids, attention_mask, labels = sft_batch([encoded[i] for i in rows], tokenizer.pad_token_id)  # (B, T)
         loss = model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
         ).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        update(loss, model, optimizer, scheduler)
         losses.append(loss.item())
         if (step + 1) % max(1, total_steps // 10) == 0 or step + 1 == total_steps:
             log(f"sft step {step + 1}/{total_steps}  loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
@@ -232,6 +222,32 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
+def shuffled_batches(n_items: int, batch_size: int, total_steps: int, seed: int):
+    """Index lists for `total_steps` steps: epochs of a seeded permutation (an epoch's last batch may be short)."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(total_steps):
+        if not order:
+            order = torch.randperm(n_items, generator=generator).tolist()
+        yield order[:batch_size]
+        order = order[batch_size:]
+
+
+def update(loss: torch.Tensor, model, optimizer, scheduler) -> None:
+    """One update of the supervised stages: backward, clip the gradient norm to 1, step, zero."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def training_options(args) -> dict:
+    """The options `fastppo sft` and `fastppo reward-model` share, from their parsed command lines."""
+    names = ("epochs", "batch_size", "learning_rate", "max_length", "seed", "output_dir")
+    return {name: getattr(args, name) for name in names}
+
+
 def run(args) -> int:
     from transformers import AutoModelForCausalLM
 
@@ -239,17 +255,7 @@ def run(args) -> int:
     require_local(args.model, "model")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_model(args.model, AutoModelForCausalLM)
-    summary = train_sft(
-        model,
-        tokenizer,
-        examples,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        max_length=args.max_length,
-        seed=args.seed,
-        output_dir=args.output_dir,
-    )
+    summary = train_sft(model, tokenizer, examples, **training_options(args))
     print(
         f"fastppo sft: {summary['examples']} examples, {summary['steps']} steps, final loss {summary['loss']:.4f}, "
         f"{summary['seconds']:.0f}s; checkpoint in {args.output_dir}"
