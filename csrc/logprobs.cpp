@@ -9,6 +9,14 @@
 
 #include "common.h"
 
+#include <c10/util/accumulate.h>
+
+#include <cstdlib>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastppo {
 
 // Elements per block: 2 KiB of float32 stays in L1 between the block's max and its exp-sums.
@@ -93,6 +101,25 @@ static void forward_rows(const scalar_t* logits, int64_t row_stride, const int64
   });
 }
 
+// The (N, V) gradient is fresh memory that the backward writes once. On 4 KiB pages its first touch costs more than
+// the kernel itself (a page fault per 4 KiB: 134 ms of a 197 ms backward at N = 4096, V = 32000 here); allocated
+// 2 MiB-aligned with MADV_HUGEPAGE it takes 512 times fewer faults where the kernel allows transparent huge pages
+// (and is plain memory where it does not).
+static Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= kHugePage) {
+    const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    if (void* data = std::aligned_alloc(kHugePage, rounded)) {
+      madvise(data, rounded, MADV_HUGEPAGE);  // advice only: a failure leaves ordinary pages
+      return at::from_blob(data, sizes, [](void* p) { std::free(p); }, options);
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
 static void check_rows(const Tensor& logits, const Tensor& tokens) {
   check_float(logits, "logits");
   check_cpu(tokens, "tokens");
@@ -135,7 +162,7 @@ Tensor token_logprobs_backward(const Tensor& logits, const Tensor& tokens_in, co
   const bool has_g_entropy = grad_entropy_in.has_value() && grad_entropy_in->defined();
   const Tensor g_entropy = has_g_entropy ? as_f32(*grad_entropy_in) : g_logp;
   TORCH_CHECK(g_entropy.numel() == N, "grad_entropy must be (N=", N, ",)");
-  Tensor grad = at::empty({N, V}, logits.options());
+  Tensor grad = empty_on_huge_pages({N, V}, logits.options());
   const float inv_t = static_cast<float>(inv_temperature);
   FASTPPO_DISPATCH_LOGITS(logits.scalar_type(), "token_logprobs_backward", [&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
