@@ -102,10 +102,8 @@ inline void check_bt(const Tensor& x, const Tensor& mask, const char* name) {
               mask.sizes(), ", got ", x.sizes());
 }
 
-// The mask as contiguous float32 (1 valid, 0 padding): bool, integer or float masks all work.
-inline Tensor float_mask(const Tensor& mask) { return mask.to(at::kFloat).contiguous(); }
-
-// A (B, T) input as contiguous float32 (a no-op for contiguous float32 input).
+// An input as contiguous float32 (a no-op for contiguous float32 input). Masks too: bool, integer or float masks
+// all become 1 (valid) / 0 (padding).
 inline Tensor as_f32(const Tensor& x) { return x.to(at::kFloat).contiguous(); }
 
 // ---------------------------------------------------------------------------------------------------------------

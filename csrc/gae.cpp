@@ -12,8 +12,8 @@ std::vector<Tensor> gae(const Tensor& rewards_in, const Tensor& values_in, const
                         double lam) {
   check_bt(rewards_in, mask_in, "rewards");
   check_bt(values_in, mask_in, "values");
-  const Tensor rw = rewards_in.to(at::kFloat).contiguous(), v = values_in.to(at::kFloat).contiguous();
-  const Tensor mask = float_mask(mask_in);
+  const Tensor rw = as_f32(rewards_in), v = as_f32(values_in);
+  const Tensor mask = as_f32(mask_in);
   const int64_t B = rw.size(0), T = rw.size(1);
   Tensor advantages = at::empty({B, T}, rw.options()), returns = at::empty({B, T}, rw.options());
   const float *r = rw.data_ptr<float>(), *val = v.data_ptr<float>(), *m = mask.data_ptr<float>();

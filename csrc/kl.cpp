@@ -84,7 +84,7 @@ std::vector<Tensor> shape_rewards(const Tensor& scores_in, const Tensor& logprob
                                   const Tensor& mask_in, double kl_coef, int64_t estimator) {
   check_bt(logprobs_in, mask_in, "logprobs");
   check_bt(ref_in, mask_in, "ref_logprobs");
-  const Tensor lp = as_f32(logprobs_in), ref = as_f32(ref_in), scores = as_f32(scores_in), mask = float_mask(mask_in);
+  const Tensor lp = as_f32(logprobs_in), ref = as_f32(ref_in), scores = as_f32(scores_in), mask = as_f32(mask_in);
   const int64_t B = lp.size(0), T = lp.size(1);
   TORCH_CHECK(scores.numel() == B, "scores must be (B=", B, ",), got ", scores_in.sizes());
   Tensor rewards = at::empty({B, T}, lp.options()), kl = at::empty({B, T}, lp.options());

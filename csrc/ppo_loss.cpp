@@ -107,8 +107,8 @@ std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs_in, const Tensor& old
   check_bt(logprobs_in, mask_in, "logprobs");
   check_bt(old_in, mask_in, "old_logprobs");
   check_bt(adv_in, mask_in, "advantages");
-  const Tensor lp = logprobs_in.to(at::kFloat).contiguous(), old = old_in.to(at::kFloat).contiguous();
-  const Tensor adv = adv_in.to(at::kFloat).contiguous(), mask = float_mask(mask_in);
+  const Tensor lp = as_f32(logprobs_in), old = as_f32(old_in);
+  const Tensor adv = as_f32(adv_in), mask = as_f32(mask_in);
   const int64_t B = lp.size(0), T = lp.size(1);
   const float *l = lp.data_ptr<float>(), *o = old.data_ptr<float>(), *a = adv.data_ptr<float>();
   const float* m = mask.data_ptr<float>();
@@ -143,8 +143,8 @@ std::vector<Tensor> ppo_value_loss(const Tensor& values_in, const Tensor& old_in
   check_bt(values_in, mask_in, "values");
   check_bt(old_in, mask_in, "old_values");
   check_bt(returns_in, mask_in, "returns");
-  const Tensor v = values_in.to(at::kFloat).contiguous(), old = old_in.to(at::kFloat).contiguous();
-  const Tensor ret = returns_in.to(at::kFloat).contiguous(), mask = float_mask(mask_in);
+  const Tensor v = as_f32(values_in), old = as_f32(old_in);
+  const Tensor ret = as_f32(returns_in), mask = as_f32(mask_in);
   const int64_t B = v.size(0), T = v.size(1);
   const float *vv = v.data_ptr<float>(), *o = old.data_ptr<float>(), *r = ret.data_ptr<float>();
   const float* m = mask.data_ptr<float>();

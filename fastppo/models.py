@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import importlib.util
 
 import torch
 from torch import nn
@@ -123,15 +122,11 @@ def final_hidden(backbone: nn.Module, input_ids, attention_mask) -> torch.Tensor
     return out.last_hidden_state  # (B, L, H)
 
 
-# `linear_token_logprobs`'s torch backend; without it, `fused_logprobs` falls back to materialized logits.
-_HAS_CHUNKED = importlib.util.find_spec("fastppo.ops.chunked") is not None
-
-
 def response_logprobs(lm, hidden, response_ids, temperature: float, fused: bool):
     """(logprobs, entropy), each (B, T) float32, of the response tokens from the hidden states that predict them."""
     head = unwrap(lm).get_output_embeddings()
     softcap = getattr(unwrap(lm).config, "final_logit_softcapping", None)
-    if fused and softcap is None and _HAS_CHUNKED:
+    if fused and softcap is None:
         return ops.linear_token_logprobs(hidden, head.weight, response_ids, temperature, head.bias, with_entropy=True)
     logits = head(hidden)
     if softcap is not None:

@@ -47,8 +47,8 @@ def run(args) -> int:
     trainer = PPOTrainer(config)
     history = trainer.train()
     if not distributed.is_main():  # rank 0 reports for the run
-        return trainer.stop_request.exit_code if trainer.stop_request.requested else 0
-    if trainer.stop_request.requested and trainer.step_count < config.steps:  # not a signal after the end
+        return trainer.stop_request.exit_code
+    if trainer.stop_request.requested:
         print(f"stopped by {trainer.stop_request.name} at step {trainer.step_count}, checkpoint saved; "
               f"continue with: fastppo train --config {args.config} --resume")  # fmt: skip
         return trainer.stop_request.exit_code

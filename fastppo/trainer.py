@@ -406,8 +406,10 @@ class PPOTrainer:
             bar.close()
             if self.step_count > 0 and (not cfg.save_every or self.step_count % cfg.save_every):
                 self.save()
-            # The signal may have reached one rank only: every rank reports the same stop.
-            self.stop_request.signum = distributed.max_over_ranks(self.stop_request.signum or 0) or None
+            # The signal may have reached one rank only: every rank reports the same stop. One that came during the
+            # last step or the final save stopped nothing: the run is complete.
+            signum = distributed.max_over_ranks(self.stop_request.signum or 0)
+            self.stop_request.signum = signum if signum and self.step_count < cfg.steps else None
         return history
 
     @torch.no_grad()
