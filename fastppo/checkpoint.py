@@ -1,7 +1,8 @@
 """Checkpoints: the policy in the Hugging Face layout, the value head, and the trainer state, written atomically.
 
     <output_dir>/checkpoint-<step>/
-        config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files)
+        config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files), in save_dtype
+        master_weights.safetensors                        the float32 policy weights, when save_dtype is not float32
         adapter/                                          the LoRA adapter (always, when training LoRA: resume)
         value_head.safetensors (+ critic.safetensors)     the critic
         trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
@@ -22,11 +23,12 @@ import shutil
 import warnings
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from fastppo.errors import InputError
+from fastppo.models import save_weights
 
-STATE_FILE, MANIFEST = "trainer_state.pt", "manifest.json"
+STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
 
 
 def _sha256(path: str) -> str:
@@ -46,22 +48,27 @@ def _files(directory: str) -> list[str]:
     )
 
 
-def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state: dict, merge_lora: bool) -> str:
+def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state: dict, merge_lora: bool,
+                    dtype: torch.dtype = torch.float32) -> str:  # fmt: skip
+    """Write checkpoint-<step> atomically: the policy in the Hugging Face layout in `dtype` (the user's checkpoint
+    dtype), plus what resuming needs bit for bit (the float32 master weights when `dtype` rounds them)."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     lm = model.lm
-    if hasattr(lm, "peft_config"):
+    if hasattr(lm, "peft_config"):  # the adapter (float32, trained) resumes; the base weights never changed
         lm.save_pretrained(os.path.join(tmp, "adapter"))
         if merge_lora:
             import copy
 
-            copy.deepcopy(lm).merge_and_unload().save_pretrained(tmp)
+            save_weights(copy.deepcopy(lm).merge_and_unload(), tmp, dtype)
         else:
             lm.save_pretrained(tmp)
     else:
-        lm.save_pretrained(tmp)
+        save_weights(lm, tmp, dtype)
+        if dtype != torch.float32:
+            save_model(lm, os.path.join(tmp, MASTER_WEIGHTS))  # save_model: tied weights are stored once
     tokenizer.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
     if model.critic_backbone is not None:
@@ -134,6 +141,8 @@ def load_checkpoint(checkpoint: str, model) -> dict:
         adapter = os.path.join(checkpoint, "adapter")
         weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
         set_peft_model_state_dict(lm, weights)
+    elif os.path.isfile(os.path.join(checkpoint, MASTER_WEIGHTS)):
+        load_model(lm, os.path.join(checkpoint, MASTER_WEIGHTS))
     else:
         saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
         lm.load_state_dict(saved.state_dict())

@@ -38,6 +38,11 @@ class PPOConfig:
     lora_rank: int = _f(0, "LoRA rank for the policy; 0 trains every weight.")
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (effective scale lora_alpha / lora_rank).")
     save_merged_lora: bool = _f(True, "Save LoRA merged into the weights (True) or as an adapter (False).")
+    save_dtype: str = _f(
+        "auto",
+        "dtype of the saved policy weights: 'auto' (the checkpoint's own, e.g. bf16), 'float32', 'bfloat16' or "
+        "'float16'. Training always updates float32 master weights.",
+    )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward: less memory, ~30% more time.")
     fused_logprobs: bool = _f(True, "Compute log-probs from hidden states without materializing the logits.")
     device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'. bf16 autocast on CUDA, fp32 on CPU.")
@@ -55,7 +60,10 @@ class PPOConfig:
     temperature: float = _f(1.0, "Sampling temperature; the log-probs PPO uses are taken at the same temperature.")
     top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
     top_p: float = _f(1.0, "Nucleus sampling mass; 1.0 = off.")
-    stop_strings: list = _f([], "Strings that end a response, besides the EOS token.")
+    stop_strings: list = _f([], "Strings that end a response, besides the end-of-turn tokens.")
+    stop_token_ids: list = _f(
+        [], "Token ids that end a response, besides the tokenizer's EOS and generation_config.json's eos_token_id."
+    )
     # --- reward and KL ----------------------------------------------------------------------------------------
     kl_coef: float = _f(0.05, "Initial weight of the per-token KL penalty against the reference.")
     kl_target: float | None = _f(None, "Target KL per sequence for adaptive control (Ziegler et al. 2019); None=fixed.")
@@ -157,6 +165,7 @@ class PPOConfig:
             "lr_scheduler": ("constant", "linear", "cosine"),
             "device": ("auto", "cpu", "cuda"),
             "parallel": ("none", "ddp", "fsdp"),
+            "save_dtype": ("auto", "float32", "bfloat16", "float16"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -187,6 +196,8 @@ class PPOConfig:
                 raise InputError(f"{name} must be >= 0 or null, got {value}")
         if self.kl_target is not None and self.kl_target == 0:
             raise InputError("kl_target must be > 0 (or null for a fixed kl_coef)")
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
+            raise InputError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids}")
         if self.dual_clip is not None and not self.dual_clip > 1:
             raise InputError(f"dual_clip must be > 1 or null, got {self.dual_clip}")
 

@@ -10,6 +10,19 @@ import torch
 from fastppo.errors import InputError
 
 
+class ChatPrompt(str):
+    """A prompt rendered from chat messages with the policy's template; `.messages` keeps them, so that a reward
+    model with a template of its own can render the conversation its way."""
+
+    messages: list
+
+
+def chat_prompt(text: str, messages: list) -> ChatPrompt:
+    prompt = ChatPrompt(text)
+    prompt.messages = messages
+    return prompt
+
+
 def read_prompts(source, tokenizer=None) -> list[str]:
     """A list of prompt strings from a list, or from a JSONL file of {"prompt": str} or {"messages": [...]} lines
     (chat messages are rendered with the tokenizer's chat template, ending with the assistant's turn)."""
@@ -48,15 +61,22 @@ def _read_jsonl(path: str, tokenizer) -> list[str]:
                 text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
             except Exception as error:  # noqa: BLE001 - a template error is a data error here
                 raise InputError(f"{path}:{number}: cannot render messages ({error})") from None
-            prompts.append(text)
+            prompts.append(chat_prompt(text, record["messages"]))
         else:
             raise InputError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
     return prompts
 
 
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` with the tokenizer's special tokens (BOS), unless the text already starts with BOS: a
+    rendered chat template (Llama 3 style) carries its own, and a second one is out of distribution."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
 def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, truncate: bool = True):
     """Left-padded (input_ids, attention_mask), both (B, P): generation appends to the right of every row."""
-    rows = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
+    rows = [encode(tokenizer, p) for p in prompts]
     too_long = [i for i, r in enumerate(rows) if len(r) > max_length]
     if too_long:
         if not truncate:

@@ -95,13 +95,17 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out.to(x.device)
 
 
-def sum_stats(stats: dict[str, float]) -> dict[str, float]:
-    """Each value summed over ranks, in one all-reduce (every rank holds the same keys)."""
+def reduce_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Each value summed over ranks, or the largest for a key ending in `_max` (every rank holds the same keys)."""
     if world_size() == 1:
         return stats
-    names = sorted(stats)
-    total = all_reduce_sum(torch.tensor([stats[k] for k in names], dtype=torch.float64))
-    return dict(zip(names, total.tolist(), strict=True))
+    sums, maxima = sorted(k for k in stats if not k.endswith("_max")), sorted(k for k in stats if k.endswith("_max"))
+    out = dict(zip(sums, all_reduce_sum(torch.tensor([stats[k] for k in sums], dtype=torch.float64)).tolist(),
+                   strict=True))  # fmt: skip
+    if maxima:
+        out.update(zip(maxima, _all_reduce_max(torch.tensor([stats[k] for k in maxima], dtype=torch.float64))
+                       .tolist(), strict=True))  # fmt: skip
+    return out
 
 
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +157,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 
 
 _METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", "old_values", "returns",
-                  "ended_with_eos")  # fmt: skip
+                  "ended")  # fmt: skip
 
 
 def gather_batch(batch):

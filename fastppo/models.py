@@ -77,10 +77,11 @@ def quantization_config(quantization: str):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
 
 
-def load_pretrained(auto_class, path: str, quantization: str, device: torch.device):
-    kwargs = {}
+def load_pretrained(auto_class, path: str, quantization: str, device: torch.device, dtype=None):
+    """`auto_class.from_pretrained(path)` on `device`; `dtype` None keeps the checkpoint's own dtype."""
+    kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if quantization != "none":
-        kwargs = {"quantization_config": quantization_config(quantization), "device_map": {"": str(device)}}
+        kwargs.update(quantization_config=quantization_config(quantization), device_map={"": str(device)})
     try:
         model = auto_class.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as error:
@@ -88,11 +89,64 @@ def load_pretrained(auto_class, path: str, quantization: str, device: torch.devi
     return model if quantization != "none" else model.to(device)
 
 
+def load_frozen(auto_class, path: str, quantization: str, device: torch.device):
+    """A frozen (reference or reward) model from `path`, dropout off: quantized, or in its checkpoint's dtype on
+    CUDA (bf16 autocast runs there anyway) and in float32 on CPU, where the trainer computes in float32 (a bf16
+    reference would put rounding noise into the KL)."""
+    dtype = None if quantization != "none" or device.type == "cuda" else torch.float32
+    model = freeze(load_pretrained(auto_class, path, quantization, device, dtype))
+    disable_dropout(model)
+    return model
+
+
+def quantized_copy(model, auto_class, quantization: str, device: torch.device, dtype: torch.dtype):
+    """A frozen, quantized copy of an in-memory model: bitsandbytes quantizes while loading, so the weights go
+    through a temporary checkpoint (saved in `dtype`, the checkpoint's own)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_weights(model, tmp, dtype)
+        return load_frozen(auto_class, tmp, quantization, device)
+
+
+def save_weights(model, directory: str, dtype: torch.dtype) -> None:
+    """`model.save_pretrained(directory)` with the weights (and config.json's dtype) in `dtype`: a float32 master
+    copy of a bf16 checkpoint is saved back as bf16."""
+    import json
+    import os
+
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(directory, state_dict=state)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+
+
+# Dropout is applied functionally by most decoder models (Llama/Qwen2 `attention_dropout`, OPT `dropout`, GPT-NeoX
+# `hidden_dropout`, GPT-2 `attn_pdrop`...): the probability is copied from the config into a float attribute of the
+# module at construction, so neither the config nor `nn.Dropout` reaches it. Any float attribute with one of these
+# names in it is a drop probability.
+_DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop")
+
+
 def disable_dropout(model: nn.Module) -> None:
-    """PPO compares log-probs of two forward passes; dropout would make them differ for no reason."""
+    """PPO compares log-probs of two forward passes; dropout would make them differ for no reason. Zeroes every
+    drop probability: `nn.Dropout` modules, functional ones held as module attributes, and the configs."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if isinstance(value, float) and any(key in name.lower() for key in _DROPOUT_NAMES):
+                setattr(module, name, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for name, value in config.to_dict().items():
+                if isinstance(value, float) and any(key in name.lower() for key in _DROPOUT_NAMES):
+                    setattr(config, name, 0.0)
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -122,16 +176,57 @@ def final_hidden(backbone: nn.Module, input_ids, attention_mask) -> torch.Tensor
     return out.last_hidden_state  # (B, L, H)
 
 
+def logit_transform(lm) -> tuple[float, float | None]:
+    """(scale, softcap): what the model's own forward does to `lm_head(hidden)` before returning its logits.
+    Granite divides by `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2/3 soft-cap. The log-probs PPO
+    optimizes must be those of the distribution the samples came from; `check_logprob_path` verifies it at start-up
+    for architectures that do something else."""
+    model = unwrap(lm)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= float(config.logits_scaling)
+    if isinstance(getattr(model, "logit_scale", None), (int, float)):
+        scale *= float(model.logit_scale)
+    return scale, getattr(config, "final_logit_softcapping", None)
+
+
 def response_logprobs(lm, hidden, response_ids, temperature: float, fused: bool):
     """(logprobs, entropy), each (B, T) float32, of the response tokens from the hidden states that predict them."""
     head = unwrap(lm).get_output_embeddings()
-    softcap = getattr(unwrap(lm).config, "final_logit_softcapping", None)
-    if fused and softcap is None:
-        return ops.linear_token_logprobs(hidden, head.weight, response_ids, temperature, head.bias, with_entropy=True)
+    scale, softcap = logit_transform(lm)
+    if fused and softcap is None:  # a scale folds into the temperature: softmax(s * z / t) = softmax(z / (t / s))
+        return ops.linear_token_logprobs(hidden, head.weight, response_ids, temperature / scale, head.bias,
+                                         with_entropy=True)  # fmt: skip
     logits = head(hidden)
+    if scale != 1.0:
+        logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
     return ops.token_logprobs_and_entropy(logits, response_ids, temperature)
+
+
+@torch.no_grad()
+def check_logprob_path(lm, input_ids, attention_mask, fused: bool, tolerance: float) -> float:
+    """Compare the trainer's log-probs of `input_ids` with those of the model's own `logits` (the distribution the
+    rollout samples from). A gap beyond `tolerance` nats means the architecture transforms its logits in a way
+    `logit_transform` does not know: training on it would be silently off-policy, so refuse. Returns the gap."""
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
+             use_cache=False)  # fmt: skip
+    targets, valid = input_ids[:, 1:], attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    own = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    hidden = final_hidden(backbone_of(lm), input_ids, attention_mask)[:, :-1]
+    ours = response_logprobs(lm, hidden, targets, 1.0, fused)[0]
+    gap = float((own - ours).abs().masked_fill(~valid, 0).max()) if valid.any() else 0.0
+    if not gap <= tolerance:
+        arch = type(unwrap(lm)).__name__
+        raise InputError(
+            f"{arch}: the log-probs fastppo computes from the hidden states differ from the model's own logits by "
+            f"{gap:.3g} nats (tolerance {tolerance:g}): this architecture transforms its logits in a way fastppo "
+            "does not apply, and training would optimize another distribution than the one sampled. Please report "
+            "the architecture; nothing was trained"
+        )
+    return gap
 
 
 class PolicyValueModel(nn.Module):

@@ -2,7 +2,9 @@
 
 Either way a reward is called as `reward(batch) -> (B,) float32 scores`, and every score batch is checked: the
 right count, all finite. A reward model with the policy's vocabulary scores the generated token ids directly; one
-with another tokenizer gets the decoded texts re-tokenized with its own.
+with another tokenizer sees the text the way it was trained on it: the conversation rendered with its own chat
+template when it has one, else prompt + response + its EOS (as `fastppo reward-model` encodes pairs) when the
+response ended. Sequences too long for it lose the start of the prompt, never the end of the response.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import importlib
 
 import torch
 
+from fastppo.data import encode
 from fastppo.errors import InputError
-from fastppo.models import freeze, load_pretrained, load_tokenizer
+from fastppo.models import disable_dropout, freeze, load_frozen, load_tokenizer, quantized_copy
 
 
 class RewardError(InputError):
@@ -42,6 +45,7 @@ class ModelReward:
 
     def __init__(self, model, tokenizer, policy_tokenizer, max_length: int = 4096):
         self.model = freeze(model)
+        disable_dropout(model)
         self.tokenizer = tokenizer
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
@@ -60,8 +64,9 @@ class ModelReward:
                 )  # fmt: skip
             ]
         else:
-            texts = [p + r for p, r in zip(batch.prompts, batch.responses, strict=True)]
-            rows = [self.tokenizer(t, truncation=True, max_length=self.max_length)["input_ids"] for t in texts]
+            rows = [self.encode(p, r, bool(e)) for p, r, e in zip(batch.prompts, batch.responses, batch.ended,
+                                                                   strict=True)]  # fmt: skip
+        rows = [r[-self.max_length :] for r in rows]  # too long: drop the start of the prompt
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
@@ -70,6 +75,17 @@ class ModelReward:
             attention_mask[i, : len(r)] = 1
         scores = self._score(input_ids.to(device), attention_mask.to(device))
         return check_scores(scores.float().cpu(), len(rows), self.name)
+
+    def encode(self, prompt: str, response: str, ended: bool) -> list[int]:
+        """Token ids of (prompt, response) in the reward model's own tokenizer, as it saw them in training."""
+        tokenizer = self.tokenizer
+        if getattr(tokenizer, "chat_template", None):
+            messages = list(getattr(prompt, "messages", None) or [{"role": "user", "content": str(prompt)}])
+            text = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}],
+                                                 tokenize=False)  # fmt: skip
+            return encode(tokenizer, text)
+        ids = encode(tokenizer, str(prompt)) + tokenizer(response, add_special_tokens=False)["input_ids"]
+        return ids + [tokenizer.eos_token_id] if ended and tokenizer.eos_token_id is not None else ids
 
     def _score(self, input_ids, attention_mask) -> torch.Tensor:
         """The head's output at each row's last real token (not at the last non-pad id: pad may equal EOS)."""
@@ -113,14 +129,20 @@ def load_reward(spec, config, policy_tokenizer, device):
     if isinstance(spec, str):
         from transformers import AutoModelForSequenceClassification
 
-        model = load_pretrained(AutoModelForSequenceClassification, spec, config.reward_quantization, device)
+        model = load_frozen(AutoModelForSequenceClassification, spec, config.reward_quantization, device)
         if model.config.num_labels != 1:
             raise InputError(f"reward_model {spec}: expected a classifier with 1 label, got {model.config.num_labels}")
         tokenizer = load_tokenizer(config.reward_tokenizer or spec)
         return ModelReward(model, tokenizer, policy_tokenizer)
     if isinstance(spec, torch.nn.Module):
+        from transformers import AutoModelForSequenceClassification
+
         tokenizer = load_tokenizer(config.reward_tokenizer) if config.reward_tokenizer else policy_tokenizer
-        model = spec.to(device) if config.reward_quantization == "none" else spec
+        if config.reward_quantization == "none":
+            model = spec.to(device)
+        else:
+            dtype = next(spec.parameters()).dtype
+            model = quantized_copy(spec, AutoModelForSequenceClassification, config.reward_quantization, device, dtype)
         return ModelReward(model, tokenizer, policy_tokenizer)
     if callable(spec):
         return FunctionReward(spec)

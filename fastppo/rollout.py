@@ -27,9 +27,9 @@ class RolloutBatch:
     prompt_ids: torch.Tensor  # (B, P) long
     prompt_mask: torch.Tensor  # (B, P) long, 1 = real prompt token
     response_ids: torch.Tensor  # (B, T) long, pad after the end
-    response_mask: torch.Tensor  # (B, T) long, 1 = generated token (EOS included)
-    ended_with_eos: torch.Tensor  # (B,) bool
-    prompts: list  # B prompt strings
+    response_mask: torch.Tensor  # (B, T) long, 1 = generated token (the end-of-turn token included)
+    ended: torch.Tensor  # (B,) bool: an end-of-turn id or a stop string ended the response
+    prompts: list  # B prompt strings (`ChatPrompt` for rendered chat messages)
     responses: list  # B response strings (decoded, without EOS/pad)
     scores: torch.Tensor | None = None  # (B,) float32 scores PPO optimizes (penalized, normalized, clipped)
     raw_scores: torch.Tensor | None = None  # (B,) float32 what the reward returned
@@ -40,6 +40,10 @@ class RolloutBatch:
     kl: torch.Tensor | None = None  # (B, T) float32 per-token KL estimate
     advantages: torch.Tensor | None = None  # (B, T) float32
     returns: torch.Tensor | None = None  # (B, T) float32
+
+    @property
+    def truncated(self) -> torch.Tensor:  # (B,) bool: cut at max_new_tokens before it ended
+        return ~self.ended
 
     @property
     def input_ids(self) -> torch.Tensor:  # (B, P + T)
@@ -97,6 +101,17 @@ def _forward_kwargs(lm) -> tuple[dict, str]:
     return ({"logits_to_keep": 1} if "logits_to_keep" in params else {}), cache_name
 
 
+def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS, every id of the model's `generation_config.eos_token_id`
+    (chat models end turns with `<|im_end|>`, `<|eot_id|>`... listed there beside the base EOS) and `extra`."""
+    ids = [tokenizer.eos_token_id]
+    generation_config = getattr(unwrap(lm), "generation_config", None) if lm is not None else None
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids += configured if isinstance(configured, (list, tuple)) else [configured]
+    ids += list(extra)
+    return sorted({int(i) for i in ids if i is not None})
+
+
 @torch.no_grad()
 def generate(
     lm,
@@ -108,15 +123,18 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     stop_strings: tuple = (),
+    end_ids: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses: (response_ids (B, T), response_mask (B, T), ended_with_eos (B,)), T <= max_new_tokens."""
+    """Sample responses: (response_ids (B, T), response_mask (B, T), ended (B,)), T <= max_new_tokens. A row ends
+    at any of `end_ids` (default: `end_token_ids(tokenizer, lm)`), kept as its last token, or once its text holds a
+    stop string; a row that does neither is truncated at max_new_tokens."""
     B = prompt_ids.shape[0]
     device = prompt_ids.device
-    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pad_id = tokenizer.pad_token_id
+    end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, lm), device=device)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    ended_with_eos = torch.zeros(B, dtype=torch.bool, device=device)
     attention_mask = prompt_mask.clone()
     position_ids = position_ids_for(attention_mask)
     prefill_kwargs, cache_name = _forward_kwargs(lm)
@@ -129,9 +147,7 @@ def generate(
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         response_ids[:, t] = token
         response_mask[:, t] = (~finished).long()
-        is_eos = (token == eos_id) & ~finished
-        ended_with_eos |= is_eos
-        finished |= is_eos
+        finished |= torch.isin(token, end_ids)
         if stop_strings:
             finished |= _hit_stop_string(tokenizer, response_ids[:, : t + 1], finished, stop_strings)
         steps = t + 1
@@ -141,7 +157,7 @@ def generate(
         out = lm(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
                  use_cache=True, **{cache_name: getattr(out, cache_name)})  # fmt: skip
         next_position = next_position + 1
-    return response_ids[:, :steps], response_mask[:, :steps], ended_with_eos
+    return response_ids[:, :steps], response_mask[:, :steps], finished
 
 
 def _hit_stop_string(tokenizer, response_ids, finished, stop_strings) -> torch.Tensor:

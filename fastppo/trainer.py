@@ -16,8 +16,8 @@ import copy
 import math
 import os
 import random
-import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -31,15 +31,18 @@ from fastppo.metrics import MetricsLogger, explained_variance, peak_memory_mb
 from fastppo.models import (
     PolicyValueModel,
     add_lora,
+    check_logprob_path,
     disable_dropout,
     freeze,
+    load_frozen,
     load_pretrained,
     load_tokenizer,
+    quantized_copy,
     reference_logprobs,
     resolve_device,
 )
 from fastppo.rewards import load_reward
-from fastppo.rollout import RolloutBatch, decode_responses, generate
+from fastppo.rollout import RolloutBatch, decode_responses, end_token_ids, generate
 from fastppo.signals import stop_at_step_boundary
 
 
@@ -119,8 +122,11 @@ class PPOTrainer:
         self.reward = load_reward(reward if reward is not None else config.reward_model, config, self.tokenizer,
                                   self.device)  # fmt: skip
 
-        self.model = self._build_policy(policy)
-        self.reference = self._build_reference(policy, reference)
+        lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
+        self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
+        self._check_logprob_path(lm)
+        self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
+        self.model = self._build_policy(lm)
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
         # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
@@ -140,8 +146,18 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.sampler = PromptSampler(len(self.prompts), config.seed)
         self.step_count = 0
-        self.skipped_in_a_row = 0
+        self.skipped_in_a_row = self.skipped_total = 0
+        self.param_groups = {"policy": [], "value": []}  # trainable parameters, for the gradient norms
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                self.param_groups["value" if "value_head" in name or "critic_backbone" in name else "policy"].append(p)
 
+        if (config.top_k > 0 or config.top_p < 1.0) and distributed.is_main():
+            warnings.warn(
+                "top_k/top_p sample from a truncated distribution, but every log-prob PPO uses (old, new, reference) "
+                "is of the full one: the update is slightly off-policy and the KL is underestimated. Prefer "
+                "temperature alone for RL.", stacklevel=2,
+            )  # fmt: skip
         resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
         self.metrics = (MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
                         if distributed.is_main() else distributed.NullLogger())  # fmt: skip
@@ -158,13 +174,35 @@ class PPOTrainer:
                 "or overwrite_output_dir: true to start over (old checkpoints are then replaced step by step)"
             )
 
-    def _build_policy(self, policy) -> PolicyValueModel:
+    def _load_policy_lm(self, policy):
+        """The policy LM on the device with float32 weights whatever its checkpoint's dtype: AdamW updates of a
+        bf16 weight below half a ULP vanish (at lr 1e-6 most weights would never move). bf16 autocast does the
+        compute on CUDA. Checkpoints are saved back in the dtype it came in (`save_dtype: auto`)."""
         from transformers import AutoModelForCausalLM
 
-        cfg = self.config
         lm = load_pretrained(AutoModelForCausalLM, policy, "none", self.device) if isinstance(policy, str) else policy
-        lm.to(self.device)
+        if getattr(lm, "is_loaded_in_8bit", False) or getattr(lm, "is_loaded_in_4bit", False):
+            raise InputError("policy: a quantized model cannot be trained; pass the unquantized checkpoint")
+        self.checkpoint_dtype = next(lm.parameters()).dtype
+        self.save_dtype = self.checkpoint_dtype if self.config.save_dtype == "auto" else getattr(
+            torch, self.config.save_dtype)  # fmt: skip
+        lm.to(device=self.device, dtype=torch.float32)
         disable_dropout(lm)
+        return lm
+
+    def _check_logprob_path(self, lm) -> None:
+        """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
+        sample = [p for p in self.prompts[:4]]
+        ids, mask = tokenize_prompts(sample, self.tokenizer, min(self.config.max_prompt_length, 32))
+        tolerance = 1e-3 if self.device.type == "cpu" else 5e-2  # float32 vs bf16 autocast rounding
+        was_training = lm.training
+        lm.eval()
+        with self._autocast():
+            check_logprob_path(lm, ids.to(self.device), mask.to(self.device), self.config.fused_logprobs, tolerance)
+        lm.train(was_training)
+
+    def _build_policy(self, lm) -> PolicyValueModel:
+        cfg = self.config
         if cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_rank > 0:
@@ -173,24 +211,28 @@ class PPOTrainer:
         model.train()
         return model
 
-    def _build_reference(self, policy, reference):
-        """The frozen reference LM, or None when it is the policy with LoRA adapters disabled."""
+    def _build_reference(self, lm, policy, reference):
+        """The frozen reference LM, or None when it is the policy with LoRA adapters disabled. `lm` is the loaded
+        policy before LoRA is added: its weights are the reference's."""
         from transformers import AutoModelForCausalLM
 
         cfg = self.config
+        quantization = cfg.reference_quantization
         if cfg.reference == "adapter":
             return None
-        if reference is not None and not isinstance(reference, str):
-            return freeze(reference.to(self.device) if cfg.reference_quantization == "none" else reference)
+        if reference is not None and not isinstance(reference, str):  # an object: quantize or move it, as a path
+            if quantization != "none":
+                return quantized_copy(reference, AutoModelForCausalLM, quantization, self.device,
+                                      next(reference.parameters()).dtype)  # fmt: skip
+            disable_dropout(reference)
+            return freeze(reference.to(self.device))
         source = reference or policy
         if isinstance(source, str):
-            return freeze(load_pretrained(AutoModelForCausalLM, source, cfg.reference_quantization, self.device))
-        if cfg.reference_quantization == "none":
-            lm = self.model.lm.get_base_model() if cfg.lora_rank > 0 else self.model.lm
-            return freeze(copy.deepcopy(lm))
-        with tempfile.TemporaryDirectory() as tmp:  # quantized loading goes through from_pretrained
-            source.save_pretrained(tmp)
-            return freeze(load_pretrained(AutoModelForCausalLM, tmp, cfg.reference_quantization, self.device))
+            return load_frozen(AutoModelForCausalLM, source, quantization, self.device)
+        if quantization != "none":
+            return quantized_copy(lm, AutoModelForCausalLM, quantization, self.device, self.checkpoint_dtype)
+        frozen_dtype = self.checkpoint_dtype if self.device.type == "cuda" else torch.float32  # as `load_frozen`
+        return freeze(copy.deepcopy(lm).to(frozen_dtype))
 
     # --- the six steps ------------------------------------------------------------------------------------------
 
@@ -224,17 +266,18 @@ class PPOTrainer:
         self.metrics.log(metrics)
         return metrics
 
-    def rollout(self, prompts: list[str]) -> RolloutBatch:
-        """Generate one response per prompt with the current policy."""
+    def rollout(self, prompts: list[str], temperature: float | None = None) -> RolloutBatch:
+        """Generate one response per prompt with the current policy (at the config's temperature unless given)."""
         cfg = self.config
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
                                                    cfg.truncate_long_prompts)  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         self.model.eval()
-        with self._autocast(), self.parallel.full_params(self.model):
+        with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
             response_ids, response_mask, ended = generate(
-                self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, cfg.temperature,
-                cfg.top_k, cfg.top_p, tuple(cfg.stop_strings),
+                self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens,
+                cfg.temperature if temperature is None else temperature, cfg.top_k, cfg.top_p,
+                tuple(cfg.stop_strings), self.end_ids,
             )  # fmt: skip
         self.model.train()
         responses = decode_responses(self.tokenizer, response_ids, response_mask)
@@ -246,7 +289,7 @@ class PPOTrainer:
         scores = self.reward(batch).float().to(self.device)
         raw = scores.clone()
         if cfg.missing_eos_penalty is not None:
-            scores = torch.where(batch.ended_with_eos, scores, scores - cfg.missing_eos_penalty)
+            scores = torch.where(batch.truncated, scores - cfg.missing_eos_penalty, scores)
         if cfg.reward_normalization:
             self.score_moments.update(distributed.all_gather_rows(scores))  # every rank's scores: the same moments
             scores = (scores - self.score_moments.mean) / self.score_moments.std
@@ -292,23 +335,27 @@ class PPOTrainer:
                 n_tokens, n_sequences = distributed.global_counts(batch.response_mask[minibatch_rows.to(self.device)])
                 denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
-                stats = {}
+                stats: dict[str, float] = {}
                 micro_batches = minibatch_rows.split(cfg.micro_batch)
                 for i, rows in enumerate(micro_batches):
                     micro = batch.select(rows)
                     # The losses are already parts of the minibatch loss (shared denominator): they add up. The
                     # other stats are token means over the micro-batch: weight them by its share of the tokens.
+                    # Maxima stay maxima.
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
                     with self.parallel.no_sync(last=i == len(micro_batches) - 1):
                         micro_stats = self._micro_step(micro, P, denominator)
                     for k, v in micro_stats.items():
-                        stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
-                stats = distributed.sum_stats(stats)  # each rank held its share of the sums
-                stats["grad_norm"] = self._optimizer_step()
+                        if k.endswith("_max"):
+                            stats[k] = max(stats.get(k, -math.inf), v)
+                        else:
+                            stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
+                stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
+                stats.update(self._optimizer_step())
                 for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v
+                    totals[k] = max(totals.get(k, -math.inf), v) if k.endswith("_max") else totals.get(k, 0.0) + v
                 n_updates += 1
-        return {k: v / n_updates for k, v in totals.items()}
+        return {k: v if k.endswith("_max") else v / n_updates for k, v in totals.items()}
 
     def _micro_step(self, micro: RolloutBatch, P: int, denominator: float) -> dict:
         cfg = self.config
@@ -334,26 +381,40 @@ class PPOTrainer:
         stats.update({f"value/{k.removeprefix('value_')}": float(v) for k, v in value_stats.items()})
         return stats
 
-    def _optimizer_step(self) -> float:
-        """Clip, check, step. A non-finite gradient skips the step (counted); too many in a row stops the run."""
+    def _optimizer_step(self) -> dict[str, float]:
+        """Clip, check, step; returns the gradient norms. A non-finite gradient skips the step (counted); too many
+        in a row stop the run."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        norms = self._group_grad_norms()  # before clipping: what each loss asked for
         grad_norm = float(self.parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # global
+        norms["grad_norm"] = grad_norm
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row += 1
-            self.skipped_total = getattr(self, "skipped_total", 0) + 1
+            self.skipped_total += 1
             if self.skipped_in_a_row >= self.config.max_skipped_steps:
                 raise FloatingPointError(
                     f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient: stopping. "
                     "Lower learning_rate, enable reward_normalization/reward_clip, or check the reward's scale; "
                     f"the last checkpoint in {self.config.output_dir} is intact."
                 )
-            return grad_norm
+            return norms
         self.skipped_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
-        return grad_norm
+        return norms
+
+    def _group_grad_norms(self) -> dict[str, float]:
+        """The gradient norms of the LM's parameters and of the critic's (value head, separate backbone): with a
+        shared backbone, a fresh value head's gradient can dominate the joint norm, and clipping then shrinks the
+        policy's step. The backbone's gradient, which both losses write, counts as the policy's."""
+        norms = {}
+        for name, group in self.param_groups.items():
+            grads = [p.grad for p in group if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            norms[f"{name}/grad_norm"] = float(self.parallel.full_tensor(norm))
+        return norms
 
     # --- metrics, generation, saving ----------------------------------------------------------------------------
 
@@ -371,12 +432,13 @@ class PPOTrainer:
             "value/explained_variance": explained_variance(batch.old_values, batch.returns, mask),
             "rollout/response_length_mean": float(lengths.mean()),
             "rollout/response_length_max": float(lengths.max()),
-            "rollout/eos_rate": float(batch.ended_with_eos.float().mean()),
+            "rollout/ended_rate": float(batch.ended.float().mean()),
+            "rollout/truncated_rate": float((~batch.ended).float().mean()),
             "kl/coef": self.kl_controller.value,
             "perf/rollout_tokens_per_s": float(mask.sum()) / max(rollout_s, 1e-9),
             "perf/train_tokens_per_s": tokens * self.config.ppo_epochs / max(train_s, 1e-9),
             "perf/peak_memory_mb": peak_memory_mb(self.device),
-            "perf/skipped_steps": getattr(self, "skipped_total", 0),
+            "perf/skipped_steps": self.skipped_total,
             "time/rollout_s": rollout_s,
             "time/score_s": score_s,
             "time/train_s": train_s,
@@ -412,22 +474,10 @@ class PPOTrainer:
             self.stop_request.signum = signum if signum and self.step_count < cfg.steps else None
         return history
 
-    @torch.no_grad()
     def generate(self, prompts: list[str], temperature: float | None = None) -> list[str]:
         """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy).
         Under FSDP every rank calls it (the weights are gathered)."""
-        cfg = self.config
-        prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
-                                                   cfg.truncate_long_prompts)  # fmt: skip
-        self.model.eval()
-        with self._autocast(), self.parallel.full_params(self.model):
-            response_ids, response_mask, _ = generate(
-                self.model.lm, self.tokenizer, prompt_ids.to(self.device), prompt_mask.to(self.device),
-                cfg.max_new_tokens, cfg.temperature if temperature is None else temperature, cfg.top_k, cfg.top_p,
-                tuple(cfg.stop_strings),
-            )  # fmt: skip
-        self.model.train()
-        return decode_responses(self.tokenizer, response_ids, response_mask)
+        return self.rollout(prompts, temperature).responses
 
     def save(self, path: str | None = None) -> str:
         """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`).
@@ -439,6 +489,7 @@ class PPOTrainer:
             "kl_controller": self.kl_controller.state_dict(),
             "score_moments": self.score_moments.state_dict(),
             "sampler": self.sampler.state_dict(),
+            "skipped_total": self.skipped_total,
             "rng": _rng_state(),
         }
         if distributed.world_size() > 1:
@@ -446,7 +497,7 @@ class PPOTrainer:
         with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
             saved = None if model is None else save_checkpoint(
                 path or self.config.output_dir, self.step_count, model, self.tokenizer, state,
-                self.config.save_merged_lora)  # fmt: skip
+                self.config.save_merged_lora, self.save_dtype)  # fmt: skip
         return distributed.broadcast_object(saved)
 
     def _resume(self, checkpoint: str, state: dict) -> int:
@@ -456,6 +507,7 @@ class PPOTrainer:
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.sampler.load_state_dict(state["sampler"])
+        self.skipped_total = state.get("skipped_total", 0)
         _set_rng_state(state["rng"])
         if distributed.world_size() > 1:  # each rank its own stream: as saved, or new ones at a new world size
             per_rank = state.get("rng_per_rank") or []
@@ -481,13 +533,17 @@ def _seed_everything(seed: int) -> None:
 
 
 def _rng_state() -> dict:
-    """Every RNG the run draws from, as tensors and plain values (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
+    """Every RNG the run draws from, completely (the Gaussian caches too), as tensors and plain values (loadable
+    with weights_only=True)."""
+    _, mt, gauss_next = random.getstate()
+    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "python": list(random.getstate()[1]),
-        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-        "numpy_pos": int(np_state[2]),
+        "python": list(mt),
+        "python_gauss_next": gauss_next,
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_pos": int(position),
+        "numpy_gauss": [int(has_gauss), float(cached_gaussian)],
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -496,8 +552,10 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(state["python"]), state.get("python_gauss_next")))
+    has_gauss, cached_gaussian = state.get("numpy_gauss", (0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], int(has_gauss),
+                         float(cached_gaussian)))  # fmt: skip
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -32,7 +32,7 @@ LENGTHS = [1, 2, 2, 3, 6, 5, 6, 4]  # response lengths: rank 0 gets the first 4 
 COMPARED = ["policy/loss", "value/loss", "policy/clip_frac", "value/clip_frac", "policy/approx_kl", "policy/entropy",
             "policy/kl", "kl/coef", "grad_norm", "reward/score_mean", "reward/score_std", "reward/shaped_mean",
             "value/explained_variance", "rollout/response_length_mean", "rollout/response_length_max",
-            "rollout/eos_rate"]  # fmt: skip
+            "rollout/ended_rate", "rollout/truncated_rate"]  # fmt: skip
 
 
 def fixed_batch() -> RolloutBatch:

@@ -22,7 +22,8 @@ def fake_batch(prompts, responses):
     for i, r in enumerate(rows):
         response_ids[i, : len(r)], response_mask[i, : len(r)] = torch.tensor(r), 1
     return SimpleNamespace(prompts=prompts, responses=responses, prompt_ids=prompt_ids, prompt_mask=prompt_mask,
-                           response_ids=response_ids, response_mask=response_mask)  # fmt: skip
+                           response_ids=response_ids, response_mask=response_mask,
+                           ended=torch.zeros(len(prompts), dtype=torch.bool))  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -54,6 +55,7 @@ def test_model_reward_same_scores_from_ids_and_from_text(tiny_models):
     model = AutoModelForSequenceClassification.from_pretrained(path)
     batch = fake_batch(["w1 w2", "w3"], [" w4 w5 w6", " w7"])
     tokenizer = build_tokenizer()
+    tokenizer.chat_template = None  # with a template of its own, the reward model would see the rendered chat
     direct = ModelReward(model, tokenizer, tokenizer)
     assert direct.same_vocab
     retokenize = ModelReward(model, tokenizer, tokenizer)
