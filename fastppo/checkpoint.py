@@ -23,7 +23,7 @@ import shutil
 import warnings
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from fastppo.errors import InputError
 from fastppo.models import save_weights
@@ -68,7 +68,9 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state:
     else:
         save_weights(lm, tmp, dtype)
         if dtype != torch.float32:
-            save_model(lm, os.path.join(tmp, MASTER_WEIGHTS))  # save_model: tied weights are stored once
+            # named_parameters: tied weights once; clones: gathered weights may be views of one flat buffer
+            master = {name: p.detach().clone() for name, p in lm.named_parameters()}
+            save_file(master, os.path.join(tmp, MASTER_WEIGHTS))
     tokenizer.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
     if model.critic_backbone is not None:
@@ -142,7 +144,10 @@ def load_checkpoint(checkpoint: str, model) -> dict:
         weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
         set_peft_model_state_dict(lm, weights)
     elif os.path.isfile(os.path.join(checkpoint, MASTER_WEIGHTS)):
-        load_model(lm, os.path.join(checkpoint, MASTER_WEIGHTS))
+        master = load_file(os.path.join(checkpoint, MASTER_WEIGHTS))
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                p.copy_(master[name])
     else:
         saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
         lm.load_state_dict(saved.state_dict())

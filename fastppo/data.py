@@ -87,7 +87,7 @@ def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, truncate: b
         warnings.warn(
             f"{len(too_long)} prompt(s) longer than max_prompt_length={max_length}: kept the last tokens", stacklevel=2
         )
-        rows = [r[-max_length:] for r in rows]
+        rows = [_keep_last(r, max_length, tokenizer.bos_token_id) for r in rows]
     if any(len(r) == 0 for r in rows):
         raise InputError("a prompt tokenizes to zero tokens")
     width = max(len(r) for r in rows)
@@ -97,6 +97,13 @@ def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, truncate: b
         input_ids[i, width - len(r) :] = torch.tensor(r)
         attention_mask[i, width - len(r) :] = 1
     return input_ids, attention_mask
+
+
+def _keep_last(row: list[int], length: int, bos_id) -> list[int]:
+    """The last `length` tokens of `row`, its BOS kept in front (models are trained to always see it)."""
+    if bos_id is not None and length > 1 and row[0] == bos_id:
+        return [bos_id] + row[len(row) - length + 1 :]
+    return row[-length:]
 
 
 class PromptSampler:

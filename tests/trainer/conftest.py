@@ -10,20 +10,31 @@ import pytest
 import torch
 
 WORDS = [f"w{i}" for i in range(90)]
-SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>"]
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}assistant:"
+SPECIALS = ["<pad>", "<eos>", "<unk>", "<bos>", "<|im_end|>"]
+END_OF_TURN = "<|im_end|>"  # a chat model's end of turn, beside the base EOS (like Qwen's <|im_end|>)
+# Llama-3 style: the template renders BOS itself, and the tokenizer adds BOS to plain text too.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+# How each architecture is released: its dtype on the hub (Pythia and OPT in fp16, Llama/Qwen in bf16, GPT-2 fp32)
+# and its stock dropout (GPT-2 0.1 everywhere, OPT 0.1 applied functionally); the others' stock is 0.
+RELEASE_DTYPE = {"llama": torch.bfloat16, "qwen2": torch.bfloat16, "gpt2": torch.float32,
+                 "gpt_neox": torch.float16, "opt": torch.float16, "granite": torch.bfloat16}  # fmt: skip
 
 
 def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + ["user:", "assistant:"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>"
-    )
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", bos_token="<bos>",
+        additional_special_tokens=[END_OF_TURN],
+    )  # fmt: skip
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
@@ -32,33 +43,51 @@ def model_config(arch: str, vocab_size: int, hidden: int = 32, layers: int = 2):
     import transformers as tf
 
     common = dict(vocab_size=vocab_size, pad_token_id=0, eos_token_id=1, bos_token_id=3)
+    llama_like = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, **common)  # fmt: skip
     if arch == "llama":
-        return tf.LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, **common)  # fmt: skip
+        return tf.LlamaConfig(**llama_like)
     if arch == "qwen2":
-        return tf.Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=4, num_key_value_heads=2, **common)  # fmt: skip
+        return tf.Qwen2Config(**llama_like)
+    if arch == "granite":  # logits divided by logits_scaling in the model's forward (granite-3.x: 8)
+        return tf.GraniteConfig(logits_scaling=8.0, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=0.0078125, **llama_like)  # fmt: skip
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, **common)
     if arch == "gpt_neox":
         return tf.GPTNeoXConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                                 num_attention_heads=4, max_position_embeddings=128, **common)  # fmt: skip
+    if arch == "opt":  # facebook/opt-*: dropout 0.1, applied with nn.functional.dropout
+        return tf.OPTConfig(hidden_size=hidden, ffn_dim=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
+                            word_embed_proj_dim=hidden, max_position_embeddings=128, dropout=0.1, **common)  # fmt: skip
     raise ValueError(arch)
 
 
-def save_tiny_models(directory, arch: str = "llama", hidden: int = 32, layers: int = 2) -> tuple[str, str]:
-    """(policy path, reward path): a causal LM and a 1-label classifier of `arch`, each with the tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+def save_tiny_models(directory, arch: str = "llama", hidden: int = 32, layers: int = 2, **config_overrides):
+    """(policy path, reward path): a causal LM and a 1-label classifier of `arch`, each with the tokenizer, saved
+    the way the architecture's checkpoints are released: in its hub dtype, with its stock dropout, a chat template
+    that renders BOS, and a generation_config.json whose eos_token_id lists the end of turn beside the EOS."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
     tokenizer = build_tokenizer()
     config = model_config(arch, len(tokenizer), hidden, layers)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    dtype = RELEASE_DTYPE[arch]
     torch.manual_seed(0)
-    policy, reward = directory / f"{arch}-policy", directory / f"{arch}-reward"
-    AutoModelForCausalLM.from_config(config).save_pretrained(policy)
+    suffix = "".join(f"-{k}{v}" for k, v in config_overrides.items())
+    policy, reward = directory / f"{arch}{suffix}-policy", directory / f"{arch}{suffix}-reward"
+    lm = AutoModelForCausalLM.from_config(config).to(dtype)
+    lm.generation_config = GenerationConfig(
+        bos_token_id=3, pad_token_id=0, eos_token_id=[1, tokenizer.convert_tokens_to_ids(END_OF_TURN)]
+    )
+    lm.save_pretrained(policy)
+    tokenizer.save_pretrained(policy)
+    if arch == "granite":  # no sequence-classification head in transformers
+        return str(policy), None
     config.num_labels = 1
-    AutoModelForSequenceClassification.from_config(config).save_pretrained(reward)
-    for path in (policy, reward):
-        tokenizer.save_pretrained(path)
+    AutoModelForSequenceClassification.from_config(config).to(dtype).save_pretrained(reward)
+    tokenizer.save_pretrained(reward)
     return str(policy), str(reward)
 
 

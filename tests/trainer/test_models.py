@@ -26,7 +26,7 @@ def padded_batch(tokenizer, lm):
 def test_logprobs_match_the_plain_model_per_sequence(tiny_models, arch, fused):
     """Scoring a padded batch gives each sequence the log-probs the LM gives it alone, unpadded."""
     tokenizer = build_tokenizer()
-    lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0])
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32)
     model = PolicyValueModel(lm, fused_logprobs=fused)
     prompt_ids, prompt_mask, response_ids, response_mask = padded_batch(tokenizer, lm)
     P = prompt_ids.shape[1]
@@ -46,21 +46,21 @@ def test_logprobs_match_the_plain_model_per_sequence(tiny_models, arch, fused):
 
 
 def test_shared_critic_holds_one_backbone(tiny_models):
-    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0])
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
     n_lm = sum(p.numel() for p in lm.parameters())
     shared = PolicyValueModel(lm, critic="shared")
     hidden = lm.config.hidden_size
     assert sum(p.numel() for p in shared.parameters()) == n_lm + hidden + 1  # + value head only
     ids = {id(p) for p in shared.parameters()}
     assert len(ids) == len(list(shared.parameters()))
-    separate = PolicyValueModel(AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0]), critic="separate")
+    separate = PolicyValueModel(AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32), critic="separate")
     n_backbone = sum(p.numel() for p in separate.critic_backbone.parameters())
     assert sum(p.numel() for p in separate.parameters()) == n_lm + n_backbone + hidden + 1
 
 
 def test_4bit_reference_is_under_a_third_of_fp32(tmp_path):
     policy, _ = save_tiny_models(tmp_path, "llama", hidden=256, layers=4)
-    fp32 = load_pretrained(AutoModelForCausalLM, policy, "none", torch.device("cpu"))
+    fp32 = load_pretrained(AutoModelForCausalLM, policy, "none", torch.device("cpu"), torch.float32)
     nf4 = load_pretrained(AutoModelForCausalLM, policy, "4bit", torch.device("cpu"))
     assert nf4.get_memory_footprint() < fp32.get_memory_footprint() / 3
     int8 = load_pretrained(AutoModelForCausalLM, policy, "8bit", torch.device("cpu"))

@@ -52,7 +52,7 @@ def test_module_function_spec(tmp_path, monkeypatch):
 def test_model_reward_same_scores_from_ids_and_from_text(tiny_models):
     """With the policy's vocabulary the ids are scored directly; re-tokenizing the text must agree."""
     path = tiny_models["llama"][1]
-    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     batch = fake_batch(["w1 w2", "w3"], [" w4 w5 w6", " w7"])
     tokenizer = build_tokenizer()
     tokenizer.chat_template = None  # with a template of its own, the reward model would see the rendered chat

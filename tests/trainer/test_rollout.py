@@ -10,7 +10,7 @@ def test_greedy_generation_is_independent_of_padding(tiny_models):
     """A prompt generates the same greedy response alone and in a left-padded batch (KV cache + positions)."""
     tokenizer = build_tokenizer()
     for arch in ("llama", "gpt2"):
-        lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0])
+        lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32)
         ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)
         batch_ids, batch_mask, _ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
         alone_ids, alone_mask, _ = generate(lm, tokenizer, ids[1:, -1:], mask[1:, -1:], max_new_tokens=6,
@@ -22,7 +22,7 @@ def test_greedy_generation_is_independent_of_padding(tiny_models):
 def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
     """Row 0 emits EOS at once, row 1 at its third token: masks cover each response through its EOS only."""
     tokenizer = build_tokenizer()
-    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0])
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
     head_forward, calls = lm.lm_head.forward, []
 
     def forward_with_eos(hidden):  # (B, L, H) -> logits with EOS forced where the test wants it
