@@ -53,7 +53,8 @@ def test_shared_critic_holds_one_backbone(tiny_models):
     assert sum(p.numel() for p in shared.parameters()) == n_lm + hidden + 1  # + value head only
     ids = {id(p) for p in shared.parameters()}
     assert len(ids) == len(list(shared.parameters()))
-    separate = PolicyValueModel(AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32), critic="separate")
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
+    separate = PolicyValueModel(lm, critic="separate")
     n_backbone = sum(p.numel() for p in separate.critic_backbone.parameters())
     assert sum(p.numel() for p in separate.parameters()) == n_lm + n_backbone + hidden + 1
 
