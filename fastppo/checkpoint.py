@@ -4,7 +4,7 @@
         config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files), in save_dtype
         master_weights.safetensors                        the float32 policy weights, when save_dtype is not float32
         adapter/                                          the LoRA adapter (always, when training LoRA: resume)
-        value_head.safetensors (+ critic.safetensors)     the critic
+        value_head.safetensors (+ critic.safetensors)     the critic (PPO only)
         trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
         manifest.json                                     sha256 of every file above; written last
 
@@ -72,8 +72,10 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state:
             master = {name: p.detach().clone() for name, p in lm.named_parameters()}
             save_file(master, os.path.join(tmp, MASTER_WEIGHTS))
     tokenizer.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
-    if model.critic_backbone is not None:
+    if getattr(model, "value_head", None) is not None:  # PPO's critic; DPO passes a model with `.lm` only
+        state = {k: v.contiguous() for k, v in model.value_head.state_dict().items()}
+        save_file(state, f"{tmp}/value_head.safetensors")
+    if getattr(model, "critic_backbone", None) is not None:
         state = {k: v.contiguous() for k, v in model.critic_backbone.state_dict().items()}
         save_file(state, f"{tmp}/critic.safetensors")
     torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
@@ -151,7 +153,8 @@ def load_checkpoint(checkpoint: str, model) -> dict:
     else:
         saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
         lm.load_state_dict(saved.state_dict())
-    model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
-    if model.critic_backbone is not None:
+    if getattr(model, "value_head", None) is not None:
+        model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
+    if getattr(model, "critic_backbone", None) is not None:
         model.critic_backbone.load_state_dict(load_file(os.path.join(checkpoint, "critic.safetensors")))
     return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)

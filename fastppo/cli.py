@@ -18,6 +18,7 @@ COMMANDS = {
     "demo": ("fastppo.demo.pipeline", "the built-in offline RLHF pipeline: SFT, reward model, PPO, evaluation"),
     "sft": ("fastppo.sft", "supervised fine-tuning on a JSONL of {prompt, response}"),
     "reward-model": ("fastppo.reward_training", "train a reward model on a JSONL of {prompt, chosen, rejected}"),
+    "dpo": ("fastppo.dpo", "Direct Preference Optimization on a JSONL of {prompt, chosen, rejected}"),
     "doctor": ("fastppo.doctor", "which backend each op uses on this machine, and why"),
     "selfcheck": ("fastppo.selfcheck", "check every op against its reference here and time it"),
     "bench": ("fastppo.bench_cli", "run the benchmark suite against the peers"),
