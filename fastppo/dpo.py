@@ -25,11 +25,9 @@ held-out prompts: the mean of sum_t [log pi - log ref] over the samples (unbiase
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import math
 import os
-import tempfile
 import time
 import types
 
@@ -44,11 +42,10 @@ from fastppo.metrics import MetricsLogger, peak_memory_mb
 from fastppo.models import (
     add_lora,
     backbone_of,
-    disable_dropout,
     final_hidden,
-    freeze,
-    load_pretrained,
+    frozen_reference,
     load_tokenizer,
+    load_trainable_lm,
     resolve_device,
     response_logprobs,
 )
@@ -201,23 +198,15 @@ class DPOTrainer:
 
     def _build_models(self, source):
         """(policy LM, frozen reference LM or None when it is the policy with its LoRA adapters disabled)."""
-        from transformers import AutoModelForCausalLM
-
         cfg = self.config
-        lm = load_pretrained(AutoModelForCausalLM, source, "none", self.device) if isinstance(source, str) else source
-        lm.to(self.device)
-        disable_dropout(lm)  # the policy's and the reference's log-probs of the same text must agree at step 0
+        # float32 master weights whatever the checkpoint's dtype, dropout off: the policy's and the reference's
+        # log-probs of the same text must agree at step 0
+        lm, self.checkpoint_dtype = load_trainable_lm(source, self.device)
         reference = None
         if cfg.lora_rank > 0:
             lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
-        elif cfg.reference_quantization == "none":
-            reference = freeze(copy.deepcopy(lm))
-        elif isinstance(source, str):
-            reference = freeze(load_pretrained(AutoModelForCausalLM, source, cfg.reference_quantization, self.device))
         else:
-            with tempfile.TemporaryDirectory() as tmp:  # quantized loading goes through from_pretrained
-                source.save_pretrained(tmp)
-                reference = freeze(load_pretrained(AutoModelForCausalLM, tmp, cfg.reference_quantization, self.device))
+            reference = frozen_reference(source, lm, cfg.reference_quantization, self.device, self.checkpoint_dtype)
         lm.train()
         return lm, reference
 
@@ -393,7 +382,7 @@ class DPOTrainer:
             "reference_logps": self.reference_logps,
         }
         return save_checkpoint(path or self.config.output_dir, self.step_count, self._saveable(), self.tokenizer, state,
-                               self.config.save_merged_lora)  # fmt: skip
+                               self.config.save_merged_lora, self.checkpoint_dtype)  # fmt: skip
 
     def _resume(self, checkpoint: str, state: dict) -> None:
         if (state["train_pairs"], state["total_steps"]) != (len(self.train_data), self.total_steps):

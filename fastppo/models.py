@@ -99,6 +99,33 @@ def load_frozen(auto_class, path: str, quantization: str, device: torch.device):
     return model
 
 
+def load_trainable_lm(spec, device: torch.device):
+    """(the LM to train, its checkpoint's dtype) from a path or a model object: on `device` with float32 weights
+    whatever the checkpoint's dtype (an AdamW update of a bf16 weight below half a ULP vanishes: at lr 1e-6 most
+    weights would never move; bf16 autocast does the compute on CUDA), dropout off."""
+    from transformers import AutoModelForCausalLM
+
+    lm = load_pretrained(AutoModelForCausalLM, spec, "none", device) if isinstance(spec, str) else spec
+    if getattr(lm, "is_loaded_in_8bit", False) or getattr(lm, "is_loaded_in_4bit", False):
+        raise InputError("policy: a quantized model cannot be trained; pass the unquantized checkpoint")
+    checkpoint_dtype = next(lm.parameters()).dtype
+    lm.to(device=device, dtype=torch.float32)
+    disable_dropout(lm)
+    return lm, checkpoint_dtype
+
+
+def frozen_reference(source, lm, quantization: str, device: torch.device, checkpoint_dtype: torch.dtype):
+    """The frozen reference: loaded from `source` when it is a path, else a copy of `lm` (the policy before any
+    LoRA is added), quantized, or in `checkpoint_dtype` on CUDA and float32 on CPU (as `load_frozen`)."""
+    from transformers import AutoModelForCausalLM
+
+    if isinstance(source, str):
+        return load_frozen(AutoModelForCausalLM, source, quantization, device)
+    if quantization != "none":
+        return quantized_copy(lm, AutoModelForCausalLM, quantization, device, checkpoint_dtype)
+    return freeze(copy.deepcopy(lm).to(checkpoint_dtype if device.type == "cuda" else torch.float32))
+
+
 def quantized_copy(model, auto_class, quantization: str, device: torch.device, dtype: torch.dtype):
     """A frozen, quantized copy of an in-memory model: bitsandbytes quantizes while loading, so the weights go
     through a temporary checkpoint (saved in `dtype`, the checkpoint's own)."""

@@ -12,7 +12,6 @@ Every heavy step is an op of `fastppo.ops` (fused kernels where the device has t
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
@@ -34,9 +33,9 @@ from fastppo.models import (
     check_logprob_path,
     disable_dropout,
     freeze,
-    load_frozen,
-    load_pretrained,
+    frozen_reference,
     load_tokenizer,
+    load_trainable_lm,
     quantized_copy,
     reference_logprobs,
     resolve_device,
@@ -175,19 +174,11 @@ class PPOTrainer:
             )
 
     def _load_policy_lm(self, policy):
-        """The policy LM on the device with float32 weights whatever its checkpoint's dtype: AdamW updates of a
-        bf16 weight below half a ULP vanish (at lr 1e-6 most weights would never move). bf16 autocast does the
-        compute on CUDA. Checkpoints are saved back in the dtype it came in (`save_dtype: auto`)."""
-        from transformers import AutoModelForCausalLM
-
-        lm = load_pretrained(AutoModelForCausalLM, policy, "none", self.device) if isinstance(policy, str) else policy
-        if getattr(lm, "is_loaded_in_8bit", False) or getattr(lm, "is_loaded_in_4bit", False):
-            raise InputError("policy: a quantized model cannot be trained; pass the unquantized checkpoint")
-        self.checkpoint_dtype = next(lm.parameters()).dtype
+        """The policy LM with float32 master weights (see `load_trainable_lm`); checkpoints are saved back in the
+        dtype it came in unless `save_dtype` says otherwise."""
+        lm, self.checkpoint_dtype = load_trainable_lm(policy, self.device)
         self.save_dtype = self.checkpoint_dtype if self.config.save_dtype == "auto" else getattr(
             torch, self.config.save_dtype)  # fmt: skip
-        lm.to(device=self.device, dtype=torch.float32)
-        disable_dropout(lm)
         return lm
 
     def _check_logprob_path(self, lm) -> None:
@@ -226,13 +217,7 @@ class PPOTrainer:
                                       next(reference.parameters()).dtype)  # fmt: skip
             disable_dropout(reference)
             return freeze(reference.to(self.device))
-        source = reference or policy
-        if isinstance(source, str):
-            return load_frozen(AutoModelForCausalLM, source, quantization, self.device)
-        if quantization != "none":
-            return quantized_copy(lm, AutoModelForCausalLM, quantization, self.device, self.checkpoint_dtype)
-        frozen_dtype = self.checkpoint_dtype if self.device.type == "cuda" else torch.float32  # as `load_frozen`
-        return freeze(copy.deepcopy(lm).to(frozen_dtype))
+        return frozen_reference(reference or policy, lm, quantization, self.device, self.checkpoint_dtype)
 
     # --- the six steps ------------------------------------------------------------------------------------------
 

@@ -213,7 +213,7 @@ def test_bad_input_exits_2_before_anything_loads(tmp_path, base_model, capsys, m
     data = write_jsonl(tmp_path / "good.jsonl", sentiment_pairs(4))
     argv = ["dpo", "--model", base_model, "--data", data, "--output-dir", str(tmp_path / "out"), *flags]
     loaded = []
-    monkeypatch.setattr("fastppo.dpo.load_pretrained", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr("fastppo.models.load_pretrained", lambda *a, **k: loaded.append(a))
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not loaded and not (tmp_path / "out").exists()

@@ -116,6 +116,8 @@ def test_micro_batches_accumulate_to_the_minibatch_update(tiny_models, tmp_path,
     assert m4["value/loss"] > 1e-4  # not trivially equal
     moved = 0
     for name, a in accumulated.items():
-        torch.testing.assert_close(a, whole[name], atol=1e-6, rtol=1e-5, msg=name)
+        # Adam divides each gradient element by its own magnitude: an element whose gradient is near eps turns a
+        # summation-order difference into up to lr (1e-3); 1% of lr bounds it, a wrong denominator moves far more.
+        torch.testing.assert_close(a, whole[name], atol=1e-5, rtol=1e-5, msg=name)
         moved += int(not torch.equal(a, before[name]))
     assert moved > 0  # the step did change the weights, so the comparison means something
