@@ -8,11 +8,14 @@ with another tokenizer gets the decoded texts re-tokenized with its own.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 
 import torch
 
 from fastppo.errors import InputError
 from fastppo.models import freeze, load_pretrained, load_tokenizer
+from fastppo.validation import clip
 
 
 class RewardError(InputError):
@@ -29,7 +32,7 @@ class FunctionReward:
         try:
             scores = self.fn(list(batch.prompts), list(batch.responses))
         except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
-            raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {error}") from error
+            raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {clip(error)}") from error
         try:
             scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError) as error:
@@ -91,11 +94,21 @@ def check_scores(scores: torch.Tensor, expected: int, name: str) -> torch.Tensor
 
 
 def load_function(spec: str):
+    """The function of a 'module:function' spec. The working directory is searched too (last), as `python -m` does,
+    so a reward module beside the config is found by the `fastppo` script as well."""
     module_name, _, function_name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise InputError(f"reward_model: cannot import module {module_name!r} ({error})") from None
+    except SyntaxError as error:
+        raise InputError(f"reward_model: module {module_name!r} has a syntax error at {error.filename}:{error.lineno}: "
+                         f"{error.msg}") from None  # fmt: skip
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's module failed (or exited) while importing
+        raise InputError(f"reward_model: importing module {module_name!r} raised {type(error).__name__}: "
+                         f"{clip(error)}") from None  # fmt: skip
     fn = getattr(module, function_name, None)
     if not callable(fn):
         raise InputError(f"reward_model: {module_name} has no function {function_name!r}")

@@ -41,6 +41,7 @@ from fastppo.models import (
 from fastppo.rewards import load_reward
 from fastppo.rollout import RolloutBatch, decode_responses, generate
 from fastppo.signals import stop_at_step_boundary
+from fastppo.validation import refuse_to_overwrite
 
 
 class KLController:
@@ -108,6 +109,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
         self.config = config.validate()
         self._check_output_dir()
+        checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
         _seed_everything(config.seed)  # the same seed on every rank: the same initial weights
 
@@ -121,7 +123,6 @@ class PPOTrainer:
 
         self.model = self._build_policy(policy)
         self.reference = self._build_reference(policy, reference)
-        checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
         # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
         self.parallel = distributed.Parallel(config.parallel)
@@ -151,12 +152,16 @@ class PPOTrainer:
     # --- setup ----------------------------------------------------------------------------------------------------
 
     def _check_output_dir(self) -> None:
-        out = self.config.output_dir
-        if list_checkpoints(out) and not self.config.resume_from and not self.config.overwrite_output_dir:
-            raise InputError(
-                f"output_dir {out} already holds checkpoints: set resume_from to continue, "
-                "or overwrite_output_dir: true to start over (old checkpoints are then replaced step by step)"
-            )
+        """A fresh run refuses an output_dir holding a previous run's checkpoints or metrics.jsonl, unless
+        overwrite_output_dir (checkpoints are then replaced step by step, metrics.jsonl at the first step)."""
+        out, cfg = self.config.output_dir, self.config
+        if cfg.resume_from or cfg.overwrite_output_dir:
+            return
+        found = [os.path.basename(path) for _, path in list_checkpoints(out)]
+        what = "checkpoints" if found else "a previous run's metrics"
+        found += ["metrics.jsonl"] if os.path.isfile(os.path.join(out, "metrics.jsonl")) else []
+        how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
+        refuse_to_overwrite("output_dir", out, what, found, how)
 
     def _build_policy(self, policy) -> PolicyValueModel:
         from transformers import AutoModelForCausalLM
