@@ -79,6 +79,12 @@ class PPOConfig:
     missing_eos_penalty: float | None = _f(None, "Subtracted from the score of responses that never emit EOS.")
     reward_normalization: bool = _f(False, "Divide scores by a running std (and subtract its mean).")
     reward_clip: float | None = _f(None, "Clip (normalized) scores to [-reward_clip, reward_clip].")
+    reward_timeout: float | None = _f(
+        600.0,
+        "Seconds a reward function may take for one batch before the run stops naming it (exit 2). It runs in a "
+        "worker thread, which cannot be killed: the process exits with it. null: no limit, called in the main thread "
+        "(for a reward that uses signals itself).",
+    )
     # --- advantages and update --------------------------------------------------------------------------------
     gamma: float = _f(1.0, "Discount per token; 1.0 is standard for RLHF (the reward comes at the end).")
     lam: float = _f(0.95, "GAE lambda: bias/variance trade-off of the advantage estimate.")
@@ -236,7 +242,7 @@ RANGES: dict[str, Interval] = {
     "lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE, "max_prompt_length": POSITIVE, "rollout_batch_size": POSITIVE,
     "max_new_tokens": POSITIVE, "temperature": POSITIVE, "top_k": NON_NEGATIVE, "top_p": Interval(0, 1, low_open=True),
     "kl_coef": NON_NEGATIVE, "kl_target": POSITIVE, "kl_horizon": POSITIVE, "missing_eos_penalty": NON_NEGATIVE,
-    "reward_clip": POSITIVE, "gamma": FRACTION, "lam": FRACTION, "ppo_epochs": POSITIVE,
+    "reward_clip": POSITIVE, "reward_timeout": POSITIVE, "gamma": FRACTION, "lam": FRACTION, "ppo_epochs": POSITIVE,
     "mini_batch_size": POSITIVE, "micro_batch_size": POSITIVE, "learning_rate": POSITIVE,
     "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "max_grad_norm": POSITIVE, "clip_range": POSITIVE,
     "clip_range_high": POSITIVE, "dual_clip": Interval(1, low_open=True), "clip_range_value": POSITIVE,

@@ -10,9 +10,12 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import threading
+import time
 
 import torch
 
+from fastppo import signals
 from fastppo.errors import InputError
 from fastppo.models import freeze, load_pretrained, load_tokenizer
 from fastppo.validation import clip
@@ -23,14 +26,25 @@ class RewardError(InputError):
 
 
 class FunctionReward:
-    """A rule-based reward: fn(prompts: list[str], responses: list[str]) -> list[float]."""
+    """A rule-based reward: fn(prompts: list[str], responses: list[str]) -> list[float].
 
-    def __init__(self, fn, name: str | None = None):
+    With a `timeout` (seconds) the function runs in a daemon worker thread while the main thread waits, so a
+    function that never returns stops the run after `timeout` (a RewardError naming it) and a SIGINT/SIGTERM during
+    it is answered at once (`signals.StepInterrupted`). A thread cannot be killed: the stuck call goes on until the
+    process exits, which it then does. With no timeout the function is called in the main thread (as a reward that
+    uses signals itself needs).
+    """
+
+    def __init__(self, fn, name: str | None = None, timeout: float | None = None):
         self.fn, self.name = fn, name or getattr(fn, "__qualname__", repr(fn))
+        self.timeout = timeout
 
     def __call__(self, batch) -> torch.Tensor:
+        prompts, responses = list(batch.prompts), list(batch.responses)
         try:
-            scores = self.fn(list(batch.prompts), list(batch.responses))
+            scores = self.fn(prompts, responses) if self.timeout is None else self._call_in_worker(prompts, responses)
+        except (RewardError, signals.StepInterrupted):
+            raise
         except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
             raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {clip(error)}") from error
         try:
@@ -38,6 +52,31 @@ class FunctionReward:
         except (TypeError, ValueError, RuntimeError) as error:
             raise RewardError(f"reward function {self.name} must return numbers, got {scores!r:.100}") from error
         return check_scores(scores, len(batch.prompts), self.name)
+
+    def _call_in_worker(self, prompts: list[str], responses: list[str]):
+        outcome: dict = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                outcome["scores"] = self.fn(prompts, responses)
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"fastppo reward {self.name}", daemon=True).start()
+        deadline = time.monotonic() + self.timeout
+        while not done.wait(min(0.1, max(deadline - time.monotonic(), 0.0))):
+            signals.raise_if_stop_requested(f"reward function {self.name} was still running")
+            if time.monotonic() >= deadline:
+                raise RewardError(
+                    f"reward function {self.name} did not return within reward_timeout={self.timeout:g} s; the run "
+                    "stops (the last checkpoint is intact). Raise reward_timeout if it is just slow"
+                )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["scores"]
 
 
 class ModelReward:
@@ -122,7 +161,7 @@ def load_reward(spec, config, policy_tokenizer, device):
     if spec is None:
         raise InputError("reward_model: no reward given (a model path, 'module:function' or a callable)")
     if isinstance(spec, str) and _is_callable_spec(spec):
-        return FunctionReward(load_function(spec), name=spec)
+        return FunctionReward(load_function(spec), name=spec, timeout=config.reward_timeout)
     if isinstance(spec, str):
         from transformers import AutoModelForSequenceClassification
 
@@ -136,5 +175,5 @@ def load_reward(spec, config, policy_tokenizer, device):
         model = spec.to(device) if config.reward_quantization == "none" else spec
         return ModelReward(model, tokenizer, policy_tokenizer)
     if callable(spec):
-        return FunctionReward(spec)
+        return FunctionReward(spec, timeout=config.reward_timeout)
     raise InputError(f"reward: cannot use a {type(spec).__name__} as a reward")

@@ -16,6 +16,7 @@ import copy
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 
@@ -40,7 +41,7 @@ from fastppo.models import (
 )
 from fastppo.rewards import load_reward
 from fastppo.rollout import RolloutBatch, decode_responses, generate
-from fastppo.signals import stop_at_step_boundary
+from fastppo.signals import StepInterrupted, stop_at_step_boundary
 from fastppo.validation import refuse_to_overwrite
 
 
@@ -402,7 +403,11 @@ class PPOTrainer:
         with stop_at_step_boundary() as self.stop_request:
             # Every rank must stop at the same step (a signal may reach one rank only), or the others wait forever.
             while self.step_count < cfg.steps and not distributed.any_rank(self.stop_request.requested):
-                metrics = self.step()
+                try:
+                    metrics = self.step()
+                except StepInterrupted as interrupted:  # a signal during a reward function: see signals.py
+                    print(f"fastppo: {interrupted}", file=sys.stderr)
+                    break
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
