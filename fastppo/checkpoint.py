@@ -27,8 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from fastppo.errors import InputError
 from fastppo.models import save_weights
+from fastppo.validation import LOAD_ERRORS, clip
 
 STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
+STATE_KEYS = ("step", "optimizer", "scheduler", "kl_controller", "score_moments", "sampler", "rng")
 
 
 def _sha256(path: str) -> str:
@@ -98,10 +100,14 @@ def verify(checkpoint: str) -> str | None:
     if not os.path.isfile(path):
         return "no manifest (incomplete)"
     try:
-        manifest = json.load(open(path))
-    except (OSError, json.JSONDecodeError) as error:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
         return f"unreadable manifest ({error})"
-    for name, digest in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return "the manifest lists no files (damaged)"
+    for name, digest in files.items():
         file = os.path.join(checkpoint, name)
         if not os.path.isfile(file):
             return f"{name} is missing"
@@ -135,7 +141,24 @@ def find_resumable(path: str) -> str:
 
 
 def load_checkpoint(checkpoint: str, model) -> dict:
-    """Load the weights of `checkpoint` into `model` (in place) and return the trainer state."""
+    """Load the weights of `checkpoint` into `model` (in place) and return the trainer state. A file that does not
+    load (damaged despite its checksum, or weights of another model's sizes) stops the run naming it."""
+    try:
+        _load_weights(checkpoint, model)
+    except LOAD_ERRORS as error:
+        raise InputError(f"resume_from: cannot load the weights of {checkpoint} ({clip(error)})") from None
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises anything
+        raise InputError(f"resume_from: {path} is damaged ({type(error).__name__}: {clip(error)})") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise InputError(f"resume_from: {path} is damaged or not a fastppo trainer state (no {', '.join(missing)})")
+    return state
+
+
+def _load_weights(checkpoint: str, model) -> None:
     from transformers import AutoModelForCausalLM
 
     lm = model.lm
@@ -157,4 +180,3 @@ def load_checkpoint(checkpoint: str, model) -> dict:
         model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
     if getattr(model, "critic_backbone", None) is not None:
         model.critic_backbone.load_state_dict(load_file(os.path.join(checkpoint, "critic.safetensors")))
-    return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)

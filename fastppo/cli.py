@@ -12,6 +12,9 @@ import importlib
 import sys
 
 from fastppo.errors import InputError
+from fastppo.validation import clip
+
+MAX_MESSAGE = 2000  # characters: an error names the culprit, it does not quote a whole file
 
 COMMANDS = {
     "train": ("fastppo.train_cli", "run PPO from a YAML config (no config: the built-in demo)"),
@@ -40,11 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(importlib.import_module(args.module).run(args) or 0)
     except InputError as error:  # bad input, found before (or, for a reward, at) the step that needed it
-        print(f"fastppo {args.command}: error: {error}", file=sys.stderr)
+        print(f"fastppo {args.command}: error: {clip(error, MAX_MESSAGE)}", file=sys.stderr)
         return 2
     except FloatingPointError as error:  # the trainer's diagnosis after too many non-finite steps in a row
         print(f"fastppo {args.command}: stopped: {error}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C: the user insists (see signals.py)
+        print(f"fastppo {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

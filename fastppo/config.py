@@ -14,6 +14,21 @@ from dataclasses import dataclass, field
 
 from fastppo.errors import InputError
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from fastppo.validation import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Interval,
+    check_finite,
+    check_int64,
+    check_output_dir,
+    check_range,
+    clip,
+    parse_float,
+    short,
+)
+
+MAX_CONFIG_BYTES = 8 << 20  # a run config is a few KB; anything this big is the wrong file (or prompts inline)
 
 
 def _f(default, help: str, **kwargs):
@@ -72,6 +87,12 @@ class PPOConfig:
     missing_eos_penalty: float | None = _f(None, "Subtracted from the score of responses that never emit EOS.")
     reward_normalization: bool = _f(False, "Divide scores by a running std (and subtract its mean).")
     reward_clip: float | None = _f(None, "Clip (normalized) scores to [-reward_clip, reward_clip].")
+    reward_timeout: float | None = _f(
+        600.0,
+        "Seconds a reward function may take for one batch before the run stops naming it (exit 2). It runs in a "
+        "worker thread, which cannot be killed: the process exits with it. null: no limit, called in the main thread "
+        "(for a reward that uses signals itself).",
+    )
     # --- advantages and update --------------------------------------------------------------------------------
     gamma: float = _f(1.0, "Discount per token; 1.0 is standard for RLHF (the reward comes at the end).")
     lam: float = _f(0.95, "GAE lambda: bias/variance trade-off of the advantage estimate.")
@@ -109,29 +130,26 @@ class PPOConfig:
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> PPOConfig:
-        unknown = sorted(set(values) - cls.field_names())
+        unknown = sorted(str(key) for key in values if key not in cls.field_names())
         if unknown:
-            raise InputError(f"{source}: unknown key(s) {', '.join(unknown)}")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise InputError(f"{source}: unknown key(s) {', '.join(short(k) for k in unknown[:5])}{more}")
+        hints = typing.get_type_hints(cls)
+        # YAML 1.1 reads `1e-5` (no dot) as a string: a float field takes any string that spells a number.
+        values = {k: parse_float(v) if float in _options(hints[k]) else v for k, v in values.items()}
         return cls(**values)
 
     @classmethod
     def from_yaml(cls, path: str, overrides: typing.Sequence[str] = ()) -> PPOConfig:
-        import yaml
-
-        if not os.path.isfile(path):
-            raise InputError(f"config file {path} does not exist")
-        try:
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as error:
-            raise InputError(f"{path}: not valid YAML ({error})") from None
+        values = _parse_yaml(_read_config(path), path)
+        values = {} if values is None else values
         if not isinstance(values, dict):
             raise InputError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
         for override in overrides:
             key, sep, value = override.partition("=")
-            if not sep:
-                raise InputError(f"--set {override!r}: expected key=value")
-            values[key.strip()] = yaml.safe_load(value)
+            if not sep or not key.strip():
+                raise InputError(f"--set {short(override)}: expected key=value")
+            values[key.strip()] = _parse_yaml(value, f"--set {clip(key.strip(), 80)}={short(value)}")
         return cls.from_dict(values, source=path)
 
     def to_dict(self) -> dict:
@@ -149,7 +167,8 @@ class PPOConfig:
         for f in dataclasses.fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
         self._check_choices()
-        self._check_ranges()
+        self._check_ranges(hints)
+        self._check_lists()
         self._check_batches(world_size)
         self._check_paths()
         return self
@@ -173,33 +192,25 @@ class PPOConfig:
         if self.reference == "adapter" and self.lora_rank == 0:
             raise InputError("reference: 'adapter' needs LoRA (lora_rank > 0): without adapters there is no reference")
 
-    def _check_ranges(self) -> None:
-        positive = ["steps", "rollout_batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens",
-                    "max_prompt_length", "learning_rate", "temperature", "kl_horizon"]  # fmt: skip
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
-        non_negative = ["kl_coef", "lora_rank", "top_k", "warmup_steps", "save_every", "vf_coef", "entropy_coef",
-                        "weight_decay", "clip_range", "max_skipped_steps"]  # fmt: skip
-        for name in non_negative:
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise InputError(f"top_p must lie in (0, 1], got {self.top_p}")
-        for name in ("kl_target", "reward_clip", "max_grad_norm", "micro_batch_size", "clip_range_value",
-                     "clip_range_high", "missing_eos_penalty"):  # fmt: skip
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise InputError(f"{name} must be >= 0 or null, got {value}")
-        if self.kl_target is not None and self.kl_target == 0:
-            raise InputError("kl_target must be > 0 (or null for a fixed kl_coef)")
-        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
-            raise InputError(f"stop_token_ids must be a list of token ids (integers >= 0), got {self.stop_token_ids}")
-        if self.dual_clip is not None and not self.dual_clip > 1:
-            raise InputError(f"dual_clip must be > 1 or null, got {self.dual_clip}")
+    def _check_ranges(self, hints: dict) -> None:
+        for name, interval in RANGES.items():
+            check_range(name, getattr(self, name), interval, nullable=type(None) in _options(hints[name]))
+
+    def _check_lists(self) -> None:
+        for i, token_id in enumerate(self.stop_token_ids):
+            if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
+                raise InputError(f"stop_token_ids[{i}] must be a token id (an integer >= 0), got {short(token_id)}")
+        for i, stop in enumerate(self.stop_strings):
+            if not isinstance(stop, str) or not stop:
+                raise InputError(f"stop_strings[{i}] must be a non-empty string, got {short(stop)}")
+        if isinstance(self.prompts, list):
+            if not self.prompts:
+                raise InputError("prompts: the list is empty")
+            for i, prompt in enumerate(self.prompts):
+                if not isinstance(prompt, str) or not prompt.strip():
+                    raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
+        elif self.prompts is not None and not isinstance(self.prompts, str):
+            raise InputError(f"prompts must be a JSONL path or a list of strings, got {short(self.prompts)}")
 
     def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -226,12 +237,9 @@ class PPOConfig:
             _check_path("reward_model", self.reward_model)
         if isinstance(self.prompts, str):
             _check_path("prompts", self.prompts, file=True)
-        elif self.prompts is not None and not (
-            isinstance(self.prompts, list) and all(isinstance(p, str) for p in self.prompts)
-        ):
-            raise InputError("prompts must be a JSONL path or a list of strings")
         if self.resume_from is not None:
             _check_path("resume_from", self.resume_from)
+        check_output_dir("output_dir", self.output_dir)
 
     @property
     def micro_batch(self) -> int:
@@ -239,6 +247,54 @@ class PPOConfig:
         from fastppo.distributed import world_size
 
         return self.micro_batch_size or self.mini_batch_size // world_size()
+
+
+# The values each numeric field accepts, besides being finite (floats) or fitting in 64 bits (integers).
+RANGES: dict[str, Interval] = {
+    "lora_rank": NON_NEGATIVE, "lora_alpha": POSITIVE, "max_prompt_length": POSITIVE, "rollout_batch_size": POSITIVE,
+    "max_new_tokens": POSITIVE, "temperature": POSITIVE, "top_k": NON_NEGATIVE, "top_p": Interval(0, 1, low_open=True),
+    "kl_coef": NON_NEGATIVE, "kl_target": POSITIVE, "kl_horizon": POSITIVE, "missing_eos_penalty": NON_NEGATIVE,
+    "reward_clip": POSITIVE, "reward_timeout": POSITIVE, "gamma": FRACTION, "lam": FRACTION, "ppo_epochs": POSITIVE,
+    "mini_batch_size": POSITIVE, "micro_batch_size": POSITIVE, "learning_rate": POSITIVE,
+    "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "max_grad_norm": POSITIVE, "clip_range": POSITIVE,
+    "clip_range_high": POSITIVE, "dual_clip": Interval(1, low_open=True), "clip_range_value": POSITIVE,
+    "vf_coef": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE, "steps": POSITIVE, "seed": NON_NEGATIVE,
+    "save_every": NON_NEGATIVE, "max_skipped_steps": NON_NEGATIVE,
+}  # fmt: skip
+
+
+def _read_config(path: str) -> str:
+    if not os.path.exists(path):
+        raise InputError(f"config file {path} does not exist")
+    if not os.path.isfile(path):
+        raise InputError(f"config file {path} is not a file")
+    if os.path.getsize(path) > MAX_CONFIG_BYTES:
+        raise InputError(f"config file {path} is {os.path.getsize(path) >> 20} MB: a run config is a few KB (prompts "
+                         "belong in a JSONL file); is it the right file?")  # fmt: skip
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8-sig")
+    except OSError as error:
+        raise InputError(f"config file {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise InputError(f"config file {path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}); is it the right file?") from None  # fmt: skip
+
+
+def _parse_yaml(text: str, where: str):
+    import yaml
+
+    try:
+        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as error:  # the others: from PyYAML's constructors
+        problem = "nested too deeply" if isinstance(error, RecursionError) else clip(error)
+        raise InputError(f"{where}: not valid YAML ({problem})") from None
+
+
+def _options(hint) -> tuple:
+    """The types a field accepts: the members of a union, else the hint itself."""
+    union = typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", None))
+    return typing.get_args(hint) if union else (hint,)
 
 
 def _is_callable_spec(spec: str) -> bool:
@@ -261,17 +317,16 @@ def _check_path(name: str, path, file: bool = False) -> None:
 def _check_type(name: str, value, hint) -> None:
     if hint is typing.Any:
         return
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    allowed = args if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    allowed = _options(hint)
     for option in allowed:
         option = typing.get_origin(option) or option
         if option is type(None) and value is None:
             return
         if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return
+            return check_finite(name, value)
         if option is int and isinstance(value, int) and not isinstance(value, bool):
-            return
+            return check_int64(name, value)
         if option not in (float, int, type(None)) and isinstance(value, option):
             return
     names = " or ".join("null" if a is type(None) else getattr(a, "__name__", str(a)) for a in allowed)
-    raise InputError(f"{name} must be {names}, got {type(value).__name__} {value!r}")
+    raise InputError(f"{name} must be {names}, got {type(value).__name__} {short(value)}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import torch
 
 from fastppo.errors import InputError
+from fastppo.validation import clip, read_jsonl, require_text, short
 
 
 class ChatPrompt(str):
@@ -25,46 +25,60 @@ def chat_prompt(text: str, messages: list) -> ChatPrompt:
 
 def read_prompts(source, tokenizer=None) -> list[str]:
     """A list of prompt strings from a list, or from a JSONL file of {"prompt": str} or {"messages": [...]} lines
-    (chat messages are rendered with the tokenizer's chat template, ending with the assistant's turn)."""
+    (chat messages are rendered with the tokenizer's chat template, ending with the assistant's turn). Every prompt
+    is checked here, at load, not when a step draws it: a bad one is named by its index or file:line."""
+    if source is None:
+        raise InputError('prompts: none given (a JSONL file of {"prompt": ...} lines, or a list of strings)')
     if isinstance(source, (list, tuple)):
-        prompts = list(source)
-        bad = next((i for i, p in enumerate(prompts) if not isinstance(p, str)), None)
-        if bad is not None:
-            raise InputError(f"prompts[{bad}] is {type(prompts[bad]).__name__}, expected a string")
-        origin = "the prompt list"
-    else:
-        prompts, origin = _read_jsonl(source, tokenizer), str(source)
-    if not prompts:
-        raise InputError(f"no prompts in {origin}")
-    return prompts
+        for i, prompt in enumerate(source):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
+        if not source:
+            raise InputError("no prompts in the prompt list")
+        return list(source)
+    return [_render(source, number, prompt, tokenizer) for number, prompt in read_prompt_records(source)]
 
 
-def _read_jsonl(path: str, tokenizer) -> list[str]:
-    prompts = []
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise InputError(f"cannot read prompts file {path}: {error}") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-            prompts.append(record["prompt"])
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                raise InputError(f"{path}:{number}: chat messages need a tokenizer with a chat template")
-            try:
-                text = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
-            except Exception as error:  # noqa: BLE001 - a template error is a data error here
-                raise InputError(f"{path}:{number}: cannot render messages ({error})") from None
-            prompts.append(chat_prompt(text, record["messages"]))
+def read_prompt_records(path: str) -> list[tuple[int, str | list]]:
+    """(line number, prompt string or chat messages) of every record of a prompts JSONL file, each checked; no
+    tokenizer needed, so a file is checked before anything loads."""
+    records = []
+    for number, record in read_jsonl(path, "prompts"):
+        where = f"{path}:{number}"
+        if "prompt" in record:
+            records.append((number, require_text(where, "prompt", record["prompt"])))
+        elif "messages" in record:
+            records.append((number, _check_messages(where, record["messages"])))
         else:
-            raise InputError(f'{path}:{number}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
-    return prompts
+            raise InputError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+    if not records:
+        raise InputError(f"no prompts in {path}")
+    return records
+
+
+def _check_messages(where: str, messages) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise InputError(f'{where}: messages[{i}] must be an object with a "role" string, got {short(message)}')
+        if not isinstance(message.get("content"), (str, list)):
+            raise InputError(f'{where}: messages[{i}] needs a "content" string, got {short(message.get("content"))}')
+    return messages
+
+
+def _render(path: str, number: int, prompt: str | list, tokenizer) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"{path}:{number}: chat messages need a tokenizer with a chat template")
+    try:
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    except Exception as error:  # noqa: BLE001 - a template error is a data error here
+        raise InputError(f"{path}:{number}: cannot render messages ({clip(error)})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{path}:{number}: the messages render to an empty prompt")
+    return chat_prompt(text, prompt)
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -30,20 +30,29 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class MetricsLogger:
+    """Nothing is created or truncated before the first record: a run that stops before its first step (bad input,
+    a model that fails to load) leaves output_dir exactly as it found it."""
+
     def __init__(self, output_dir: str, tensorboard: bool = True, append: bool = False):
-        os.makedirs(output_dir, exist_ok=True)
+        self.output_dir, self.tensorboard, self.append = output_dir, tensorboard, append
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.file = open(self.path, "a" if append else "w")
+        self.file = None
         self.writer = None
-        if tensorboard:
+
+    def _open(self) -> None:
+        os.makedirs(self.output_dir, exist_ok=True)
+        self.file = open(self.path, "a" if self.append else "w")
+        if self.tensorboard and self.writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(os.path.join(output_dir, "tb"))
+                self.writer = SummaryWriter(os.path.join(self.output_dir, "tb"))
             except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
-                self.writer = None
+                self.tensorboard = False
 
     def log(self, metrics: dict) -> None:
+        if self.file is None:
+            self._open()
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         if self.writer is not None:
@@ -55,27 +64,31 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines of steps after the checkpoint, which the resumed run will log again, and a last
         line torn by a kill mid-write. The file is replaced atomically, so a second crash here loses nothing."""
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.append = True  # the next record goes after the kept ones
+        if not os.path.exists(self.path):
+            return
         kept = []
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # blank, or torn by a kill
-                    if isinstance(record, dict) and record.get("step", 0) <= step:
-                        # A record torn just before its newline still parses: end it, or the next one joins it.
-                        kept.append(line if line.endswith("\n") else line + "\n")
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # blank, or torn by a kill
+                if isinstance(record, dict) and record.get("step", 0) <= step:
+                    # A record torn just before its newline still parses: end it, or the next one joins it.
+                    kept.append(line if line.endswith("\n") else line + "\n")
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
             f.writelines(kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        self.file = open(self.path, "a")
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.writer is not None:
             self.writer.close()

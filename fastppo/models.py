@@ -19,6 +19,7 @@ from torch import nn
 
 from fastppo import ops
 from fastppo.errors import InputError
+from fastppo.validation import LOAD_ERRORS, clip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,8 +43,8 @@ def load_tokenizer(spec):
                 from transformers import PreTrainedTokenizerFast
 
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(spec)
-        except (OSError, ValueError) as error:
-            raise InputError(f"cannot load a tokenizer from {spec}: {error}") from None
+        except LOAD_ERRORS as error:
+            raise InputError(f"cannot load a tokenizer from {spec}: {clip(error)}") from None
     else:
         tokenizer = spec
     if tokenizer.pad_token_id is None:
@@ -84,8 +85,8 @@ def load_pretrained(auto_class, path: str, quantization: str, device: torch.devi
         kwargs.update(quantization_config=quantization_config(quantization), device_map={"": str(device)})
     try:
         model = auto_class.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as error:
-        raise InputError(f"cannot load a model from {path}: {error}") from None
+    except LOAD_ERRORS as error:
+        raise InputError(f"cannot load a model from {path}: {clip(error)}") from None
     return model if quantization != "none" else model.to(device)
 
 

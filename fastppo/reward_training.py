@@ -18,21 +18,21 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastppo.errors import InputError
 from fastppo.sft import (
+    check_command,
+    check_context,
     default_device,
     encode_prompt_response,
     load_model,
     load_tokenizer,
     pad_batch,
-    read_jsonl,
-    require_local,
     save_checkpoint,
     shuffled_batches,
     training_options,
     update,
     warmup_then_linear_decay,
 )
+from fastppo.validation import Interval, check_number
 
 
 def load_reward_model(path: str, tokenizer):
@@ -166,14 +166,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int, default=512, help="tokens per prompt + response")
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="pairs held out for accuracy (default 0.1)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace a model already in --output-dir")
 
 
 def run(args) -> int:
-    if not 0 <= args.eval_fraction < 1:
-        raise InputError(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
-    pairs = read_jsonl(args.data, ("prompt", "chosen", "rejected"))
-    require_local(args.model, "model")
+    check_number("--eval-fraction", args.eval_fraction, Interval(0, 1, high_open=True))
+    pairs = check_command(args, ("prompt", "chosen", "rejected"))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_context(args, tokenizer, [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")])
     model = load_reward_model(args.model, tokenizer)
     summary = train_reward_model(model, tokenizer, pairs, eval_fraction=args.eval_fraction, **training_options(args))
     print(

@@ -10,12 +10,18 @@ response ended. Sequences too long for it lose the start of the prompt, never th
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+import threading
+import time
 
 import torch
 
+from fastppo import signals
 from fastppo.data import encode
 from fastppo.errors import InputError
 from fastppo.models import disable_dropout, freeze, load_frozen, load_tokenizer, quantized_copy
+from fastppo.validation import clip
 
 
 class RewardError(InputError):
@@ -23,21 +29,57 @@ class RewardError(InputError):
 
 
 class FunctionReward:
-    """A rule-based reward: fn(prompts: list[str], responses: list[str]) -> list[float]."""
+    """A rule-based reward: fn(prompts: list[str], responses: list[str]) -> list[float].
 
-    def __init__(self, fn, name: str | None = None):
+    With a `timeout` (seconds) the function runs in a daemon worker thread while the main thread waits, so a
+    function that never returns stops the run after `timeout` (a RewardError naming it) and a SIGINT/SIGTERM during
+    it is answered at once (`signals.StepInterrupted`). A thread cannot be killed: the stuck call goes on until the
+    process exits, which it then does. With no timeout the function is called in the main thread (as a reward that
+    uses signals itself needs).
+    """
+
+    def __init__(self, fn, name: str | None = None, timeout: float | None = None):
         self.fn, self.name = fn, name or getattr(fn, "__qualname__", repr(fn))
+        self.timeout = timeout
 
     def __call__(self, batch) -> torch.Tensor:
+        prompts, responses = list(batch.prompts), list(batch.responses)
         try:
-            scores = self.fn(list(batch.prompts), list(batch.responses))
+            scores = self.fn(prompts, responses) if self.timeout is None else self._call_in_worker(prompts, responses)
+        except (RewardError, signals.StepInterrupted):
+            raise
         except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
-            raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {error}") from error
+            raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {clip(error)}") from error
         try:
             scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
         except (TypeError, ValueError, RuntimeError) as error:
             raise RewardError(f"reward function {self.name} must return numbers, got {scores!r:.100}") from error
         return check_scores(scores, len(batch.prompts), self.name)
+
+    def _call_in_worker(self, prompts: list[str], responses: list[str]):
+        outcome: dict = {}
+        done = threading.Event()
+
+        def work():
+            try:
+                outcome["scores"] = self.fn(prompts, responses)
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it
+                outcome["error"] = error
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name=f"fastppo reward {self.name}", daemon=True).start()
+        deadline = time.monotonic() + self.timeout
+        while not done.wait(min(0.1, max(deadline - time.monotonic(), 0.0))):
+            signals.raise_if_stop_requested(f"reward function {self.name} was still running")
+            if time.monotonic() >= deadline:
+                raise RewardError(
+                    f"reward function {self.name} did not return within reward_timeout={self.timeout:g} s; the run "
+                    "stops (the last checkpoint is intact). Raise reward_timeout if it is just slow"
+                )
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["scores"]
 
 
 class ModelReward:
@@ -107,11 +149,21 @@ def check_scores(scores: torch.Tensor, expected: int, name: str) -> torch.Tensor
 
 
 def load_function(spec: str):
+    """The function of a 'module:function' spec. The working directory is searched too (last), as `python -m` does,
+    so a reward module beside the config is found by the `fastppo` script as well."""
     module_name, _, function_name = spec.partition(":")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise InputError(f"reward_model: cannot import module {module_name!r} ({error})") from None
+    except SyntaxError as error:
+        raise InputError(f"reward_model: module {module_name!r} has a syntax error at {error.filename}:{error.lineno}: "
+                         f"{error.msg}") from None  # fmt: skip
+    except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's module failed (or exited) while importing
+        raise InputError(f"reward_model: importing module {module_name!r} raised {type(error).__name__}: "
+                         f"{clip(error)}") from None  # fmt: skip
     fn = getattr(module, function_name, None)
     if not callable(fn):
         raise InputError(f"reward_model: {module_name} has no function {function_name!r}")
@@ -125,7 +177,7 @@ def load_reward(spec, config, policy_tokenizer, device):
     if spec is None:
         raise InputError("reward_model: no reward given (a model path, 'module:function' or a callable)")
     if isinstance(spec, str) and _is_callable_spec(spec):
-        return FunctionReward(load_function(spec), name=spec)
+        return FunctionReward(load_function(spec), name=spec, timeout=config.reward_timeout)
     if isinstance(spec, str):
         from transformers import AutoModelForSequenceClassification
 
@@ -145,5 +197,5 @@ def load_reward(spec, config, policy_tokenizer, device):
             model = quantized_copy(spec, AutoModelForSequenceClassification, config.reward_quantization, device, dtype)
         return ModelReward(model, tokenizer, policy_tokenizer)
     if callable(spec):
-        return FunctionReward(spec)
+        return FunctionReward(spec, timeout=config.reward_timeout)
     raise InputError(f"reward: cannot use a {type(spec).__name__} as a reward")

@@ -11,7 +11,6 @@ checkpoint (safetensors) plus the tokenizer, which `fastppo train` takes as `pol
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastppo import validation
 from fastppo.errors import InputError
 
 # ----------------------------------------------------------------------------------------------
@@ -26,26 +26,13 @@ from fastppo.errors import InputError
 # ----------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: str, fields: Sequence[str]) -> list[dict[str, str]]:
-    """The records of a JSONL file, each an object with a string for every one of `fields`; blank lines skipped."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
+def read_jsonl(path: str, fields: Sequence[str], name: str = "--data") -> list[dict[str, str]]:
+    """The records of a JSONL file, each an object with a non-empty string for every one of `fields`; blank lines
+    skipped; any other line (not UTF-8, not JSON, a field missing or empty) stops with file:line."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise InputError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{line_number}: expected a JSON object with fields {list(fields)}")
-            for field in fields:
-                if not isinstance(record.get(field), str):
-                    problem = "is missing" if field not in record else "must be a string"
-                    raise InputError(f'{path}:{line_number}: field "{field}" {problem}')
-            records.append({field: record[field] for field in fields})
+    for line_number, record in validation.read_jsonl(path, name):
+        where = f"{path}:{line_number}"
+        records.append({field: validation.require_text(where, field, record.get(field)) for field in fields})
     if not records:
         raise InputError(f"{path}: no records")
     return records
@@ -62,8 +49,8 @@ def load_tokenizer(path: str):
     require_local(path, "tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: cannot load a tokenizer from it ({error})") from None
+    except validation.LOAD_ERRORS as error:
+        raise InputError(f"{path}: cannot load a tokenizer from it ({validation.clip(error)})") from None
     if tokenizer.eos_token_id is None:
         raise InputError(f"{path}: the tokenizer has no eos token, so a response's end cannot be learned")
     if tokenizer.pad_token_id is None:
@@ -85,8 +72,8 @@ def load_model(path: str, auto_class, **kwargs):
             return auto_class.from_pretrained(path, **kwargs)
         config = AutoConfig.from_pretrained(path, **kwargs)
         return auto_class.from_config(config)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{path}: cannot load a model from it ({error})") from None
+    except validation.LOAD_ERRORS as error:
+        raise InputError(f"{path}: cannot load a model from it ({validation.clip(error)})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,6 +207,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per example, prompt included")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace a model already in --output-dir")
 
 
 def shuffled_batches(n_items: int, batch_size: int, total_steps: int, seed: int):
@@ -248,12 +236,48 @@ def training_options(args) -> dict:
     return {name: getattr(args, name) for name in names}
 
 
+# The values the options shared by `fastppo sft` and `fastppo reward-model` accept; True: an integer option.
+OPTION_RANGES = {"epochs": (validation.POSITIVE, False), "batch_size": (validation.POSITIVE, True),
+                 "learning_rate": (validation.POSITIVE, False), "max_length": (validation.POSITIVE, True),
+                 "seed": (validation.NON_NEGATIVE, True)}  # fmt: skip
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+def check_command(args, fields: Sequence[str]) -> list[dict[str, str]]:
+    """What `fastppo sft` and `fastppo reward-model` check before loading anything: every option, the output
+    directory (usable, and holding no model unless --overwrite-output-dir), the model directory, and every line of
+    the data, which is returned."""
+    for name, (interval, integer) in OPTION_RANGES.items():
+        validation.check_number("--" + name.replace("_", "-"), getattr(args, name), interval, integer)
+    validation.check_output_dir("--output-dir", args.output_dir)
+    if not args.overwrite_output_dir and os.path.isdir(args.output_dir):
+        found = [name for name in MODEL_FILES if os.path.exists(os.path.join(args.output_dir, name))]
+        how = "pass --overwrite-output-dir to replace it"
+        validation.refuse_to_overwrite("--output-dir", args.output_dir, "a model", found, how)
+    require_local(args.model, "model")
+    validation.check_model_dir("--model", args.model, need_weights=False)
+    if args.tokenizer is not None:
+        require_local(args.tokenizer, "tokenizer")
+    return read_jsonl(args.data, fields)
+
+
+def check_context(args, tokenizer, texts: list[tuple[str, str]]) -> None:
+    """Refuse (prompt, response) pairs that --max-length lets run past --model's position table."""
+    context = validation.context_length(validation.read_model_config("--model", args.model))
+    if context is None or args.max_length <= context:
+        return
+    longest = max(len(encode_prompt_response(tokenizer, p, r, args.max_length)[0]) for p, r in texts)
+    if longest > context:
+        raise InputError(f"--max-length {args.max_length} lets an example reach {longest} tokens, beyond the "
+                         f"context of --model ({context} positions): pass --max-length {context} or less")  # fmt: skip
+
+
 def run(args) -> int:
     from transformers import AutoModelForCausalLM
 
-    examples = read_jsonl(args.data, ("prompt", "response"))
-    require_local(args.model, "model")
+    examples = check_command(args, ("prompt", "response"))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_context(args, tokenizer, [(e["prompt"], e["response"]) for e in examples])
     model = load_model(args.model, AutoModelForCausalLM)
     summary = train_sft(model, tokenizer, examples, **training_options(args))
     print(

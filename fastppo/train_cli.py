@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from fastppo.demo import pipeline  # light: the demo's heavy imports happen when it runs
+from fastppo.errors import InputError
+from fastppo.validation import check_model_dir, context_length
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,8 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.config is None:
         if args.set or args.resume or args.nproc:
-            print("fastppo train: --set, --resume and --nproc need --config")
-            return 2
+            raise InputError("--set, --resume and --nproc need --config")
         return pipeline.run(args)
 
     from fastppo.config import PPOConfig
@@ -31,10 +33,10 @@ def run(args) -> int:
     if args.resume and config.resume_from is None:
         config.resume_from = config.output_dir
     if args.nproc is not None and args.nproc < 1:
-        print(f"fastppo train: --nproc must be >= 1, got {args.nproc}")
-        return 2
+        raise InputError(f"--nproc must be >= 1, got {args.nproc}")
     nproc = None if "WORLD_SIZE" in os.environ else args.nproc  # already one of torchrun's processes: run
     config.validate(world_size=nproc)  # every field checked before any model is loaded (or process started)
+    check_inputs(config)
 
     from fastppo import distributed
 
@@ -48,6 +50,9 @@ def run(args) -> int:
     history = trainer.train()
     if not distributed.is_main():  # rank 0 reports for the run
         return trainer.stop_request.exit_code
+    if trainer.stop_request.requested and trainer.step_count == 0:
+        print(f"stopped by {trainer.stop_request.name} during the first step: nothing to save", file=sys.stderr)
+        return trainer.stop_request.exit_code
     if trainer.stop_request.requested:
         print(f"stopped by {trainer.stop_request.name} at step {trainer.step_count}, checkpoint saved; "
               f"continue with: fastppo train --config {args.config} --resume")  # fmt: skip
@@ -57,3 +62,31 @@ def run(args) -> int:
         print(f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, KL {last['policy/kl']:.4f}; "
               f"metrics in {config.output_dir}/metrics.jsonl")  # fmt: skip
     return 0
+
+
+def check_inputs(config) -> None:
+    """What a run reads, checked before anything loads (or torchrun starts): the model directories (config.json,
+    whole safetensors files) and whether a prompt plus its response fits their context, the reward function's
+    module (imported), and every line of the prompts file."""
+    from fastppo.config import _is_callable_spec
+    from fastppo.data import read_prompt_records
+    from fastppo.rewards import load_function
+
+    for name, what in (("policy_model", "a checkpoint directory"), ("reward_model", "a model directory or "
+                       "'module:function'"), ("prompts", "a JSONL file or a list of strings")):  # fmt: skip
+        if getattr(config, name) is None:
+            raise InputError(f"{name}: missing from the config ({what})")
+    _check_context("policy_model", check_model_dir("policy_model", config.policy_model), config)
+    if _is_callable_spec(config.reward_model):
+        load_function(config.reward_model)
+    else:
+        _check_context("reward_model", check_model_dir("reward_model", config.reward_model), config)
+    if isinstance(config.prompts, str):
+        read_prompt_records(config.prompts)
+
+
+def _check_context(name: str, model_config: dict, config) -> None:
+    context, longest = context_length(model_config), config.max_prompt_length + config.max_new_tokens
+    if context is not None and longest > context:
+        raise InputError(f"max_prompt_length + max_new_tokens = {longest} is beyond the context of {name} "
+                         f"({context} positions): lower max_new_tokens or max_prompt_length")  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import time
 import warnings
 
@@ -42,7 +43,8 @@ from fastppo.models import (
 )
 from fastppo.rewards import load_reward
 from fastppo.rollout import RolloutBatch, decode_responses, end_token_ids, generate
-from fastppo.signals import stop_at_step_boundary
+from fastppo.signals import StepInterrupted, stop_at_step_boundary
+from fastppo.validation import refuse_to_overwrite
 
 
 class KLController:
@@ -110,6 +112,7 @@ class PPOTrainer:
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
         self.config = config.validate()
         self._check_output_dir()
+        checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
         _seed_everything(config.seed)  # the same seed on every rank: the same initial weights
 
@@ -126,7 +129,6 @@ class PPOTrainer:
         self._check_logprob_path(lm)
         self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
         self.model = self._build_policy(lm)
-        checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
         # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
         self.parallel = distributed.Parallel(config.parallel)
@@ -166,12 +168,16 @@ class PPOTrainer:
     # --- setup ----------------------------------------------------------------------------------------------------
 
     def _check_output_dir(self) -> None:
-        out = self.config.output_dir
-        if list_checkpoints(out) and not self.config.resume_from and not self.config.overwrite_output_dir:
-            raise InputError(
-                f"output_dir {out} already holds checkpoints: set resume_from to continue, "
-                "or overwrite_output_dir: true to start over (old checkpoints are then replaced step by step)"
-            )
+        """A fresh run refuses an output_dir holding a previous run's checkpoints or metrics.jsonl, unless
+        overwrite_output_dir (checkpoints are then replaced step by step, metrics.jsonl at the first step)."""
+        out, cfg = self.config.output_dir, self.config
+        if cfg.resume_from or cfg.overwrite_output_dir:
+            return
+        found = [os.path.basename(path) for _, path in list_checkpoints(out)]
+        what = "checkpoints" if found else "a previous run's metrics"
+        found += ["metrics.jsonl"] if os.path.isfile(os.path.join(out, "metrics.jsonl")) else []
+        how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
+        refuse_to_overwrite("output_dir", out, what, found, how)
 
     def _load_policy_lm(self, policy):
         """The policy LM with float32 master weights (see `load_trainable_lm`); checkpoints are saved back in the
@@ -444,7 +450,11 @@ class PPOTrainer:
         with stop_at_step_boundary() as self.stop_request:
             # Every rank must stop at the same step (a signal may reach one rank only), or the others wait forever.
             while self.step_count < cfg.steps and not distributed.any_rank(self.stop_request.requested):
-                metrics = self.step()
+                try:
+                    metrics = self.step()
+                except StepInterrupted as interrupted:  # a signal during a reward function: see signals.py
+                    print(f"fastppo: {interrupted}", file=sys.stderr)
+                    break
                 history.append(metrics)
                 bar.update(1)
                 bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")

@@ -19,3 +19,11 @@ def base_model(tmp_path) -> str:
     build_policy(tokenizer, seed=0).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> tuple[str, str]:
+    """(causal LM, 1-label classifier) directories of a tiny Llama with the trainer tests' tokenizer."""
+    from tests.trainer.conftest import save_tiny_models
+
+    return save_tiny_models(tmp_path_factory.mktemp("tiny-llama"), "llama")
