@@ -140,9 +140,10 @@ def find_resumable(path: str) -> str:
     raise InputError(f"resume_from: no valid checkpoint in {path}")
 
 
-def load_checkpoint(checkpoint: str, model) -> dict:
-    """Load the weights of `checkpoint` into `model` (in place) and return the trainer state. A file that does not
-    load (damaged despite its checksum, or weights of another model's sizes) stops the run naming it."""
+def load_checkpoint(checkpoint: str, model, state_keys: tuple = STATE_KEYS) -> dict:
+    """Load the weights of `checkpoint` into `model` (in place) and return the trainer state, which must hold
+    `state_keys` (PPO's by default). A file that does not load (damaged despite its checksum, or weights of another
+    model's sizes) stops the run naming it."""
     try:
         _load_weights(checkpoint, model)
     except LOAD_ERRORS as error:
@@ -152,7 +153,7 @@ def load_checkpoint(checkpoint: str, model) -> dict:
         state = torch.load(path, weights_only=True)
     except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises anything
         raise InputError(f"resume_from: {path} is damaged ({type(error).__name__}: {clip(error)})") from None
-    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    missing = [key for key in state_keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise InputError(f"resume_from: {path} is damaged or not a fastppo trainer state (no {', '.join(missing)})")
     return state

@@ -55,6 +55,7 @@ from fastppo.sft import encode_prompt_response, read_jsonl, shuffled_batches, up
 from fastppo.signals import stop_at_step_boundary
 
 FIELDS = ("prompt", "chosen", "rejected")
+STATE_KEYS = ("step", "total_steps", "train_pairs", "optimizer", "scheduler", "reference_logps")  # see `save`
 _KL_SEED = 1234  # the same dice at every evaluation, so the KL curve moves with the policy only
 
 
@@ -171,7 +172,7 @@ class DPOTrainer:
 
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         self.lm, self.reference = self._build_models(config.model)
-        state = load_checkpoint(checkpoint, self._saveable()) if checkpoint else None
+        state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
         self.optimizer = torch.optim.AdamW([p for p in self.lm.parameters() if p.requires_grad],
                                            lr=config.learning_rate, weight_decay=0.0)  # fmt: skip
         self.scheduler = warmup_then_linear_decay(self.optimizer, self.total_steps)

@@ -191,7 +191,7 @@ def test_cli_runs_and_resumes(tmp_path, base_model):
     [
         (["--beta", "0"], "beta must be a finite number > 0"),
         (["--beta", "-1"], "beta must be a finite number > 0"),
-        (["--beta", "nan"], "beta must be a finite number > 0"),
+        (["--beta", "nan"], "beta must be a finite number"),
         (["--loss", "hinge"], "loss must be one of sigmoid, ipo, label_smoothing"),
         (["--loss", "label_smoothing"], "label_smoothing must lie in (0, 0.5)"),
         (["--label-smoothing", "0.1"], "label_smoothing is used by loss 'label_smoothing' only"),

@@ -15,7 +15,7 @@ def fake_batch(prompts, responses):
     from fastppo.data import tokenize_prompts
 
     prompt_ids, prompt_mask = tokenize_prompts(prompts, tokenizer, 16)
-    rows = [tokenizer(r)["input_ids"] for r in responses]
+    rows = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     width = max(len(r) for r in rows)
     response_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     response_mask = torch.zeros_like(response_ids)
