@@ -58,6 +58,12 @@ FASTPPO_SIMD static void grad_block(const float* x, float* out, int64_t n, float
   }
 }
 
+// out_j = -g p_j: the same without the entropy term, for a backward where only the log-probs have a gradient.
+FASTPPO_SIMD static void logp_grad_block(const float* x, float* out, int64_t n, float inv_t, float lse, float g) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) out[j] = -g * fast_exp(x[j] * inv_t - lse);
+}
+
 // A block of a row as float32: the row itself for float32 input, else converted into `buffer`.
 template <typename scalar_t>
 static const float* as_float(const scalar_t* x, int64_t n, float* buffer) {
@@ -181,11 +187,15 @@ Tensor token_logprobs_backward(const Tensor& logits, const Tensor& tokens_in, co
         for (int64_t start = 0; start < V; start += kBlock) {
           const int64_t n = std::min(kBlock, V - start);
           const float* xf = as_float(xr + start, n, buffer.data());
-          // The dispatch lambda is no template, so this branch is compiled (never run) for 16-bit types too: cast.
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            grad_block(xf, reinterpret_cast<float*>(gr + start), n, inv_t, l, h, g, gh);
+          // float32 gradients are written in place; 16-bit ones through a float32 buffer (the cast only type-checks
+          // the float32 case, which is the only one that uses it).
+          float* dst = std::is_same_v<scalar_t, float> ? reinterpret_cast<float*>(gr + start) : grad_buffer.data();
+          if (has_g_entropy) {
+            grad_block(xf, dst, n, inv_t, l, h, g, gh);
           } else {
-            grad_block(xf, grad_buffer.data(), n, inv_t, l, h, g, gh);
+            logp_grad_block(xf, dst, n, inv_t, l, g);
+          }
+          if constexpr (!std::is_same_v<scalar_t, float>) {
             for (int64_t j = 0; j < n; ++j) gr[start + j] = static_cast<scalar_t>(grad_buffer[j]);
           }
         }

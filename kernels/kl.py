@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastppo.kernels import FP_FUSION
 
 from fastppo.ops.reference import KL_ESTIMATORS
 
@@ -115,7 +116,16 @@ def _shape_rewards_kernel(
     BLOCK_T: tl.constexpr,
 ):
     """A program owns BLOCK_B whole rows: a first sweep over the mask finds each row's last valid token (masks are
-    usually right-padded prefixes, but any mask works), a second computes and writes the KL and the rewards."""
+    usually right-padded prefixes, but any mask works), a second computes and writes the KL and the rewards.
+
+    Tiles of BLOCK_B x BLOCK_T = 512 elements over 4 warps: 4 per thread, one 16-byte load of float32 log-probs.
+    Registers per thread as tests/ops/triton_aot.py measures them (Triton 3.9 and its ptxas, k3: the most):
+
+        tile                    fp32/bf16/fp16: sm_80, sm_90    fp64: sm_80, sm_90    spills
+        1 x 512 (T >= 512)      32, 32                          68, 60                none
+        32 x 16 (T = 16)        40, 34                          90, 96                none
+        2048 elements before    up to 120, 113                  230, 255              fp64 on sm_90: 288 bytes
+    """
     compute_dtype = kl_ptr.dtype.element_ty
     coef = tl.full([], kl_coef, compute_dtype)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
@@ -156,11 +166,16 @@ def _check_estimator(estimator: str) -> None:
         raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
 
 
-def _row_blocks(B: int, T: int, max_block_t: int = 512, max_elements: int = 2048) -> tuple[int, int]:
-    """(BLOCK_B, BLOCK_T) for kernels whose programs own whole rows: short rows are batched several to a program."""
+def _row_blocks(B: int, T: int, max_block_t: int = 512, max_elements: int = 512) -> tuple[int, int]:
+    """(BLOCK_B, BLOCK_T) for kernels whose programs own whole rows: short rows are batched several to a program.
+    512 elements keep the shape-rewards kernel's registers low (see its docstring) and give long rows a program
+    each: B programs, as many as there are rows, for the small batches of RLHF."""
     block_t = min(triton.next_power_of_2(max(T, 1)), max_block_t)
     block_b = max(1, min(triton.next_power_of_2(max(B, 1)), max_elements // block_t))
     return block_b, block_t
+
+
+_SHAPE_REWARDS_WARPS = 4  # 4 elements of a 512-element tile per thread (see _shape_rewards_kernel)
 
 
 class _KLPenalty(torch.autograd.Function):
@@ -169,7 +184,8 @@ class _KLPenalty(torch.autograd.Function):
         lp, ref = logprobs.contiguous().view(-1), ref_logprobs.contiguous().view(-1)
         kl = torch.empty(lp.shape, dtype=_out_dtype(logprobs, ref_logprobs), device=lp.device)
         if lp.numel() > 0:
-            _kl_fwd_kernel[(triton.cdiv(lp.numel(), _BLOCK),)](lp, ref, kl, lp.numel(), estimator, BLOCK=_BLOCK)
+            grid = (triton.cdiv(lp.numel(), _BLOCK),)
+            _kl_fwd_kernel[grid](lp, ref, kl, lp.numel(), estimator, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION)
         ctx.save_for_backward(lp, ref)
         ctx.estimator = estimator
         ctx.shape = logprobs.shape
@@ -184,7 +200,9 @@ class _KLPenalty(torch.autograd.Function):
         grad_lp, grad_ref = torch.empty_like(grad_kl), torch.empty_like(grad_kl)
         if lp.numel() > 0:
             grid = (triton.cdiv(lp.numel(), _BLOCK),)
-            _kl_bwd_kernel[grid](lp, ref, grad_kl, grad_lp, grad_ref, lp.numel(), ctx.estimator, BLOCK=_BLOCK)
+            _kl_bwd_kernel[grid](
+                lp, ref, grad_kl, grad_lp, grad_ref, lp.numel(), ctx.estimator, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION
+            )
         needs_lp, needs_ref, _ = ctx.needs_input_grad
         return (
             grad_lp.to(lp.dtype).view(ctx.shape) if needs_lp else None,
@@ -232,5 +250,7 @@ def shape_rewards(
             estimator,
             BLOCK_B=block_b,
             BLOCK_T=block_t,
+            num_warps=_SHAPE_REWARDS_WARPS,
+            enable_fp_fusion=FP_FUSION,
         )
     return rewards, kl

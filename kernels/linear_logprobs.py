@@ -12,6 +12,10 @@ unfused model) and reduced by the Triton token-logprob kernels of `token_logprob
             in another slice (the kernel's onehot test never matches it). Two matmuls per tile give the hidden
             gradient (accumulated in float32 with cuBLAS's fp32-output GEMM) and the weight slice's gradient.
 
+Tokens outside [0, V) are rejected by `fastppo.ops` on every backend; here the forward's token index is clamped to
+each slice and the backward's is -1 or in the slice, so no kernel reads outside a tile even when called directly
+(the target of an out-of-range token is then nan, as in `fastppo.ops.chunked`).
+
 Why a hybrid rather than one Triton kernel doing the tl.dot too: the tile matmuls are 4 large GEMMs that cuBLAS
 runs near peak, and they dominate the time; the kernels only add one read (forward) and one read + write
 (backward) of each tile. Peak extra memory is one tile in the compute dtype, the (N, H) float32 hidden-gradient

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastppo.kernels import FP_FUSION
 
 
 @triton.jit
@@ -74,5 +75,7 @@ def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
         return tokens
     uniform = uniform.to(device=logits.device, dtype=torch.float32).contiguous()
     BLOCK_V = min(4096, triton.next_power_of_2(V))
-    _sample_kernel[(B,)](logits, uniform, tokens, V, logits.stride(0), 1.0 / temperature, BLOCK_V=BLOCK_V)
+    _sample_kernel[(B,)](
+        logits, uniform, tokens, V, logits.stride(0), 1.0 / temperature, BLOCK_V=BLOCK_V, enable_fp_fusion=FP_FUSION
+    )
     return tokens

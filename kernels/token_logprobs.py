@@ -13,6 +13,10 @@ The backward reads the row once more and writes, in the logits' dtype,
 
     dL/dlogits_j = [g_logp (onehot_j - p_j) - g_H p_j (log p_j + H)] / temperature
 
+Tokens must lie in [0, V). `fastppo.ops` raises for any other (on every backend); the forward kernel also masks
+the target's load, so that a direct call with such a token gives a nan log-prob instead of reading outside the row.
+In the backward a token outside [0, V) (the fused linear op passes -1) contributes no one-hot term.
+
 Memory traffic: forward N*V*b read, backward N*V*b read + N*V*b written (b = bytes per logit), against 3-5 such
 passes and an (N, V) float32 intermediate for `log_softmax(logits.float()).gather(...)` and its autograd.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastppo.kernels import FP_FUSION
 
 
 @triton.jit
@@ -69,8 +74,11 @@ def _token_logprobs_fwd_kernel(
     lse = row_max_safe + tl.log(s_row)
     entropy = tl.log(s_row) - a_row / s_row
 
+    # The public op rejects tokens outside [0, V); the mask makes a direct call with one give nan, never a read
+    # outside the row (on a GPU: garbage, or an illegal address that kills the CUDA context).
     token = tl.load(tokens_ptr + row).to(tl.int64)
-    z_token = tl.load(row_ptr + token).to(tl.float32) * inv_temperature
+    in_vocab = (token >= 0) & (token < V)
+    z_token = tl.load(row_ptr + token, mask=in_vocab, other=float("nan")).to(tl.float32) * inv_temperature
     tl.store(logprobs_ptr + row, z_token - lse)
     tl.store(entropy_ptr + row, entropy)
     tl.store(lse_ptr + row, lse)
@@ -147,7 +155,7 @@ def _forward(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
     if N > 0:
         _token_logprobs_fwd_kernel[(N,)](
             rows, flat_tokens, logprobs, entropy, lse, L1, V, stride_0, stride_1, 1.0 / temperature,
-            BLOCK_V=_block_v(V), num_warps=8,
+            BLOCK_V=_block_v(V), num_warps=8, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return logprobs, entropy, lse
 
@@ -167,7 +175,7 @@ def _backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, tempera
             rows, grad_logits, tokens.reshape(-1), lse, entropy,
             grad_logprobs.reshape(-1).float().contiguous(), grad_entropy.reshape(-1).float().contiguous(),
             L1, V, stride_0, stride_1, 1.0 / temperature,
-            HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(V), num_warps=8,
+            HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(V), num_warps=8, enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return grad_logits
 
@@ -177,6 +185,9 @@ class TokenLogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits, tokens, temperature):
         logprobs, entropy, lse = _forward(logits, tokens, temperature)
         ctx.save_for_backward(logits, tokens, lse, entropy)
+        # An output nobody differentiated (the entropy, when only `token_logprobs` was called) then reaches backward
+        # as None rather than as zeros, and the kernel skips its term (HAS_GRAD_ENTROPY=False).
+        ctx.set_materialize_grads(False)
         ctx.temperature = temperature
         return logprobs.view(tokens.shape), entropy.view(tokens.shape)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastppo.kernels import FP_FUSION
 
 
 @triton.jit
@@ -83,7 +84,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
         return out.view(x.shape)
     n_blocks = triton.cdiv(N, _BLOCK)
     partials = torch.empty((n_blocks, 4), dtype=out_dtype, device=x.device)
-    _block_moments_kernel[(n_blocks,)](flat_x, flat_mask, partials, N, BLOCK=_BLOCK)
+    _block_moments_kernel[(n_blocks,)](flat_x, flat_mask, partials, N, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION)
     stats = _merge_moments(partials, eps, out_dtype)
-    _normalize_kernel[(n_blocks,)](flat_x, flat_mask, stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=_BLOCK)
+    _normalize_kernel[(n_blocks,)](
+        flat_x, flat_mask, stats, out, N, SHIFT_MEAN=shift_mean, BLOCK=_BLOCK, enable_fp_fusion=FP_FUSION
+    )
     return out.view(x.shape)

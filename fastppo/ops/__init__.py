@@ -50,11 +50,19 @@ def _check_same_shape(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} has shape {tuple(x.shape)} but {first_name} has {tuple(first.shape)}")
 
 
-def _check_tokens(tokens: torch.Tensor, lead_shape: torch.Size, what: str) -> None:
+def _check_tokens(tokens: torch.Tensor, lead_shape: torch.Size, vocab_size: int, what: str) -> None:
+    """dtype, shape, and every token in [0, vocab_size): one min/max reduction (a device sync on CUDA), so that no
+    backend sees a token it would have to read outside the row for (the reference's gather raises, a GPU kernel
+    would read garbage or fault)."""
     if tokens.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"tokens must be int64 or int32, got {tokens.dtype}")
     if tokens.shape != lead_shape:
         raise ValueError(f"tokens has shape {tuple(tokens.shape)} but {what} has leading shape {tuple(lead_shape)}")
+    if tokens.numel() == 0 or tokens.device.type == "meta":
+        return
+    low, high = (int(x) for x in torch.aminmax(tokens))
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"tokens must lie in [0, V={vocab_size}), got values in [{low}, {high}]")
 
 
 def _check_2d_mask(response_mask: torch.Tensor, **tensors: torch.Tensor) -> None:
@@ -76,9 +84,10 @@ def _check_temperature(temperature: float) -> None:
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """float32 log softmax(logits / temperature)[tokens]. logits (..., V) fp32/bf16/fp16, tokens (...) -> (...)."""
+    """float32 log softmax(logits / temperature)[tokens]. logits (..., V) fp32/bf16/fp16, tokens (...) -> (...).
+    A token outside [0, V) raises ValueError, whatever the backend (the Triton kernel masks its load as well)."""
     _check_float("logits", logits)
-    _check_tokens(tokens, logits.shape[:-1], "logits")
+    _check_tokens(tokens, logits.shape[:-1], logits.shape[-1], "logits")
     _check_temperature(temperature)
     return implementation("token_logprobs", logits.device.type)(logits, tokens, temperature)
 
@@ -86,9 +95,10 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
 def token_logprobs_and_entropy(
     logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, entropy), both float32 (...), from one pass over logits (..., V). Both are differentiable."""
+    """(log-probs, entropy), both float32 (...), from one pass over logits (..., V). Both are differentiable; when
+    only the log-probs get a gradient, the backward skips the entropy's term. A token outside [0, V) raises."""
     _check_float("logits", logits)
-    _check_tokens(tokens, logits.shape[:-1], "logits")
+    _check_tokens(tokens, logits.shape[:-1], logits.shape[-1], "logits")
     _check_temperature(temperature)
     return implementation("token_logprobs_and_entropy", logits.device.type)(logits, tokens, temperature)
 
@@ -102,14 +112,15 @@ def linear_token_logprobs(
     with_entropy: bool = False,
 ):
     """Log-probs (and entropy) of `tokens` under softmax((hidden @ weight.T + bias) / temperature),
-    without materializing the (..., V) logits. hidden (..., H), weight (V, H), bias (V,), tokens (...)."""
+    without materializing the (..., V) logits. hidden (..., H), weight (V, H), bias (V,), tokens (...). A token
+    outside [0, V) raises ValueError, whatever the backend."""
     _check_float("hidden", hidden)
     _check_float("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"weight must be (V, H={hidden.shape[-1]}), got {tuple(weight.shape)}")
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must be (V={weight.shape[0]},), got {tuple(bias.shape)}")
-    _check_tokens(tokens, hidden.shape[:-1], "hidden")
+    _check_tokens(tokens, hidden.shape[:-1], weight.shape[0], "hidden")
     _check_temperature(temperature)
     impl = implementation("linear_token_logprobs", hidden.device.type)
     return impl(hidden, weight, tokens, temperature, bias, with_entropy)

@@ -172,6 +172,8 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                     _merge(lse[rows], entropy[rows], lse_c, entropy_c)
         ctx.save_for_backward(flat_hidden, weight, bias, flat_tokens, lse, entropy)
         ctx.hidden_shape, ctx.temperature, ctx.kernels, ctx.dtype = hidden.shape, temperature, kernels, dtype
+        # An entropy nobody differentiated (with_entropy=False) arrives as None, not zeros: the tile kernels skip it.
+        ctx.set_materialize_grads(False)
         return (target - lse).view(tokens.shape), entropy.view(tokens.shape)
 
     @staticmethod

@@ -57,6 +57,7 @@ class _TokenLogprobs(torch.autograd.Function):
         logprobs, entropy, lse = torch.ops.fastppo.token_logprobs_forward(rows, flat_tokens, 1.0 / temperature)
         ctx.save_for_backward(rows, flat_tokens, lse, entropy)
         ctx.temperature, ctx.shape = temperature, logits.shape
+        ctx.set_materialize_grads(False)  # an entropy nobody differentiated arrives as None: its term is skipped
         return logprobs.view(tokens.shape), entropy.view(tokens.shape)
 
     @staticmethod

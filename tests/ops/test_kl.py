@@ -93,7 +93,7 @@ def test_kl_penalty_one_input_requires_grad(backend):
 
 REWARD_CASES = [pytest.param(e, d, (5, 17), id=f"{e}-{str(d)[6:]}") for e in ESTIMATORS for d in FLOAT_DTYPES] + [
     pytest.param("k3", torch.float32, shape, id=f"k3-{'x'.join(map(str, shape))}")
-    for shape in ((1, 1), (3, 1), (64, 129))
+    for shape in ((1, 1), (3, 1), (64, 129), (3, 1100))  # 1100: three 512-wide tiles per row
 ]
 
 

@@ -14,12 +14,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastppo import ops
 from fastppo.ops import reference
+from fastppo.ops.chunked import linear_token_logprobs_with
 from tests.ops.helpers import (
     DEVICE,
     assert_close,
     assert_grad_close,
     backend_params,
     f64,
+    poisoned_outputs,
     randn,
     run_with,
     seeded,
@@ -134,3 +136,50 @@ def test_bad_shapes_are_named():
         ops.linear_token_logprobs(hidden, weight.t(), tokens)
     with pytest.raises(ValueError, match="bias must be"):
         ops.linear_token_logprobs(hidden, weight, tokens, bias=torch.zeros(3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_token", [-1, 97])
+def test_out_of_range_token_raises(backend, bad_token):
+    hidden, weight, _, tokens = make_inputs((4,), 8, 97, torch.float32, False, seed=6)
+    tokens[1] = bad_token
+    with pytest.raises(ValueError, match=r"tokens must lie in \[0, V=97\), got values in"):
+        run_with(backend, ops.linear_token_logprobs, hidden, weight, tokens)
+
+
+def chunk_kernels(backend: str):
+    """The per-tile kernels a backend's linear_token_logprobs runs."""
+    if backend == "torch":
+        from fastppo.ops.chunked import TORCH_KERNELS
+
+        return TORCH_KERNELS
+    if backend == "native":
+        from fastppo.ops.native import NATIVE_CHUNK_KERNELS
+
+        return NATIVE_CHUNK_KERNELS
+    from fastppo.kernels.linear_logprobs import TRITON_KERNELS
+
+    return TRITON_KERNELS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_only_backward_skips_entropy(backend):
+    """with_entropy=False: the tiles' backward is handed no entropy gradient (None, not zeros) and skips its term."""
+    kernels = chunk_kernels(backend)
+    seen = []
+
+    def backward(*args):
+        seen.append(args[5] is not None)  # (logits, tokens, lse, entropy, grad_logprobs, grad_entropy, temperature)
+        return kernels.backward(*args)
+
+    hidden, weight, _, tokens = make_inputs((2,), 8, 200, torch.float32, False, seed=7)
+    hidden.requires_grad_(True)
+    with poisoned_outputs():
+        logprobs = linear_token_logprobs_with(
+            kernels._replace(backward=backward), hidden, weight, tokens, 0.9, None, False
+        )
+    logprobs.sum().backward()
+    assert seen and not any(seen), "the tile backward was handed an entropy gradient"
+    hidden64 = f64(hidden).requires_grad_(True)
+    reference.linear_token_logprobs(hidden64, f64(weight), tokens, 0.9).sum().backward()
+    assert_close(hidden.grad, hidden64.grad, name="grad hidden")

@@ -95,7 +95,7 @@ def check_value(backend, dtype, inputs, **kwargs):
 def shape_dtype_cases():
     return [
         pytest.param(shape, dtype, id=f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}")
-        for shape in ((1, 1), (3, 1), (5, 17), (64, 129))
+        for shape in ((1, 1), (3, 1), (5, 17), (64, 129), (3, 600))  # 600: three 256-wide tiles per row
         for dtype in FLOAT_DTYPES
     ]
 

@@ -18,6 +18,7 @@ from tests.ops.helpers import (
     assert_close,
     assert_grad_close,
     backend_params,
+    backends,
     f64,
     randn,
     run_with,
@@ -139,3 +140,76 @@ def test_bad_input_is_named():
         ops.token_logprobs(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         ops.token_logprobs(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), temperature=0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bad_token", [-1, 37])
+def test_out_of_range_token_raises(backend, bad_token):
+    """Checked once, before any backend runs: the reference's gather would raise, a GPU kernel read outside the row."""
+    logits = randn(3, 37, seed=7)
+    tokens = torch.tensor([0, bad_token, 36], device=DEVICE)
+    for op in (ops.token_logprobs, ops.token_logprobs_and_entropy):
+        with pytest.raises(ValueError, match=r"tokens must lie in \[0, V=37\), got values in"):
+            run_with(backend, op, logits, tokens)
+
+
+def test_triton_kernel_masks_out_of_range_token():
+    """Called directly, past the op's check, the kernel's masked load gives nan for such a token (never a read
+    outside the row), and the right values for the other rows and for every entropy."""
+    if "triton" not in backends("token_logprobs"):
+        pytest.skip("no Triton here")
+    from fastppo.kernels.token_logprobs import _forward
+
+    logits = randn(3, 37, seed=7)
+    tokens = torch.tensor([5, 37, -5], device=DEVICE)
+    logprobs, entropy, _ = _forward(logits, tokens, 1.0)
+    expected_logprobs, expected_entropy = reference.token_logprobs_and_entropy(f64(logits), tokens.clamp(0, 36))
+    assert logprobs[1:].isnan().all()
+    assert_close(logprobs[:1], expected_logprobs[:1], name="logprobs")
+    assert_close(entropy, expected_entropy, name="entropy")
+
+
+def spy_on_entropy_gradient(backend, monkeypatch) -> list[bool] | None:
+    """Records, per backward of the backend's kernels, whether they were handed an entropy gradient; None for the
+    torch backend, whose autograd computes only the gradients needed anyway."""
+    seen = []
+
+    def spy(backward):
+        def recorded(*args, **kwargs):
+            seen.append(args[5] is not None)  # (logits, tokens, lse, entropy, grad_logprobs, grad_entropy, ...)
+            return backward(*args, **kwargs)
+
+        return recorded
+
+    if backend == "triton":
+        from fastppo.kernels import token_logprobs as triton_kernels
+
+        monkeypatch.setattr(triton_kernels, "_backward", spy(triton_kernels._backward))
+    elif backend == "native":
+        native_ops = torch.ops.fastppo
+        monkeypatch.setattr(native_ops, "token_logprobs_backward", spy(native_ops.token_logprobs_backward))
+    else:
+        return None
+    return seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_only_backward_skips_entropy(backend, monkeypatch):
+    """An entropy nobody differentiates reaches the backward as None, not as zeros, so its term is skipped
+    (HAS_GRAD_ENTROPY=False in the Triton kernel); the gradient is still right."""
+    seen = spy_on_entropy_gradient(backend, monkeypatch)
+    logits = randn(5, 300, dtype=torch.bfloat16, scale=3.0, seed=8).requires_grad_(True)
+    tokens = random_tokens((5,), 300, seed=8)
+    logits64 = f64(logits).requires_grad_(True)
+    reference.token_logprobs(logits64, tokens, 0.8).sum().backward()
+
+    run_with(backend, ops.token_logprobs, logits, tokens, 0.8).sum().backward()
+    assert_grad_close(logits.grad, logits64.grad, torch.bfloat16, name="grad logits (token_logprobs)")
+    logits.grad = None
+    logprobs, _unused_entropy = run_with(backend, ops.token_logprobs_and_entropy, logits, tokens, 0.8)
+    logprobs.sum().backward()
+    assert_grad_close(logits.grad, logits64.grad, torch.bfloat16, name="grad logits (entropy unused)")
+    logprobs, entropy = run_with(backend, ops.token_logprobs_and_entropy, logits, tokens, 0.8)
+    (logprobs.sum() + 0.01 * entropy.sum()).backward()
+    if seen is not None:
+        assert seen == [False, False, True]
