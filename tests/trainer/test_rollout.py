@@ -11,9 +11,9 @@ def test_greedy_generation_is_independent_of_padding(tiny_models):
     tokenizer = build_tokenizer()
     for arch in ("llama", "gpt2"):
         lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32)
-        ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)
+        ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)  # BOS w6: 2 tokens
         batch_ids, batch_mask, _ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
-        alone_ids, alone_mask, _ = generate(lm, tokenizer, ids[1:, -1:], mask[1:, -1:], max_new_tokens=6,
+        alone_ids, alone_mask, _ = generate(lm, tokenizer, ids[1:, -2:], mask[1:, -2:], max_new_tokens=6,
                                             temperature=0)  # fmt: skip
         n = int(alone_mask.sum())
         assert batch_ids[1, :n].tolist() == alone_ids[0, :n].tolist(), arch
