@@ -60,7 +60,7 @@ FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float*
     n += valid;
     clipped_count += clipped > unclipped ? valid : 0.0f;
     dual_count += surrogate > cap ? valid : 0.0f;
-    kl += exp_neg_minus_one_plus(log_ratio);  // 0 at padding: log_ratio was selected to 0
+    kl += exp_neg_minus_one_plus(-log_ratio);  // k3 = (r - 1) - log r; 0 at padding: log_ratio was selected to 0
     ratio_sum += valid * ratio;
     ratio_max = std::max(ratio_max, mt != 0 ? ratio : 0.0f);
   }

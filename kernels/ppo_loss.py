@@ -121,7 +121,7 @@ def _ppo_policy_kernel(
             tl.store(grad_ptr + rows[:, None] * T + t[None, :], grad, mask=inb)
         n_valid += tl.sum(valid.to(compute_dtype), axis=1)
         n_clipped += tl.sum((clipped_wins & valid).to(compute_dtype), axis=1)
-        kl_sum += tl.sum(tl.where(valid, expm1(-log_ratio) + log_ratio, 0.0), axis=1)
+        kl_sum += tl.sum(tl.where(valid, expm1(log_ratio) - log_ratio, 0.0), axis=1)  # k3: (r - 1) - log r
         ratio_sum += tl.sum(tl.where(valid, ratio, 0.0), axis=1)
         ratio_max = tl.maximum(ratio_max, tl.max(tl.where(valid, ratio, 0.0), axis=1))
 

@@ -273,7 +273,8 @@ def ppo_policy_loss(
         stats = {
             "clip_frac": masked_mean((clipped > unclipped).to(compute_dtype), valid),
             "dual_clip_frac": masked_mean(dual_clipped.to(compute_dtype), valid),
-            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, valid),  # k3 of the old->new ratio
+            # k3 with samples from the old policy: E_old[(r - 1) - log r] = KL(old || new), never negative
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, valid),
             "ratio_mean": masked_mean(ratio, valid),
             "ratio_max": torch.where(valid, ratio, zero).amax() if valid.any() else zero.clone(),
         }
