@@ -200,3 +200,14 @@ def test_value_loss_noncontiguous_empty_mask(backend):
     check_value(backend, torch.float32, inputs, clip=0.3, agg="seq-mean-token-mean", denominator=0.5)
     empty = torch.zeros_like(mask)
     check_value(backend, torch.float32, [with_garbage(x, empty) for x in (values, old, returns)] + [empty], clip=0.2)
+
+
+def test_approx_kl_is_k3_under_the_old_policy():
+    """approx_kl estimates KL(old || new) from tokens sampled by the old policy: mean of (r - 1) - log r."""
+    g = torch.Generator().manual_seed(0)
+    old = torch.randn(3, 7, generator=g, dtype=torch.float64)
+    new = old + 0.5 * torch.randn(3, 7, generator=g, dtype=torch.float64)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    _, stats = reference.ppo_policy_loss(new, old, torch.randn(3, 7, generator=g, dtype=torch.float64), mask)
+    r = torch.exp(new - old)
+    torch.testing.assert_close(stats["approx_kl"].double(), ((r - 1) - torch.log(r)).mean(), rtol=1e-6, atol=0)
