@@ -3,7 +3,7 @@
     <output_dir>/checkpoint-<step>/
         config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files)
         adapter/                                          the LoRA adapter (always, when training LoRA: resume)
-        value_head.safetensors (+ critic.safetensors)     the critic
+        value_head.safetensors (+ critic.safetensors)     the critic (none for the critic-free estimators)
         trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
         manifest.json                                     sha256 of every file above; written last
 
@@ -63,7 +63,9 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state:
     else:
         lm.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    save_file({k: v.contiguous() for k, v in model.value_head.state_dict().items()}, f"{tmp}/value_head.safetensors")
+    if model.value_head is not None:  # critic-free estimators have no critic to save
+        state = {k: v.contiguous() for k, v in model.value_head.state_dict().items()}
+        save_file(state, f"{tmp}/value_head.safetensors")
     if model.critic_backbone is not None:
         state = {k: v.contiguous() for k, v in model.critic_backbone.state_dict().items()}
         save_file(state, f"{tmp}/critic.safetensors")
@@ -137,7 +139,8 @@ def load_checkpoint(checkpoint: str, model) -> dict:
     else:
         saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
         lm.load_state_dict(saved.state_dict())
-    model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
+    if model.value_head is not None:
+        model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
     if model.critic_backbone is not None:
         model.critic_backbone.load_state_dict(load_file(os.path.join(checkpoint, "critic.safetensors")))
     return torch.load(os.path.join(checkpoint, STATE_FILE), weights_only=True)
