@@ -56,8 +56,9 @@ class Settings:
 GROUP = 4
 ALGORITHMS = {
     "gae": {},
-    # VAPO (arXiv 2504.05118): decoupled GAE, length-adaptive lambda (alpha 0.05), critic warm-up (below).
-    "vapo": {"critic_lam": 1.0, "lam_length_alpha": 0.05},
+    # VAPO (arXiv 2504.05118): decoupled GAE, length-adaptive lambda (alpha 0.05), critic warm-up (below), and, as
+    # VAPO has, a critic of its own: with a shared backbone the warm-up could train the value head alone.
+    "vapo": {"critic_lam": 1.0, "lam_length_alpha": 0.05, "critic": "separate"},
     "grpo": {"advantage_estimator": "grpo", "samples_per_prompt": GROUP},
     "dr_grpo": {"advantage_estimator": "dr_grpo", "samples_per_prompt": GROUP},
     "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": GROUP},
