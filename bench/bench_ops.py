@@ -201,6 +201,37 @@ def test_gae(benchmark, impl):
     run_benchmark(benchmark, f"gae B={B} T={T}", impl, call, baseline=impl == "python loop")
 
 
+def decoupled_gae_impls():
+    """VAPO's advantage step: GAE with one lambda per row for the policy, lambda 1 for the critic's returns. The
+    baseline is the peers' Python loop run twice; then fastppo's op run twice (one lambda each, as a kernel without
+    decoupling must be), then its fused single scan."""
+
+    def loop_twice(r, v, m, lam):
+        return baselines.python_loop_gae(r, v, m, 1.0, lam)[0], baselines.python_loop_gae(r, v, m, 1.0, 1.0)[1]
+
+    impls = {"python loop x2": loop_twice}
+    for b in fastppo_backends("gae"):
+        impls[f"fastppo[{b}] 2 passes"] = lambda r, v, m, lam, b=b: (
+            with_backend(b, ops.gae)(r, v, m, 1.0, lam)[0],
+            with_backend(b, ops.gae)(r, v, m, 1.0, 1.0)[1],
+        )
+        impls[f"fastppo[{b}] fused"] = lambda r, v, m, lam, b=b: with_backend(b, ops.gae)(r, v, m, 1.0, lam, 1.0)
+    return impls
+
+
+DECOUPLED_GAE_IMPLS = decoupled_gae_impls()
+
+
+@pytest.mark.parametrize("impl", list(DECOUPLED_GAE_IMPLS), ids=lambda s: s)
+def test_gae_decoupled_per_row_lambda(benchmark, impl):
+    B, T = SIZES["seq"]
+    x = sequence_inputs(B, T)
+    lam = ops.length_adaptive_lam(x["mask"], 0.05)
+    call = sync(lambda: DECOUPLED_GAE_IMPLS[impl](x["rewards"], x["values"], x["mask"], lam))
+    group = f"gae per-row lambda + decoupled returns B={B} T={T}"
+    run_benchmark(benchmark, group, impl, call, baseline=impl == "python loop x2")
+
+
 @pytest.mark.parametrize(
     "impl", ["unfused torch"] + [f"fastppo[{b}]" for b in fastppo_backends("shape_rewards")], ids=lambda s: s
 )

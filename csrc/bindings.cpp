@@ -14,10 +14,14 @@ TORCH_LIBRARY(fastppo, m) {
   m.def("kl_penalty_backward(Tensor logprobs, Tensor ref_logprobs, Tensor grad, int estimator) -> Tensor");
   m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor response_mask, float kl_coef, "
         "int estimator) -> Tensor[]");
-  m.def("gae(Tensor rewards, Tensor values, Tensor response_mask, float gamma, float lam) -> Tensor[]");
+  m.def("gae(Tensor rewards, Tensor values, Tensor response_mask, float gamma, Tensor? lam_per_row, float lam, "
+        "float critic_lam) -> Tensor[]");
+  m.def("length_adaptive_lam(Tensor response_mask, float alpha) -> Tensor");
+  m.def("group_advantages(Tensor scores, int group_size, int estimator, float eps) -> Tensor");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
   m.def("ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor response_mask, "
-        "float clip_low, float clip_high, float dual_clip, int agg, float denominator) -> Tensor[]");
+        "float clip_low, float clip_high, float dual_clip, int agg, float denominator, Tensor? ref_logprobs, "
+        "float kl_loss_coef, int kl_estimator) -> Tensor[]");
   m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor response_mask, float clip, "
         "int agg, float denominator) -> Tensor[]");
 }
@@ -30,6 +34,8 @@ TORCH_LIBRARY_IMPL(fastppo, CPU, m) {
   m.impl("kl_penalty_backward", &fastppo::kl_penalty_backward);
   m.impl("shape_rewards", &fastppo::shape_rewards);
   m.impl("gae", &fastppo::gae);
+  m.impl("length_adaptive_lam", &fastppo::length_adaptive_lam);
+  m.impl("group_advantages", &fastppo::group_advantages);
   m.impl("masked_whiten", &fastppo::masked_whiten);
   m.impl("ppo_policy_loss", &fastppo::ppo_policy_loss);
   m.impl("ppo_value_loss", &fastppo::ppo_value_loss);

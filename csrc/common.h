@@ -126,14 +126,21 @@ Tensor kl_penalty_forward(const Tensor& logprobs, const Tensor& ref_logprobs, in
 Tensor kl_penalty_backward(const Tensor& logprobs, const Tensor& ref_logprobs, const Tensor& grad, int64_t estimator);
 std::vector<Tensor> shape_rewards(const Tensor& scores, const Tensor& logprobs, const Tensor& ref_logprobs,
                                   const Tensor& response_mask, double kl_coef, int64_t estimator);
+// lam_per_row (B,) or, when absent, lam for every row; critic_lam < 0: returns = advantages + values.
 std::vector<Tensor> gae(const Tensor& rewards, const Tensor& values, const Tensor& response_mask, double gamma,
-                        double lam);
+                        const std::optional<Tensor>& lam_per_row, double lam, double critic_lam);
+// -> (B,) float32: clamp(1 - 1 / (alpha * valid tokens of the row), 0, 1).
+Tensor length_adaptive_lam(const Tensor& response_mask, double alpha);
+// scores (B,), consecutive groups of group_size; estimator 0 grpo, 1 dr_grpo, 2 rloo -> (B,) float32 advantages.
+Tensor group_advantages(const Tensor& scores, int64_t group_size, int64_t estimator, double eps);
 Tensor masked_whiten(const Tensor& x, const Tensor& mask, bool shift_mean, double eps);
 
-// -> [loss (), d loss / d logprobs (B, T) float32, stats (5,): clip, dual clip, approx kl, ratio mean, ratio max]
+// -> [loss (), d loss / d logprobs (B, T) float32, stats (6,): clip, dual clip, approx kl, ratio mean, ratio max,
+// ref kl (0 without ref_logprobs)]. With ref_logprobs, kl_loss_coef * kl(logprobs - ref_logprobs) joins the loss.
 std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
                                     const Tensor& response_mask, double clip_low, double clip_high, double dual_clip,
-                                    int64_t agg, double denominator);
+                                    int64_t agg, double denominator, const std::optional<Tensor>& ref_logprobs,
+                                    double kl_loss_coef, int64_t kl_estimator);
 // -> [loss (), d loss / d values (B, T) float32, stats (1,): value clip fraction]
 std::vector<Tensor> ppo_value_loss(const Tensor& values, const Tensor& old_values, const Tensor& returns,
                                    const Tensor& response_mask, double clip, int64_t agg, double denominator);

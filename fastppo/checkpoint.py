@@ -4,7 +4,7 @@
         config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files), in save_dtype
         master_weights.safetensors                        the float32 policy weights, when save_dtype is not float32
         adapter/                                          the LoRA adapter (always, when training LoRA: resume)
-        value_head.safetensors (+ critic.safetensors)     the critic (PPO only)
+        value_head.safetensors (+ critic.safetensors)     the critic (PPO with a critic)
         trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
         manifest.json                                     sha256 of every file above; written last
 

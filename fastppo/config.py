@@ -70,7 +70,7 @@ class PPOConfig:
     prompts: typing.Any = _f(None, "JSONL of {'prompt': ...} or {'messages': [...]} lines, or a list of strings.")
     max_prompt_length: int = _f(256, "Prompt tokens kept; longer prompts are cut from the left (see below).")
     truncate_long_prompts: bool = _f(True, "Left-truncate prompts over max_prompt_length with a warning (else error).")
-    rollout_batch_size: int = _f(16, "Prompts per PPO iteration (one response each).")
+    rollout_batch_size: int = _f(16, "Sequences per PPO iteration: rollout_batch_size / samples_per_prompt prompts.")
     max_new_tokens: int = _f(64, "Response length limit, in tokens.")
     temperature: float = _f(1.0, "Sampling temperature; the log-probs PPO uses are taken at the same temperature.")
     top_k: int = _f(0, "Sample from the k most likely tokens only; 0 = off.")
@@ -96,7 +96,9 @@ class PPOConfig:
     # --- advantages and update --------------------------------------------------------------------------------
     gamma: float = _f(1.0, "Discount per token; 1.0 is standard for RLHF (the reward comes at the end).")
     lam: float = _f(0.95, "GAE lambda: bias/variance trade-off of the advantage estimate.")
-    whiten_advantages: bool = _f(True, "Normalize advantages over the batch (zero mean, unit variance).")
+    whiten_advantages: bool = _f(
+        True, "Normalize GAE advantages over the batch (reinforce++ always does; group estimators never need to)."
+    )
     ppo_epochs: int = _f(1, "Passes over each rollout batch.")
     mini_batch_size: int = _f(16, "Sequences per optimizer step; must divide rollout_batch_size.")
     micro_batch_size: int | None = _f(None, "Sequences per forward/backward (gradient accumulation); None = mini.")
@@ -112,6 +114,30 @@ class PPOConfig:
     vf_coef: float = _f(0.1, "Weight of the value loss.")
     entropy_coef: float = _f(0.0, "Weight of the entropy bonus.")
     loss_agg: str = _f("token-mean", "Loss aggregation: token-mean, seq-mean-token-mean or seq-mean-token-sum.")
+    # --- advantage estimator: critic-free, VAPO, DAPO --------------------------------------------------------
+    advantage_estimator: str = _f(
+        "gae",
+        "'gae' (PPO with a critic), or critic-free (no value head, no critic memory; `critic` is ignored): 'grpo', "
+        "'dr_grpo', 'rloo' (group baselines), 'reinforce++' (returns whitened over the batch), "
+        "'reinforce++-baseline' (group mean subtracted first).",
+    )
+    samples_per_prompt: int = _f(
+        1, "Responses per prompt (the group size; >= 2 for the group estimators). rollout_batch_size counts sequences."
+    )
+    kl_in_reward: bool = _f(True, "Penalize -kl_coef * KL per token in the reward (the classic RLHF shaping).")
+    kl_loss_coef: float = _f(0.0, "Weight of the KL to the reference as a policy-loss term (GRPO style); 0 = off.")
+    kl_loss_estimator: str = _f("k3", "KL estimator of the loss term: k3 is unbiased and never negative.")
+    critic_lam: float | None = _f(None, "Decoupled GAE: the critic's targets use this lambda (VAPO: 1.0); None = lam.")
+    lam_length_alpha: float | None = _f(
+        None, "Length-adaptive GAE (VAPO, 0.05): the policy's lambda is 1 - 1/(alpha * length) per sequence."
+    )
+    value_warmup_steps: int = _f(
+        0, "The first steps train only the critic, on rollouts of the initial policy (a shared backbone is frozen)."
+    )
+    overlong_buffer: int = _f(0, "DAPO: the last tokens before max_new_tokens over which the length penalty grows.")
+    overlong_penalty: float = _f(1.0, "DAPO: the score penalty at max_new_tokens (linear from 0 over the buffer).")
+    filter_groups: bool = _f(False, "DAPO dynamic sampling: drop groups whose scores are all equal, resample prompts.")
+    filter_groups_max_tries: int = _f(10, "Rollouts per step at most when filtering; then equal groups fill the rest.")
     # --- run ----------------------------------------------------------------------------------------------------
     output_dir: str = _f("runs/ppo", "Run directory: metrics.jsonl, TensorBoard logs, checkpoints.")
     steps: int = _f(100, "PPO iterations to run.")
@@ -170,6 +196,7 @@ class PPOConfig:
         self._check_ranges(hints)
         self._check_lists()
         self._check_batches(world_size)
+        self._check_estimator(world_size)
         self._check_paths()
         return self
 
@@ -229,6 +256,54 @@ class PPOConfig:
         if micro <= 0 or mini % micro:
             what = f"mini_batch_size / processes ({mini})" if world_size > 1 else f"mini_batch_size ({mini})"
             raise InputError(f"micro_batch_size ({micro}) must divide {what}")
+
+    def _check_estimator(self, world_size: int) -> None:
+        """The advantage estimator's fields: groups that fit the batch (and stay on one rank), critic-only knobs only
+        with a critic, DAPO's ranges."""
+        from fastppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
+
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise InputError(f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; "
+                             f"got {self.advantage_estimator!r}")  # fmt: skip
+        if self.kl_loss_estimator not in KL_ESTIMATORS:
+            raise InputError(
+                f"kl_loss_estimator must be one of {', '.join(KL_ESTIMATORS)}; got {self.kl_loss_estimator!r}"
+            )
+        for name in ("samples_per_prompt", "filter_groups_max_tries"):
+            if not getattr(self, name) >= 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_loss_coef", "value_warmup_steps", "overlong_buffer", "overlong_penalty"):
+            if getattr(self, name) < 0:
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
+        group = self.samples_per_prompt
+        per_rank = self.rollout_batch_size // max(world_size, 1)
+        if per_rank % group:
+            where = f"rollout_batch_size / processes ({per_rank})" if world_size > 1 else "rollout_batch_size"
+            raise InputError(f"samples_per_prompt ({group}) must divide {where}: a prompt's group of responses is "
+                             f"sampled, and its statistics taken, on one process")  # fmt: skip
+        if self.advantage_estimator in GROUP_ESTIMATORS and group < 2:
+            raise InputError(f"advantage_estimator {self.advantage_estimator!r} compares the responses to one prompt: "
+                             "set samples_per_prompt >= 2")  # fmt: skip
+        if self.filter_groups and group < 2:
+            raise InputError("filter_groups drops groups of equal scores: set samples_per_prompt >= 2")
+        if not uses_critic(self.advantage_estimator):
+            for name in ("critic_lam", "lam_length_alpha"):
+                if getattr(self, name) is not None:
+                    raise InputError(f"{name} is a GAE setting; advantage_estimator {self.advantage_estimator!r} "
+                                     "has no critic and no GAE")  # fmt: skip
+            if self.value_warmup_steps:
+                raise InputError(f"value_warmup_steps trains a critic; advantage_estimator "
+                                 f"{self.advantage_estimator!r} has none")  # fmt: skip
+        if self.critic_lam is not None and not 0 <= self.critic_lam <= 1:
+            raise InputError(f"critic_lam must lie in [0, 1] or be null, got {self.critic_lam}")
+        if self.lam_length_alpha is not None and not self.lam_length_alpha > 0:
+            raise InputError(f"lam_length_alpha must be > 0 or null, got {self.lam_length_alpha}")
+        if self.value_warmup_steps >= self.steps:
+            raise InputError(f"value_warmup_steps ({self.value_warmup_steps}) must be < steps ({self.steps}): "
+                             "the policy would never train")  # fmt: skip
+        if self.overlong_buffer > self.max_new_tokens:
+            raise InputError(f"overlong_buffer ({self.overlong_buffer}) must be <= max_new_tokens "
+                             f"({self.max_new_tokens})")  # fmt: skip
 
     def _check_paths(self) -> None:
         for name in ("policy_model", "tokenizer", "reward_tokenizer"):

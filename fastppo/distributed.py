@@ -166,7 +166,8 @@ def gather_batch(batch):
     in one process."""
     if world_size() == 1:
         return batch
-    return types.SimpleNamespace(**{name: all_gather_rows(getattr(batch, name)) for name in _METRIC_FIELDS})
+    fields = {name: getattr(batch, name) for name in _METRIC_FIELDS}  # old_values, returns: None without a critic
+    return types.SimpleNamespace(**{name: None if x is None else all_gather_rows(x) for name, x in fields.items()})
 
 
 def max_over_ranks(value: int) -> int:

@@ -258,32 +258,43 @@ def check_logprob_path(lm, input_ids, attention_mask, fused: bool, tolerance: fl
 
 
 class PolicyValueModel(nn.Module):
-    """The policy LM plus a value head; `critic='shared'` reads values off the policy's own backbone."""
+    """The policy LM plus a value head; `critic='shared'` reads values off the policy's own backbone, 'separate'
+    off a copy of it, and 'none' (the critic-free estimators) builds no value head at all."""
 
     def __init__(self, lm, critic: str = "shared", fused_logprobs: bool = True):
         super().__init__()
         self.lm = lm
         self.critic = critic
         self.fused_logprobs = fused_logprobs
-        hidden_size = unwrap(lm).get_output_embeddings().weight.shape[1]
-        self.value_head = nn.Linear(hidden_size, 1)
-        nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
-        nn.init.zeros_(self.value_head.bias)
-        # A separate critic is a full copy of the initial backbone, trained only through the value loss.
-        self.critic_backbone = copy.deepcopy(backbone_of(lm)) if critic == "separate" else None
-        self.value_head.to(next(lm.parameters()).device)
+        self.value_head = self.critic_backbone = None
+        if critic != "none":
+            hidden_size = unwrap(lm).get_output_embeddings().weight.shape[1]
+            self.value_head = nn.Linear(hidden_size, 1)
+            nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
+            nn.init.zeros_(self.value_head.bias)
+            # A separate critic is a full copy of the initial backbone, trained only through the value loss.
+            self.critic_backbone = copy.deepcopy(backbone_of(lm)) if critic == "separate" else None
+            self.value_head.to(next(lm.parameters()).device)
 
     def forward(self, input_ids, attention_mask, prompt_length: int, temperature: float):
-        """(logprobs, entropy, values), each (B, T) float32, for the response part input_ids[:, prompt_length:]."""
+        """(logprobs, entropy, values), each (B, T) float32 (values None without a critic), for the response part
+        input_ids[:, prompt_length:]."""
         response_ids = input_ids[:, prompt_length:]
         T = response_ids.shape[1]
         hidden = final_hidden(backbone_of(self.lm), input_ids, attention_mask)[:, prompt_length - 1 : -1]  # (B, T, H)
         logprobs, entropy = response_logprobs(self.lm, hidden, response_ids, temperature, self.fused_logprobs)
+        if self.value_head is None:
+            return logprobs, entropy, None
         if self.critic_backbone is not None:
             hidden = final_hidden(self.critic_backbone, input_ids, attention_mask)[:, prompt_length - 1 : -1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         assert values.shape[1] == T
         return logprobs, entropy, values
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """What only the value loss trains: the value head, and a separate critic's backbone."""
+        modules = [m for m in (self.value_head, self.critic_backbone) if m is not None]
+        return [p for m in modules for p in m.parameters()]
 
     @contextlib.contextmanager
     def adapters_disabled(self):

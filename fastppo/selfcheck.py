@@ -38,6 +38,8 @@ def _inputs(device: str, seed: int = 0, B: int = 16, T: int = 128, V: int = 1000
         "scores": randn(B),
         "uniform": torch.rand(B, generator=g).to(device),
         "mask": mask,
+        "lam": torch.rand(B, generator=g).to(device),
+        "old_logprobs": -randn(B, T).abs(),
     }
 
 
@@ -59,14 +61,28 @@ def _cases(x):
             lambda m: m.shape_rewards(x["scores"], x["logprobs"], x["ref_logprobs"], x["mask"], 0.05, "k1"),
             [],
         ),
-        "gae": (lambda m: m.gae(x["advantages"], x["values"], x["mask"], 1.0, 0.95), []),
+        # One lambda per row and decoupled returns: the op's whole scan.
+        "gae": (lambda m: m.gae(x["advantages"], x["values"], x["mask"], 1.0, x["lam"], 1.0), []),
+        "length_adaptive_lam": (lambda m: m.length_adaptive_lam(x["mask"], 0.05), []),
+        "group_advantages": (lambda m: m.group_advantages(x["scores"], 4, "grpo", 1e-6), []),
         "masked_whiten": (lambda m: m.masked_whiten(x["advantages"], x["mask"], True, 1e-8), []),
         "ppo_policy_loss": (
             lambda m: m.ppo_policy_loss(
-                x["logprobs"], x["ref_logprobs"], x["advantages"], x["mask"], 0.2, None, None, "token-mean", None
+                x["logprobs"],
+                x["old_logprobs"],
+                x["advantages"],
+                x["mask"],
+                0.2,
+                None,
+                None,
+                "token-mean",
+                None,
+                x["ref_logprobs"],
+                0.1,
+                "k3",
             )[0],
             ["logprobs"],
-        ),
+        ),  # fmt: skip
         "ppo_value_loss": (
             lambda m: m.ppo_value_loss(x["values"], x["returns"], x["advantages"], x["mask"], 0.2, "token-mean", None)[
                 0

@@ -1,11 +1,13 @@
 """PPOTrainer: the PPO-for-RLHF loop, one iteration per `step()`.
 
-    batch = generate(prompts)                       sample responses with the policy
+    batch = generate(prompts)                       sample responses with the policy (samples_per_prompt each)
     batch.scores = score(batch)                     reward model or reward function
     logprobs, values = policy(batch); ref = ref(batch)
     batch.rewards, batch.kl = shape_rewards(...)    -kl_coef * KL per token, the score at the last token
-    batch.advantages, batch.returns = gae(...)      value baseline, whitened
+    batch.advantages, batch.returns = gae(...)      value baseline, whitened (or a critic-free estimator)
     ppo_update(batch)                               clipped policy + value loss, ppo_epochs x minibatches
+
+(the two middle lines are `advantages.estimate_advantages`, which holds every estimator)
 
 Every heavy step is an op of `fastppo.ops` (fused kernels where the device has them).
 """
@@ -22,7 +24,8 @@ import warnings
 import numpy as np
 import torch
 
-from fastppo import distributed, ops
+from fastppo import distributed, groups, ops
+from fastppo.advantages import estimate_advantages, overlong_penalties, uses_critic
 from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
 from fastppo.data import PromptSampler, read_prompts, tokenize_prompts
@@ -204,7 +207,8 @@ class PPOTrainer:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_rank > 0:
             lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
-        model = PolicyValueModel(lm, critic=cfg.critic, fused_logprobs=cfg.fused_logprobs)
+        critic = cfg.critic if uses_critic(cfg.advantage_estimator) else "none"  # critic-free: no value head
+        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs)
         model.train()
         return model
 
@@ -230,32 +234,52 @@ class PPOTrainer:
     def step(self) -> dict:
         """One PPO iteration; returns (and logs) its metrics."""
         cfg, start = self.config, time.perf_counter()
-        indices = distributed.share(self.sampler.next_indices(cfg.rollout_batch_size))  # this rank's block
-        batch = self.rollout([self.prompts[i] for i in indices])
-        rollout_s = time.perf_counter() - start
-
-        batch.scores = self.score(batch)
+        batch, rollout_s, sampling_stats = self.sample()
         self.compute_old_logprobs_and_values(batch)
-        batch.rewards, batch.kl = ops.shape_rewards(
-            batch.scores.to(self.device), batch.old_logprobs, batch.ref_logprobs, batch.response_mask,
-            self.kl_controller.value, cfg.kl_estimator,
-        )  # fmt: skip
-        batch.advantages, batch.returns = ops.gae(batch.rewards, batch.old_values, batch.response_mask, cfg.gamma,
-                                                  cfg.lam)  # fmt: skip
-        if cfg.whiten_advantages:
-            batch.advantages = distributed.masked_whiten(batch.advantages, batch.response_mask)  # global stats
+        batch.rewards, batch.kl, batch.advantages, batch.returns = estimate_advantages(
+            batch, cfg, self.kl_controller.value
+        )
         score_s = time.perf_counter() - start - rollout_s
 
         update_stats = self.ppo_update(batch)
         train_s = time.perf_counter() - start - rollout_s - score_s
 
+        warming_up = self.warming_up
         self.step_count += 1
         whole = distributed.gather_batch(batch)  # every rank's share (`batch` in one process): the same KL, metrics
         kl_per_sequence = float(whole.kl.sum(-1).mean())
-        self.kl_controller.update(kl_per_sequence, cfg.rollout_batch_size)
+        if not warming_up:  # the policy has not moved yet: its KL says nothing about the coefficient
+            self.kl_controller.update(kl_per_sequence, cfg.rollout_batch_size)
         metrics = self._metrics(whole, update_stats, rollout_s, score_s, train_s, kl_per_sequence)
+        metrics.update(sampling_stats)
+        if cfg.value_warmup_steps:
+            metrics["value/warmup"] = float(warming_up)
         self.metrics.log(metrics)
         return metrics
+
+    @property
+    def warming_up(self) -> bool:
+        """The first value_warmup_steps steps train the critic alone, on rollouts of the initial policy."""
+        return self.step_count < self.config.value_warmup_steps
+
+    def sample(self) -> tuple[RolloutBatch, float, dict]:
+        """(batch, generation seconds, stats): prompts drawn samples_per_prompt times each, their responses scored;
+        with filter_groups, DAPO's dynamic sampling (`groups.dynamic_sampling`)."""
+        cfg, G = self.config, self.config.samples_per_prompt
+        seconds = [0.0]
+
+        def roll_out() -> RolloutBatch:
+            start = time.perf_counter()
+            drawn = groups.repeat_each(self.sampler.next_indices(cfg.rollout_batch_size // G), G)
+            batch = self.rollout([self.prompts[i] for i in distributed.share(drawn)])  # this rank's whole groups
+            seconds[0] += time.perf_counter() - start
+            batch.scores = self.score(batch)
+            return batch
+
+        if not cfg.filter_groups:
+            return roll_out(), seconds[0], {}
+        batch, stats = groups.dynamic_sampling(roll_out, G, cfg.filter_groups_max_tries, self.tokenizer.pad_token_id)
+        return batch, seconds[0], stats
 
     def rollout(self, prompts: list[str], temperature: float | None = None) -> RolloutBatch:
         """Generate one response per prompt with the current policy (at the config's temperature unless given)."""
@@ -281,6 +305,9 @@ class PPOTrainer:
         raw = scores.clone()
         if cfg.missing_eos_penalty is not None:
             scores = torch.where(batch.truncated, scores - cfg.missing_eos_penalty, scores)
+        if cfg.overlong_buffer:
+            scores = scores - overlong_penalties(batch.response_mask, cfg.max_new_tokens, cfg.overlong_buffer,
+                                                 cfg.overlong_penalty)  # fmt: skip
         if cfg.reward_normalization:
             self.score_moments.update(distributed.all_gather_rows(scores))  # every rank's scores: the same moments
             scores = (scores - self.score_moments.mean) / self.score_moments.std
@@ -310,7 +337,7 @@ class PPOTrainer:
             old_values.append(values)
             ref_logprobs.append(ref)
         batch.old_logprobs = torch.cat(old_logprobs)
-        batch.old_values = torch.cat(old_values)
+        batch.old_values = None if old_values[0] is None else torch.cat(old_values)  # None: critic-free
         batch.ref_logprobs = torch.cat(ref_logprobs)
 
     def ppo_update(self, batch: RolloutBatch) -> dict:
@@ -342,6 +369,10 @@ class PPOTrainer:
                         else:
                             stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
                 stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
+                if self.warming_up:  # the critic alone moves: drop the policy's (and a shared backbone's) gradients
+                    critic = {id(p) for p in self.model.critic_parameters()}
+                    for p in self.model.parameters():
+                        p.grad = p.grad if id(p) in critic else None
                 stats.update(self._optimizer_step())
                 for k, v in stats.items():
                     totals[k] = max(totals.get(k, -math.inf), v) if k.endswith("_max") else totals.get(k, 0.0) + v
@@ -356,20 +387,26 @@ class PPOTrainer:
         mask = micro.response_mask
         policy_loss, policy_stats = ops.ppo_policy_loss(
             logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_range, cfg.clip_range_high,
-            cfg.dual_clip, cfg.loss_agg, denominator,
+            cfg.dual_clip, cfg.loss_agg, denominator, micro.ref_logprobs if cfg.kl_loss_coef > 0 else None,
+            cfg.kl_loss_coef, cfg.kl_loss_estimator,
         )  # fmt: skip
-        value_loss, value_stats = ops.ppo_value_loss(
-            values, micro.old_values, micro.returns, mask, cfg.clip_range_value, cfg.loss_agg, denominator
-        )
         entropy_mean = (entropy * mask).sum() / max(float(mask.sum()), 1.0)
-        loss = policy_loss + cfg.vf_coef * value_loss
+        loss = policy_loss
         if cfg.entropy_coef > 0:
             loss = loss - cfg.entropy_coef * (entropy * mask).sum() / denominator
-        self.parallel.backward(loss)
-        stats = {"policy/loss": policy_loss.item(), "value/loss": value_loss.item(),
-                 "policy/entropy": entropy_mean.item()}  # fmt: skip
+        # Warm-up: the policy's terms stay in the graph at weight 0, so that every parameter takes part in DDP's
+        # gradient all-reduce; ppo_update then drops every gradient but the critic's.
+        loss = loss * (0.0 if self.warming_up else 1.0)
+        stats = {"policy/loss": policy_loss.item(), "policy/entropy": entropy_mean.item()}
         stats.update({f"policy/{k}": float(v) for k, v in policy_stats.items()})
-        stats.update({f"value/{k.removeprefix('value_')}": float(v) for k, v in value_stats.items()})
+        if values is not None:  # critic-free estimators have no value head
+            value_loss, value_stats = ops.ppo_value_loss(
+                values, micro.old_values, micro.returns, mask, cfg.clip_range_value, cfg.loss_agg, denominator
+            )
+            loss = loss + cfg.vf_coef * value_loss
+            stats["value/loss"] = value_loss.item()
+            stats.update({f"value/{k.removeprefix('value_')}": float(v) for k, v in value_stats.items()})
+        self.parallel.backward(loss)
         return stats
 
     def _optimizer_step(self) -> dict[str, float]:
@@ -420,12 +457,12 @@ class PPOTrainer:
             "reward/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             "reward/shaped_mean": float(batch.rewards.sum(-1).mean()),
             "policy/kl": kl_per_sequence,
-            "value/explained_variance": explained_variance(batch.old_values, batch.returns, mask),
             "rollout/response_length_mean": float(lengths.mean()),
             "rollout/response_length_max": float(lengths.max()),
             "rollout/ended_rate": float(batch.ended.float().mean()),
             "rollout/truncated_rate": float((~batch.ended).float().mean()),
-            "kl/coef": self.kl_controller.value,
+            "kl/coef": self.kl_controller.value if self.config.kl_in_reward else 0.0,  # in the reward
+            "kl/loss_coef": self.config.kl_loss_coef,
             "perf/rollout_tokens_per_s": float(mask.sum()) / max(rollout_s, 1e-9),
             "perf/train_tokens_per_s": tokens * self.config.ppo_epochs / max(train_s, 1e-9),
             "perf/peak_memory_mb": peak_memory_mb(self.device),
@@ -435,6 +472,8 @@ class PPOTrainer:
             "time/train_s": train_s,
             "lr": self.scheduler.get_last_lr()[0],
         }
+        if batch.old_values is not None:
+            metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
         metrics.update(update_stats)
         return metrics
 

@@ -7,6 +7,8 @@ Policy, per valid token (r = exp(logprobs - old_logprobs), A the advantage):
     d loss_t / d logprobs = -A r * s,   s = 1 if the unclipped branch wins, [r inside the clip range] if the
                                         clipped one does, and on a tie torch.maximum's split (1 + [inside]) / 2;
                                         0 where the dual clip caps the loss
+    with a reference (KL in the loss), d = logprobs - ref_logprobs and kl one of `kl_penalty`'s estimators:
+    loss_t += kl_loss_coef * kl(d),   d loss_t / d logprobs += kl_loss_coef * kl'(d)   (also where dual-clipped)
 
 Value, per valid token (V_c = V_old + clip(V - V_old, +-clip), R the return):
 
@@ -30,10 +32,10 @@ from fastppo.kernels import FP_FUSION
 
 from fastppo.ops.reference import LOSS_AGGREGATIONS
 
-from .kl import expm1
+from .kl import expm1, kl_from_log_ratio, kl_grad_from_log_ratio
 
 # Per-row partials written by the kernels, in this order.
-_POLICY_PARTIALS = ("loss", "n_valid", "clipped", "dual_clipped", "approx_kl", "ratio_sum", "ratio_max")
+_POLICY_PARTIALS = ("loss", "n_valid", "clipped", "dual_clipped", "approx_kl", "ratio_sum", "ratio_max", "ref_kl")
 _VALUE_PARTIALS = ("loss", "n_valid", "clipped")
 
 
@@ -42,6 +44,7 @@ def _ppo_policy_kernel(
     lp_ptr,
     old_ptr,
     adv_ptr,
+    ref_ptr,
     mask_ptr,
     row_scale_ptr,
     grad_ptr,
@@ -54,12 +57,16 @@ def _ppo_policy_kernel(
     stride_old_t,
     stride_adv_b,
     stride_adv_t,
+    stride_ref_b,
+    stride_ref_t,
     stride_mask_b,
     stride_mask_t,
     ratio_low: tl.float64,
     ratio_high: tl.float64,
     dual_clip: tl.float64,
+    kl_loss_coef: tl.float64,
     DUAL_CLIP: tl.constexpr,
+    KL_ESTIMATOR: tl.constexpr,  # None: no reference, ref_ptr is never read; else the KL-in-loss estimator
     STORE_GRAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -88,6 +95,7 @@ def _ppo_policy_kernel(
     kl_sum = tl.zeros((BLOCK_B,), compute_dtype)
     ratio_sum = tl.zeros((BLOCK_B,), compute_dtype)
     ratio_max = tl.zeros((BLOCK_B,), compute_dtype)  # ratios are > 0, so 0 is "no valid token"
+    ref_kl_sum = tl.zeros((BLOCK_B,), compute_dtype)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + cols  # (BLOCK_T,)
         inb = row_ok[:, None] & (t < T)[None, :]  # (BLOCK_B, BLOCK_T)
@@ -114,6 +122,14 @@ def _ppo_policy_kernel(
             per_token = tl.where(dual, cap, per_token)
             grad = tl.where(dual, 0.0, grad)
             n_dual += tl.sum((dual & valid).to(compute_dtype), axis=1)
+        if KL_ESTIMATOR is not None:
+            ref = tl.load(ref_ptr + rows[:, None] * stride_ref_b + t[None, :] * stride_ref_t, mask=inb, other=0.0)
+            ref_log_ratio = tl.where(valid, lp.to(compute_dtype) - ref.to(compute_dtype), 0.0)
+            ref_kl = tl.where(valid, kl_from_log_ratio(ref_log_ratio, KL_ESTIMATOR), 0.0)
+            coef = tl.full([], kl_loss_coef, compute_dtype)
+            per_token += coef * ref_kl
+            grad += coef * kl_grad_from_log_ratio(ref_log_ratio, KL_ESTIMATOR)
+            ref_kl_sum += tl.sum(ref_kl, axis=1)
         weight = m.to(compute_dtype) * row_scale[:, None]
         loss_sum += tl.sum(tl.where(valid, weight * per_token, 0.0), axis=1)
         if STORE_GRAD:
@@ -125,7 +141,7 @@ def _ppo_policy_kernel(
         ratio_sum += tl.sum(tl.where(valid, ratio, 0.0), axis=1)
         ratio_max = tl.maximum(ratio_max, tl.max(tl.where(valid, ratio, 0.0), axis=1))
 
-    out = partials_ptr + rows * 7
+    out = partials_ptr + rows * 8
     tl.store(out + 0, loss_sum, mask=row_ok)
     tl.store(out + 1, n_valid, mask=row_ok)
     tl.store(out + 2, n_clipped, mask=row_ok)
@@ -133,6 +149,7 @@ def _ppo_policy_kernel(
     tl.store(out + 4, kl_sum, mask=row_ok)
     tl.store(out + 5, ratio_sum, mask=row_ok)
     tl.store(out + 6, ratio_max, mask=row_ok)
+    tl.store(out + 7, ref_kl_sum, mask=row_ok)
 
 
 @triton.jit
@@ -283,11 +300,14 @@ def _masked_means(partials: torch.Tensor, columns: slice) -> torch.Tensor:
 
 class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, den):
+    def forward(ctx, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, den,
+                ref_logprobs, kl_loss_coef, kl_estimator):  # fmt: skip
         clip_high = clip_low if clip_high is None else clip_high
+        # Without a reference the kernel never reads it: any (B, T) tensor fills the slot.
+        ref = logprobs if ref_logprobs is None else ref_logprobs
         loss, grad, partials = _launch(
             _ppo_policy_kernel,
-            (logprobs, old_logprobs, advantages),
+            (logprobs, old_logprobs, advantages, ref),
             response_mask,
             agg,
             den,
@@ -296,11 +316,14 @@ class _PPOPolicyLoss(torch.autograd.Function):
             1.0 - clip_low,
             1.0 + clip_high,
             2.0 if dual_clip is None else float(dual_clip),
+            float(kl_loss_coef),
             DUAL_CLIP=dual_clip is not None,
+            KL_ESTIMATOR=None if ref_logprobs is None else kl_estimator,
         )
         clip_frac, dual_clip_frac, approx_kl, ratio_mean = _masked_means(partials, slice(2, 6)).unbind()
         ratio_max = partials[:, 6].amax().float() if partials.shape[0] > 0 else torch.zeros((), device=loss.device)
-        stats = torch.stack([clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max])
+        (ref_kl,) = _masked_means(partials, slice(7, 8)).unbind()
+        stats = torch.stack([clip_frac, dual_clip_frac, approx_kl, ratio_mean, ratio_max, ref_kl])
         ctx.mark_non_differentiable(stats)
         ctx.save_for_backward(grad)
         ctx.input_dtype = logprobs.dtype
@@ -309,7 +332,7 @@ class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.input_dtype), *([None] * 8)
+        return (grad * grad_loss).to(ctx.input_dtype), *([None] * 11)
 
 
 class _PPOValueLoss(torch.autograd.Function):
@@ -348,13 +371,21 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     denominator: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_loss_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate (a 0-dim loss, differentiable wrt logprobs) and its detached float32 stats."""
+    """PPO's clipped surrogate, plus kl_loss_coef * KL to the reference with ref_logprobs (a 0-dim loss,
+    differentiable wrt logprobs), and its detached float32 stats (ref_kl among them with ref_logprobs)."""
     loss, stats = _PPOPolicyLoss.apply(
-        logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator
-    )
-    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
-    return loss, dict(zip(names, stats.unbind(), strict=True))
+        logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
+        ref_logprobs, kl_loss_coef, kl_estimator,
+    )  # fmt: skip
+    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
+    stats = dict(zip(names, stats.unbind(), strict=True))
+    if ref_logprobs is None:
+        del stats["ref_kl"]
+    return loss, stats
 
 
 def ppo_value_loss(

@@ -9,6 +9,10 @@
 
 `--no-kl-control` runs step 3 with no KL penalty: the proxy keeps rising while gold collapses and answers grow
 to the length limit, the over-optimization PPO's KL term exists to prevent.
+
+`--algo` picks the advantage estimator of step 3 (`ALGORITHMS`): PPO's GAE (the default), VAPO's value-based preset,
+or a critic-free one. Every algorithm gets the same budget (steps x sequences per step x max_new_tokens generated
+tokens) and the same adaptive KL penalty in the reward, so their gold rewards compare at equal cost and KL.
 """
 
 from __future__ import annotations
@@ -47,6 +51,30 @@ class Settings:
     eval_samples_per_prompt: int = 4
 
 
+# `--algo`: the PPOConfig fields each algorithm sets on top of the demo's. The group estimators sample each prompt
+# GROUP times, so a step holds rollout_batch_size / GROUP prompts: the same sequences, the same tokens.
+GROUP = 4
+ALGORITHMS = {
+    "gae": {},
+    # VAPO (arXiv 2504.05118): decoupled GAE, length-adaptive lambda (alpha 0.05), critic warm-up (below), and, as
+    # VAPO has, a critic of its own: with a shared backbone the warm-up could train the value head alone.
+    "vapo": {"critic_lam": 1.0, "lam_length_alpha": 0.05, "critic": "separate"},
+    "grpo": {"advantage_estimator": "grpo", "samples_per_prompt": GROUP},
+    "dr_grpo": {"advantage_estimator": "dr_grpo", "samples_per_prompt": GROUP},
+    "rloo": {"advantage_estimator": "rloo", "samples_per_prompt": GROUP},
+    "reinforce++": {"advantage_estimator": "reinforce++"},
+    "reinforce++-baseline": {"advantage_estimator": "reinforce++-baseline", "samples_per_prompt": GROUP},
+}
+
+
+def algorithm_overrides(algo: str, settings: Settings) -> dict:
+    """The PPOConfig fields of `algo` for a run of `settings` (VAPO warms its critic up for 1/20 of the steps)."""
+    overrides = dict(ALGORITHMS[algo])
+    if algo == "vapo":
+        overrides["value_warmup_steps"] = max(1, settings.ppo_steps // 20)
+    return overrides
+
+
 FULL = Settings()
 QUICK = Settings(
     sft_examples=4000,
@@ -71,20 +99,26 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="PPO with no KL penalty, to watch the policy over-optimize the proxy reward",
     )
+    parser.add_argument("--algo", choices=list(ALGORITHMS), default="gae",
+                        help="advantage estimator of the RL stage: gae (PPO, the default), vapo, or a critic-free "
+                        "one")  # fmt: skip
     parser.add_argument("--output-dir", help="run directory (default: runs/demo-<timestamp>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and PPO (default 0)")
 
 
 def run(args) -> int:
     quick, no_kl = bool(getattr(args, "quick", False)), bool(getattr(args, "no_kl_control", False))
-    output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl)
-    summary = run_pipeline(output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", 0))
+    algo = getattr(args, "algo", None) or "gae"
+    output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)
+    summary = run_pipeline(output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", 0),
+                           algo=algo)  # fmt: skip
     print(report.summary_text(summary))
     return 0
 
 
-def default_output_dir(no_kl: bool) -> str:
-    return os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S") + ("-no-kl" if no_kl else ""))
+def default_output_dir(no_kl: bool, algo: str = "gae") -> str:
+    suffix = ("" if algo == "gae" else f"-{algo}") + ("-no-kl" if no_kl else "")
+    return os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S") + suffix)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,7 +126,9 @@ def default_output_dir(no_kl: bool) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_pipeline(output_dir: str, settings: Settings, kl_control: bool = True, seed: int = 0) -> dict:
+def run_pipeline(
+    output_dir: str, settings: Settings, kl_control: bool = True, seed: int = 0, algo: str = "gae"
+) -> dict:
     """Run the four stages into `output_dir`; write the plot and report; return the summary the report shows."""
     from transformers.utils import logging
 
@@ -101,7 +137,7 @@ def run_pipeline(output_dir: str, settings: Settings, kl_control: bool = True, s
     print(f"fastppo demo: classical RLHF on a generated task, run directory {output_dir}")
     seconds: dict[str, float] = {}
     summary: dict = {"output_dir": output_dir, "settings": dataclasses.asdict(settings), "seed": seed}
-    summary["kl_control"] = kl_control
+    summary["kl_control"], summary["algo"] = kl_control, algo
 
     start = time.perf_counter()
     print("[1/4] supervised fine-tuning of a tiny Llama on the generated corpus")
@@ -115,8 +151,8 @@ def run_pipeline(output_dir: str, settings: Settings, kl_control: bool = True, s
 
     start = time.perf_counter()
     kl_text = f"adaptive KL control, target {settings.kl_target} nats" if kl_control else "NO KL control"
-    print(f"[3/4] PPO against the reward model ({kl_text}); [4/4] gold evaluation on held-out prompts")
-    summary.update(ppo_stage(output_dir, settings, kl_control, seed))
+    print(f"[3/4] RL ({algo}) against the reward model ({kl_text}); [4/4] gold evaluation on held-out prompts")
+    summary.update(ppo_stage(output_dir, settings, kl_control, seed, algo))
     seconds["ppo_and_evaluation"] = time.perf_counter() - start
 
     summary["seconds"] = seconds
@@ -197,7 +233,7 @@ def train_reward_stage(output_dir: str, settings: Settings, seed: int) -> dict:
     return result
 
 
-def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int):
+def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae"):
     from fastppo.config import PPOConfig
 
     config = PPOConfig(
@@ -215,18 +251,19 @@ def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int)
         kl_target=settings.kl_target if kl_control else None,
         kl_horizon=settings.kl_horizon,
         seed=seed,
+        **algorithm_overrides(algo, settings),
     )
     config.validate()
     return config
 
 
-def ppo_stage(output_dir: str, settings: Settings, kl_control: bool, seed: int) -> dict:
+def ppo_stage(output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae") -> dict:
     """Drive the PPO loop step by step, evaluating the policy on held-out prompts every `eval_every` steps."""
     from fastppo.reward_training import load_reward_model
     from fastppo.sft import load_tokenizer
     from fastppo.trainer import PPOTrainer
 
-    config = ppo_config(output_dir, settings, kl_control, seed)
+    config = ppo_config(output_dir, settings, kl_control, seed, algo)
     trainer = PPOTrainer(
         config,
         policy=config.policy_model,

@@ -2,7 +2,7 @@
 
 All three read the summary dict that `pipeline.run_pipeline` builds: `eval` (held-out rows: step, gold, proxy,
 length, kl, kl_coef), `train` (the trainer's per-step metrics), `samples`, `sft`, `reward_model`, `settings`,
-`kl_control`, `seconds`.
+`kl_control`, `algo`, `seconds`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,15 @@ def before_after(summary: dict) -> tuple[dict, dict]:
     return summary["eval"][0], summary["eval"][-1]
 
 
+ALGORITHM_NAMES = {"gae": "PPO", "vapo": "VAPO-style PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO",
+                   "reinforce++": "REINFORCE++", "reinforce++-baseline": "REINFORCE++-baseline"}  # fmt: skip
+
+
 def title(summary: dict) -> str:
+    name = ALGORITHM_NAMES[summary.get("algo", "gae")]
     if summary["kl_control"]:
-        return f"PPO with adaptive KL control (target {summary['settings']['kl_target']:g} nats)"
-    return "PPO without KL control"
+        return f"{name} with adaptive KL control (target {summary['settings']['kl_target']:g} nats)"
+    return f"{name} without KL control"
 
 
 def verdict(summary: dict) -> str:
@@ -143,7 +148,7 @@ def write_report(summary: dict, path: str) -> None:
         f"- seconds: SFT {seconds['sft']:.0f}, reward model {seconds['reward_model']:.0f}, PPO with evaluation "
         f"{seconds['ppo_and_evaluation']:.0f}",
         f"- settings: {', '.join(f'{k}={v}' for k, v in settings.items())}, seed={summary['seed']}, "
-        f"kl_control={summary['kl_control']}",
+        f"kl_control={summary['kl_control']}, algo={summary.get('algo', 'gae')}",
         "- files: `sft/` (SFT checkpoint), `reward_model/` (reward model), `ppo/` (PPO checkpoint and "
         "`metrics.jsonl`), `eval.jsonl` (held-out evaluations), `data/` (the generated SFT corpus and preference "
         "pairs), `curves.png`, `summary.json`",

@@ -11,16 +11,19 @@ import torch
 
 from fastppo.ops import reference
 from fastppo.ops.dispatch import BACKENDS, OPS, get_backend, implementation, report, select, set_backend, use_backend
-from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS, masked_mean
+from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, masked_mean
 
 __all__ = [
     "BACKENDS",
+    "GROUP_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "OPS",
     "gae",
     "get_backend",
+    "group_advantages",
     "kl_penalty",
+    "length_adaptive_lam",
     "linear_token_logprobs",
     "masked_mean",
     "masked_whiten",
@@ -181,13 +184,64 @@ def shape_rewards(
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float | torch.Tensor = 0.95,
+    critic_lam: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages, returns), (B, T) float32, by GAE(gamma, lam) over right-padded responses; 0 at padding."""
+    """(advantages, returns), (B, T) float32, by GAE(gamma, lam) over right-padded responses; 0 at padding. `lam`
+    is a float or a (B,) tensor (one per sequence); with `critic_lam` the returns are GAE(critic_lam) advantages +
+    values, from the same single scan (decoupled GAE)."""
     _check_2d_mask(response_mask, rewards=rewards, values=values)
-    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
-        raise ValueError(f"gamma and lam must lie in [0, 1], got gamma={gamma}, lam={lam}")
-    return implementation("gae", rewards.device.type)(rewards, values, response_mask, float(gamma), float(lam))
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must lie in [0, 1], got {gamma}")
+    if critic_lam is not None and not 0.0 <= critic_lam <= 1.0:
+        raise ValueError(f"critic_lam must lie in [0, 1] or be None, got {critic_lam}")
+    if isinstance(lam, torch.Tensor):
+        _check_float("lam", lam)
+        if lam.shape != rewards.shape[:1]:
+            raise ValueError(f"lam must be a float or (B={rewards.shape[0]},), got shape {tuple(lam.shape)}")
+        if lam.device != rewards.device:
+            raise ValueError(f"lam is on {lam.device} but rewards are on {rewards.device}")
+        if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
+            raise ValueError("every lam must lie in [0, 1]")
+    elif not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam must lie in [0, 1], got {lam}")
+    else:
+        lam = float(lam)
+    critic_lam = None if critic_lam is None else float(critic_lam)
+    return implementation("gae", rewards.device.type)(rewards, values, response_mask, float(gamma), lam, critic_lam)
+
+
+def length_adaptive_lam(response_mask: torch.Tensor, alpha: float) -> torch.Tensor:
+    """(B,) float32 per-sequence lambda 1 - 1 / (alpha * length), clamped to [0, 1] (0 for an empty row), length =
+    the row's valid tokens: VAPO's length-adaptive GAE (alpha 0.05)."""
+    if response_mask.dim() != 2:
+        raise ValueError(f"response_mask must be (B, T), got shape {tuple(response_mask.shape)}")
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    return implementation("length_adaptive_lam", response_mask.device.type)(response_mask, float(alpha))
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) float32 advantages from (B,) scores of consecutive groups of `group_size` responses to one prompt:
+    grpo (r - mean) / (std + eps), dr_grpo r - mean, rloo r - mean of the others; see the reference."""
+    _check_float("scores", scores)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if scores.shape[0] % group_size:
+        raise ValueError(f"scores ({scores.shape[0]} rows) must hold whole groups of group_size={group_size}")
+    if estimator == "rloo" and group_size < 2:
+        raise ValueError("rloo needs group_size >= 2: a group of one has no other responses for its baseline")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return implementation("group_advantages", scores.device.type)(scores, group_size, estimator, float(eps))
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
@@ -219,16 +273,28 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     denominator: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_loss_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate loss (scalar) and detached stats; see `reference.ppo_policy_loss`."""
+    """PPO's clipped surrogate loss (scalar), plus kl_loss_coef * KL to the reference when ref_logprobs is given,
+    and detached stats (ref_kl among them with ref_logprobs); see `reference.ppo_policy_loss`."""
     _check_2d_mask(response_mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
     if not clip_low >= 0 or (clip_high is not None and not clip_high >= 0):
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     _check_agg(agg, denominator)
+    if ref_logprobs is not None:
+        _check_2d_mask(response_mask, ref_logprobs=ref_logprobs)
+    if not kl_loss_coef >= 0:
+        raise ValueError(f"kl_loss_coef must be >= 0, got {kl_loss_coef}")
+    if kl_loss_coef > 0 and ref_logprobs is None:
+        raise ValueError("kl_loss_coef > 0 needs ref_logprobs: the KL term is taken against the reference")
+    _check_estimator(kl_estimator)
     impl = implementation("ppo_policy_loss", logprobs.device.type)
-    return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator)
+    return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
+                ref_logprobs, float(kl_loss_coef), kl_estimator)  # fmt: skip
 
 
 def ppo_value_loss(

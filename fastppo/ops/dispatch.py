@@ -29,6 +29,8 @@ _TRITON_MODULES = {
     "kl_penalty": "fastppo.kernels.kl",
     "shape_rewards": "fastppo.kernels.kl",
     "gae": "fastppo.kernels.gae",
+    "length_adaptive_lam": "fastppo.kernels.gae",
+    "group_advantages": "fastppo.kernels.group_advantages",
     "masked_whiten": "fastppo.kernels.whiten",
     "ppo_policy_loss": "fastppo.kernels.ppo_loss",
     "ppo_value_loss": "fastppo.kernels.ppo_loss",

@@ -11,7 +11,7 @@ import torch
 
 from fastppo.ops import reference
 from fastppo.ops.chunked import ChunkKernels, linear_token_logprobs_with
-from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 try:
     from fastppo import _C
@@ -22,7 +22,8 @@ else:
     IMPORT_ERROR = None
 
 NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens", "kl_penalty",
-              "shape_rewards", "gae", "masked_whiten", "ppo_policy_loss", "ppo_value_loss")  # fmt: skip
+              "shape_rewards", "gae", "length_adaptive_lam", "group_advantages", "masked_whiten", "ppo_policy_loss",
+              "ppo_value_loss")  # fmt: skip
 
 
 def unavailable_reason(op: str, device_type: str) -> str | None:
@@ -144,11 +145,25 @@ def shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estima
 # ----------------------------------------------------------------------------------------------
 
 
-def gae(rewards, values, response_mask, gamma=1.0, lam=0.95):
+def gae(rewards, values, response_mask, gamma=1.0, lam=0.95, critic_lam=None):
     if rewards.dtype == torch.float64:
-        return reference.gae(rewards, values, response_mask, gamma, lam)
-    advantages, returns = torch.ops.fastppo.gae(rewards, values, response_mask, gamma, lam)
+        return reference.gae(rewards, values, response_mask, gamma, lam, critic_lam)
+    per_row = isinstance(lam, torch.Tensor)
+    advantages, returns = torch.ops.fastppo.gae(
+        rewards, values, response_mask, gamma, lam if per_row else None, 0.0 if per_row else float(lam),
+        -1.0 if critic_lam is None else float(critic_lam),
+    )  # fmt: skip
     return advantages, returns
+
+
+def length_adaptive_lam(response_mask, alpha):
+    return torch.ops.fastppo.length_adaptive_lam(response_mask, float(alpha))
+
+
+def group_advantages(scores, group_size, estimator, eps=1e-6):
+    if scores.dtype == torch.float64:
+        return reference.group_advantages(scores, group_size, estimator, eps)
+    return torch.ops.fastppo.group_advantages(scores, group_size, GROUP_ESTIMATORS.index(estimator), float(eps))
 
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
@@ -181,18 +196,23 @@ def _denominator(denominator):
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", denominator=None):  # fmt: skip
+                    agg="token-mean", denominator=None, ref_logprobs=None, kl_loss_coef=0.0,
+                    kl_estimator="k3"):  # fmt: skip
     if logprobs.dtype == torch.float64:
         return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
-                                         dual_clip, agg, denominator)  # fmt: skip
+                                         dual_clip, agg, denominator, ref_logprobs, kl_loss_coef,
+                                         kl_estimator)  # fmt: skip
     clip_high = clip_low if clip_high is None else clip_high
     loss, stats = _FusedLoss.apply(
         logprobs, torch.ops.fastppo.ppo_policy_loss, old_logprobs, advantages, response_mask, float(clip_low),
         float(clip_high), -1.0 if dual_clip is None else float(dual_clip), LOSS_AGGREGATIONS.index(agg),
-        _denominator(denominator),
+        _denominator(denominator), ref_logprobs, float(kl_loss_coef), KL_ESTIMATORS.index(kl_estimator),
     )  # fmt: skip
-    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
-    return loss, dict(zip(names, stats.unbind(), strict=True))
+    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
+    stats = dict(zip(names, stats.unbind(), strict=True))
+    if ref_logprobs is None:
+        del stats["ref_kl"]
+    return loss, stats
 
 
 def ppo_value_loss(values, old_values, returns, response_mask, clip=0.2, agg="token-mean", denominator=None):

@@ -142,17 +142,26 @@ def shape_rewards(
 
 
 def gae(
-    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float | torch.Tensor = 0.95,
+    critic_lam: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE(gamma, lambda) over right-padded responses: the reverse scan over time.
 
         delta_t = r_t + gamma * V_{t+1} - V_t
         A_t     = delta_t + gamma * lam * A_{t+1}
-        R_t     = A_t + V_t
+        R_t     = A_t + V_t                                  (critic_lam None)
+        R_t     = A'_t + V_t,  A'_t = delta_t + gamma * critic_lam * A'_{t+1}   (decoupled GAE)
 
     where V_{t+1} and A_{t+1} are 0 when t+1 is padding or past the end: nothing is bootstrapped past a
-    sequence's last valid token. rewards, values, response_mask: (B, T). Returns (advantages, returns),
-    (B, T) float32, 0 at padded positions (whatever the inputs hold there, even nan).
+    sequence's last valid token. `lam` is a float or a (B,) tensor, one lambda per sequence (length-adaptive GAE).
+    With `critic_lam` (VC-PPO / VAPO's decoupled GAE, usually 1.0) the critic's targets come from their own lambda,
+    so the policy's lambda can trade bias for variance without biasing the value targets. rewards, values,
+    response_mask: (B, T). Returns (advantages, returns), (B, T) float32, 0 at padded positions (whatever the inputs
+    hold there, even nan).
     """
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     valid = response_mask.bool()
@@ -160,16 +169,66 @@ def gae(
     rewards = torch.where(valid, rewards.to(out_dtype), zero)
     values = torch.where(valid, values.to(out_dtype), zero)
     B, T = rewards.shape
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(B, dtype=out_dtype, device=rewards.device)
-    next_advantage = torch.zeros_like(next_value)
-    for t in reversed(range(T)):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, zero)
-        advantages[:, t] = advantage
-        next_value, next_advantage = values[:, t], advantage  # both 0 at padding: the episode ends there
-    returns = torch.where(valid, advantages + values, zero)
-    return advantages, returns
+    lam = torch.as_tensor(lam, dtype=out_dtype, device=rewards.device).expand(B)  # (B,)
+    lams = (lam,) if critic_lam is None else (lam, torch.full_like(lam, critic_lam))
+    scans = []
+    for row_lam in lams:
+        advantages = torch.zeros_like(rewards)
+        next_value = torch.zeros(B, dtype=out_dtype, device=rewards.device)
+        next_advantage = torch.zeros_like(next_value)
+        for t in reversed(range(T)):
+            delta = rewards[:, t] + gamma * next_value - values[:, t]
+            advantage = torch.where(valid[:, t], delta + gamma * row_lam * next_advantage, zero)
+            advantages[:, t] = advantage
+            next_value, next_advantage = values[:, t], advantage  # both 0 at padding: the episode ends there
+        scans.append(advantages)
+    returns = torch.where(valid, scans[-1] + values, zero)
+    return scans[0], returns
+
+
+def length_adaptive_lam(response_mask: torch.Tensor, alpha: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B,) per-sequence GAE lambda of VAPO: 1 - 1 / (alpha * length), clamped to [0, 1].
+
+    length is the number of valid tokens of the row, so a long response gets a lambda near 1 (its reward reaches
+    its first tokens undiscounted by lambda) and a short one a smaller lambda. A row of length 0 gets 0 (the limit
+    of the clamp; its advantages are 0 whatever its lambda). alpha > 0 (VAPO: 0.05). Computed in float64 and
+    returned in `dtype`, float32 for every backend (the tests ask the reference for float64).
+    """
+    length = response_mask.bool().sum(-1).to(torch.float64)  # (B,)
+    return (1.0 - 1.0 / (alpha * length)).clamp(0.0, 1.0).to(dtype)
+
+
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
+    """(B,) per-sequence advantages of the critic-free estimators, from the scores of groups of responses.
+
+    Rows are grouped consecutively: B = n_groups * group_size, rows [g * group_size, (g + 1) * group_size) are the
+    responses to one prompt. With mean and std over the row's group (std unbiased, Bessel's n - 1, as TRL and the
+    GRPO paper):
+      grpo     (r - mean) / (std + eps)          a group of one has no std: its advantage is 0 (r - mean is 0)
+      dr_grpo  r - mean                          Dr. GRPO drops the std, which over-weights easy / hard prompts
+      rloo     r - (sum of the others) / (group_size - 1)    needs group_size >= 2
+    scores: (B,) float. Computed in float64 (B numbers: a float32 mean would lose the spread of scores with a large
+    common offset); returns float32 (float64 for float64 scores).
+    """
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
+    if estimator == "rloo" and group_size < 2:
+        raise ValueError("rloo needs group_size >= 2: a group of one has no other responses for its baseline")
+    out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
+    groups = scores.to(torch.float64).view(-1, group_size)  # (n_groups, group_size)
+    mean = groups.mean(-1, keepdim=True)
+    if estimator == "dr_grpo":
+        advantages = groups - mean
+    elif estimator == "rloo":
+        advantages = groups - (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    elif group_size == 1 or groups.numel() == 0:
+        advantages = torch.zeros_like(groups)
+    else:
+        advantages = (groups - mean) / (groups.std(-1, keepdim=True) + eps)  # unbiased std
+    return advantages.view(-1).to(out_dtype)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -238,17 +297,23 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     denominator: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_loss_coef: float = 0.0,
+    kl_estimator: str = "k3",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO's clipped surrogate, as a loss to minimize.
+    """PPO's clipped surrogate, plus an optional KL penalty toward the reference, as a loss to minimize.
 
         ratio = exp(logprobs - old_logprobs)
         loss_t = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
         dual clip (c > 1), for A < 0 only: loss_t = min(loss_t, -c * A)
+        KL in the loss (GRPO, veRL's use_kl_loss, OpenRLHF): loss_t += kl_loss_coef * kl(logprobs - ref_logprobs)
 
-    clip_high defaults to clip_low (asymmetric "clip-higher" when larger). All tensors (B, T); only
-    `logprobs` gets a gradient. Returns the scalar loss (aggregated by `agg`, see `loss_weights`) and
-    detached stats over valid tokens: clip_frac (the clipped branch won), dual_clip_frac, approx_kl
-    (k3 of the ratio), ratio_mean, ratio_max.
+    clip_high defaults to clip_low (asymmetric "clip-higher" when larger). kl is `kl_penalty`'s `kl_estimator`
+    (k3 by default: unbiased and never negative); its gradient flows into logprobs like the surrogate's. All
+    tensors (B, T); only `logprobs` gets a gradient. Returns the scalar loss (aggregated by `agg`, see
+    `loss_weights`) and detached stats over valid tokens: clip_frac (the clipped branch won), dual_clip_frac,
+    approx_kl (k3 of the ratio), ratio_mean, ratio_max, and with ref_logprobs given, ref_kl (the mean per-token
+    kl against the reference, whatever kl_loss_coef).
     """
     clip_high = clip_low if clip_high is None else clip_high
     valid = response_mask.bool()
@@ -266,6 +331,12 @@ def ppo_policy_loss(
         cap = -dual_clip * advantages
         dual_clipped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_clipped, cap, per_token)
+    ref_kl = None
+    if ref_logprobs is not None:
+        # Selected to 0 before the estimator, not after: garbage at padding must not reach the value or the gradient.
+        ref_log_ratio = torch.where(valid, logprobs - ref_logprobs.to(compute_dtype), zero)
+        ref_kl = kl_penalty(ref_log_ratio, torch.zeros_like(ref_log_ratio), kl_estimator)
+        per_token = per_token + kl_loss_coef * ref_kl
     weights = loss_weights(response_mask, agg, denominator, compute_dtype)
     loss = (weights * per_token).sum()
 
@@ -278,6 +349,8 @@ def ppo_policy_loss(
             "ratio_mean": masked_mean(ratio, valid),
             "ratio_max": torch.where(valid, ratio, zero).amax() if valid.any() else zero.clone(),
         }
+        if ref_kl is not None:
+            stats["ref_kl"] = masked_mean(ref_kl, valid)
     return loss, {k: v.detach().float() for k, v in stats.items()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -85,3 +86,19 @@ def test_train_without_config_runs_the_demo_with_its_defaults(monkeypatch, tmp_p
     (args, kwargs), (quick_args, quick_kwargs) = calls
     assert args[1] is pipeline.FULL and kwargs == {"kl_control": True, "seed": 0}
     assert quick_args[1] is pipeline.QUICK and quick_kwargs == {"kl_control": False, "seed": 3}
+
+
+@pytest.mark.parametrize("algo", list(pipeline.ALGORITHMS))
+def test_every_algorithm_is_a_valid_run_of_the_same_budget(tmp_path, algo):
+    """`fastppo demo --algo X`: a valid config whose generated-token budget is the default algorithm's."""
+    for stage in ("sft", "reward_model"):
+        (tmp_path / stage).mkdir()
+    for settings in (pipeline.FULL, pipeline.QUICK):
+        config = pipeline.ppo_config(str(tmp_path), settings, True, 0, algo)
+        baseline = pipeline.ppo_config(str(tmp_path), settings, True, 0, "gae")
+        budget = ("steps", "rollout_batch_size", "max_new_tokens", "kl_target", "seed")
+        assert [getattr(config, k) for k in budget] == [getattr(baseline, k) for k in budget]
+        assert (config.advantage_estimator == "gae") == (algo in ("gae", "vapo"))
+    parser = argparse.ArgumentParser()
+    pipeline.add_arguments(parser)
+    assert parser.parse_args(["--algo", algo]).algo == algo

@@ -96,13 +96,15 @@ def randn(*shape, dtype=torch.float32, scale=1.0, seed=0):
     return x.to(dtype).to(DEVICE)
 
 
-def random_mask(B: int, T: int, seed: int = 0, empty_rows=(), full_rows=()) -> torch.Tensor:
-    """(B, T) right-padded response mask with random lengths in [1, T], some rows forced empty or full."""
+def random_mask(B: int, T: int, seed: int = 0, empty_rows=(), full_rows=(), one_rows=()) -> torch.Tensor:
+    """(B, T) right-padded response mask with random lengths in [1, T], some rows forced empty, full or of length 1."""
     lengths = torch.randint(1, T + 1, (B,), generator=seeded(seed))
     for row in empty_rows:
         lengths[row] = 0
     for row in full_rows:
         lengths[row] = T
+    for row in one_rows:
+        lengths[row] = 1
     mask = (torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)).to(torch.int64)
     return mask.to(DEVICE)
 
@@ -131,6 +133,12 @@ def assert_close(actual, expected, dtype=torch.float32, name="output", atol=None
         )
         n_bad = int((~close).sum())
         raise AssertionError(f"{name}: {n_bad}/{close.numel()} elements off (atol={atol}, rtol={rtol}); {details}")
+
+
+def hard_mask(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """A (B, T) mask with the hard rows wherever B allows: row 1 empty, row 2 full, row 3 of length 1."""
+    return random_mask(B, T, seed, empty_rows=[r for r in (1,) if r < B], full_rows=[r for r in (2,) if r < B],
+                       one_rows=[r for r in (3,) if r < B])  # fmt: skip
 
 
 def transposed_copy(x: torch.Tensor) -> torch.Tensor:

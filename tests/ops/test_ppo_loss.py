@@ -66,7 +66,7 @@ def check_loss(backend, op, reference_op, stat_names, dtype, inputs, **kwargs):
     x = x.detach().requires_grad_(True)
     loss, stats = run_with(backend, op, x, *rest, mask, **kwargs)
     x64 = f64(x).requires_grad_(True)
-    expected_loss, expected_stats = reference_op(x64, *map(f64, rest), mask, **kwargs)
+    expected_loss, expected_stats = reference_op(x64, *map(f64, rest), mask, **{k: f64(v) for k, v in kwargs.items()})
 
     assert loss.dtype == torch.float32 and loss.shape == () and loss.requires_grad
     assert_close(loss, expected_loss, dtype, name=f"{op.__name__} loss")
@@ -86,6 +86,11 @@ def check_loss(backend, op, reference_op, stat_names, dtype, inputs, **kwargs):
 
 def check_policy(backend, dtype, inputs, **kwargs):
     check_loss(backend, ops.ppo_policy_loss, reference.ppo_policy_loss, POLICY_STATS, dtype, inputs, **kwargs)
+
+
+def check_policy_with_kl(backend, dtype, inputs, **kwargs):
+    check_loss(backend, ops.ppo_policy_loss, reference.ppo_policy_loss, (*POLICY_STATS, "ref_kl"), dtype, inputs,
+               **kwargs)  # fmt: skip
 
 
 def check_value(backend, dtype, inputs, **kwargs):
@@ -169,6 +174,86 @@ def test_policy_loss_without_grad(backend):
     assert_close(loss, expected_loss, name="ppo_policy_loss loss (no grad)")
     for name in POLICY_STATS:
         assert_close(stats[name], expected_stats[name], name=f"ppo_policy_loss {name} (no grad)")
+
+
+# ----------------------------------------------------------------------------------------------
+# policy loss with the KL to the reference in it
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_logprobs_for(logprobs, mask, seed, extreme=False):
+    """Reference log-probs around the policy's (KL of order 0.1), some log-ratios of +-30 when `extreme`, garbage at
+    padding."""
+    lp = torch.where(mask.bool(), logprobs.double(), 0.0)
+    ref = lp + randn(*lp.shape, dtype=torch.float64, scale=0.4, seed=seed)
+    if extreme:
+        pick = torch.rand(*lp.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+        ref = torch.where(pick < 0.1, lp + 30, torch.where(pick > 0.9, lp - 30, ref))
+    return with_garbage(ref.to(logprobs.dtype), mask)
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+@pytest.mark.parametrize("estimator", reference.KL_ESTIMATORS)
+@pytest.mark.parametrize("agg", reference.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+def test_policy_loss_with_kl(backend, estimator, agg, dual_clip):
+    logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=7)
+    ref = reference_logprobs_for(logprobs, mask, seed=8)
+    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), dual_clip=dual_clip, agg=agg,
+                         ref_logprobs=ref, kl_loss_coef=0.3, kl_estimator=estimator)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+@pytest.mark.parametrize("shape,dtype", shape_dtype_cases())
+def test_policy_loss_with_kl_shapes_dtypes(backend, shape, dtype):
+    logprobs, old, advantages, mask = policy_inputs(*shape, dtype, seed=sum(shape) + 1)
+    ref = reference_logprobs_for(logprobs, mask, seed=sum(shape))
+    check_policy_with_kl(backend, dtype, (logprobs, old, advantages, mask), clip_high=0.28, dual_clip=3.0,
+                         agg="seq-mean-token-mean", ref_logprobs=ref, kl_loss_coef=0.05)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+@pytest.mark.parametrize("estimator", reference.KL_ESTIMATORS)
+def test_policy_loss_with_kl_extreme_log_ratios(backend, estimator):
+    """Log-ratios of +-30 against the reference: k3 of -30 is e^30 (fits float32), its gradient too."""
+    logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=9)
+    ref = reference_logprobs_for(logprobs, mask, seed=10, extreme=True)
+    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), ref_logprobs=ref,
+                         kl_loss_coef=1e-3, kl_estimator=estimator)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+def test_policy_loss_kl_stat_without_coefficient_and_empty_mask(backend):
+    """ref_kl is reported whatever kl_loss_coef (0 here: the loss is plain PPO's); an empty mask gives 0s."""
+    logprobs, old, advantages, mask = policy_inputs(6, 9, torch.float32, seed=11)
+    ref = reference_logprobs_for(logprobs, mask, seed=12)
+    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), ref_logprobs=ref)
+    plain, _ = run_with(backend, ops.ppo_policy_loss, logprobs, old, advantages, mask)
+    with_ref, stats = run_with(backend, ops.ppo_policy_loss, logprobs, old, advantages, mask, ref_logprobs=ref)
+    assert torch.equal(plain, with_ref) and stats["ref_kl"] > 0
+    empty = torch.zeros_like(mask)
+    inputs = [with_garbage(x, empty) for x in (logprobs, old, advantages)]
+    check_policy_with_kl(backend, torch.float32, (*inputs, empty), ref_logprobs=with_garbage(ref, empty),
+                         kl_loss_coef=0.5)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+def test_policy_loss_with_kl_noncontiguous(backend):
+    logprobs, old, advantages, mask = policy_inputs(7, 10, torch.float32, seed=13)
+    ref = reference_logprobs_for(logprobs, mask, seed=14)
+    inputs = [transposed_copy(x) for x in (logprobs, old, advantages, mask.bool())]
+    check_policy_with_kl(backend, torch.float32, inputs, ref_logprobs=transposed_copy(ref), kl_loss_coef=0.2,
+                         kl_estimator="k2", agg="seq-mean-token-sum")  # fmt: skip
+
+
+def test_policy_loss_kl_arguments_are_checked():
+    logprobs, old, advantages, mask = policy_inputs(3, 4, torch.float32, seed=15)
+    with pytest.raises(ValueError, match="needs ref_logprobs"):
+        ops.ppo_policy_loss(logprobs, old, advantages, mask, kl_loss_coef=0.1)
+    with pytest.raises(ValueError, match="kl estimator"):
+        ops.ppo_policy_loss(logprobs, old, advantages, mask, ref_logprobs=old, kl_estimator="k4")
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        ops.ppo_policy_loss(logprobs, old, advantages, mask, ref_logprobs=old[:, :2], kl_loss_coef=0.1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,21 @@ def test_policy_loss_gradcheck(agg, dual_clip, clip_high, denominator):
     assert gradcheck(loss, (logprobs.requires_grad_(True),))
 
 
+@pytest.mark.parametrize("estimator", reference.KL_ESTIMATORS)
+def test_policy_loss_with_kl_gradcheck(estimator):
+    mask = random_mask(4, 6, seed=13, empty_rows=(1,))
+    logprobs = padded(-randn(4, 6, dtype=F64, seed=13).abs(), mask)
+    old = padded(logprobs + randn(4, 6, dtype=F64, scale=0.4, seed=14), mask)
+    ref = padded(logprobs + randn(4, 6, dtype=F64, scale=0.4, seed=15) + 0.01, mask)  # abs: no kink at d = 0
+    advantages = padded(randn(4, 6, dtype=F64, seed=16), mask)
+
+    def loss(lp):
+        return reference.ppo_policy_loss(lp, old, advantages, mask, 0.2, dual_clip=3.0, ref_logprobs=ref,
+                                         kl_loss_coef=0.7, kl_estimator=estimator)[0]  # fmt: skip
+
+    assert gradcheck(loss, (logprobs.requires_grad_(True),))
+
+
 @pytest.mark.parametrize("agg", reference.LOSS_AGGREGATIONS)
 @pytest.mark.parametrize("clip", [None, 0.2])
 def test_value_loss_gradcheck(agg, clip):
@@ -81,14 +96,15 @@ def test_linear_token_logprobs_gradcheck():
 
 
 def gae_by_loop(rewards, values, lengths, gamma, lam):
-    """Textbook GAE, one sequence at a time over its valid prefix, with Python floats."""
+    """Textbook GAE, one sequence at a time over its valid prefix, with Python floats; `lam` a float or a list."""
     advantages = torch.zeros_like(rewards)
     for b, length in enumerate(lengths):
         r, v = rewards[b, :length].tolist(), values[b, :length].tolist()
+        row_lam = lam[b] if isinstance(lam, list) else lam
         next_advantage = 0.0
         for t in reversed(range(length)):
             next_value = v[t + 1] if t + 1 < length else 0.0  # no bootstrap past the last token
-            next_advantage = r[t] + gamma * next_value - v[t] + gamma * lam * next_advantage
+            next_advantage = r[t] + gamma * next_value - v[t] + gamma * row_lam * next_advantage
             advantages[b, t] = next_advantage
     valid = (
         torch.arange(rewards.shape[1], device=rewards.device) < torch.tensor(lengths, device=rewards.device)[:, None]
@@ -107,6 +123,28 @@ def test_gae_matches_a_plain_loop(shape, gamma, lam):
     expected_advantages, expected_returns = gae_by_loop(rewards, values, mask.sum(-1).tolist(), gamma, lam)
     torch.testing.assert_close(advantages, expected_advantages, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(returns, expected_returns, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("critic_lam", [None, 1.0, 0.3])
+def test_gae_per_row_lambda_and_decoupled_returns_match_plain_loops(critic_lam):
+    """Per-row lambdas are each row's own GAE; decoupled returns are GAE(critic_lam) advantages + values."""
+    mask = random_mask(6, 9, seed=4, empty_rows=(1,), full_rows=(0,), one_rows=(2,))
+    rewards = torch.where(mask.bool(), randn(6, 9, dtype=F64, seed=5), float("nan"))
+    values = torch.where(mask.bool(), randn(6, 9, dtype=F64, seed=6), float("inf"))
+    lam = [0.0, 1.0, 0.5, 0.9, 0.95, 0.3]
+    advantages, returns = reference.gae(rewards, values, mask, 0.98, torch.tensor(lam, dtype=F64), critic_lam)
+    lengths = mask.sum(-1).tolist()
+    expected_advantages, expected_returns = gae_by_loop(rewards, values, lengths, 0.98, lam)
+    if critic_lam is not None:
+        expected_returns = gae_by_loop(rewards, values, lengths, 0.98, critic_lam)[1]
+    torch.testing.assert_close(advantages, expected_advantages, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(returns, expected_returns, rtol=1e-12, atol=1e-12)
+
+
+def test_length_adaptive_lam_by_hand():
+    mask = torch.arange(100) < torch.tensor([0, 10, 20, 25, 100])[:, None]
+    lam = reference.length_adaptive_lam(mask, 0.05, F64)
+    torch.testing.assert_close(lam, torch.tensor([0.0, 0.0, 0.0, 0.2, 0.8], dtype=F64))
 
 
 @pytest.mark.parametrize("shift_mean", [True, False])

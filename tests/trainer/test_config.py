@@ -69,3 +69,13 @@ def test_example_config_names_every_required_key():
     resume_from""".split()
     assert set(required) <= keys
     assert keys <= PPOConfig.field_names()
+
+
+@pytest.mark.parametrize("name", ["grpo", "vapo"])
+def test_estimator_example_configs_are_valid(name):
+    import yaml
+
+    values = yaml.safe_load(open(f"examples/{name}.yaml"))
+    for path_key in ("policy_model", "reward_model", "prompts"):  # placeholders
+        values.pop(path_key)
+    PPOConfig.from_dict(values).validate()

@@ -107,6 +107,27 @@ def _worker(rank: int, port: int, policy: str, tmp: str, single_checkpoint: str)
     torch.distributed.destroy_process_group()
 
 
+CRITIC_FREE = dict(advantage_estimator="reinforce++-baseline", samples_per_prompt=2, kl_loss_coef=0.1)
+CRITIC_FREE_COMPARED = ["policy/loss", "policy/clip_frac", "policy/approx_kl", "policy/ref_kl", "policy/kl",
+                        "grad_norm", "reward/shaped_mean"]  # fmt: skip
+
+
+def _critic_free_worker(rank: int, port: int, policy: str, tmp: str) -> None:
+    """A rank of the critic-free run: group means from the groups on this rank, whitening over both ranks."""
+    from fastppo import PPOTrainer
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    trainer = PPOTrainer(config(_Path(tmp) / "ddp", policy, parallel="ddp", **CRITIC_FREE), reward=count_w7,
+                         prompts=prompt_list())  # fmt: skip
+    one_step(trainer, rank_share(fixed_batch(), rank))
+    if rank == 0:
+        torch.save(trainer.model.state_dict(), os.path.join(tmp, "critic_free.pt"))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 class _Path(str):
     """tmp_path's `/` for a plain string path (what the spawned workers receive)."""
 
@@ -120,9 +141,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawn(args: tuple, timeout: float = 240.0) -> None:
-    """Run `_worker` on WORLD processes; a worker's exception fails the test, a hang times out."""
-    context = mp.start_processes(_worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
+def _spawn(args: tuple, timeout: float = 240.0, worker=_worker) -> None:
+    """Run `worker` on WORLD processes; a worker's exception fails the test, a hang times out."""
+    context = mp.start_processes(worker, args=args, nprocs=WORLD, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not context.join(timeout=1):
         if time.monotonic() > deadline:
@@ -182,6 +203,26 @@ def test_two_ranks_take_the_single_process_step(tiny_models, tmp_path, monkeypat
     _assert_same_optimizer_state(
         carried["optimizer"], distributed._keyed_by_name(single.model, single.optimizer.state_dict())
     )
+
+
+def test_two_ranks_take_the_single_process_critic_free_step(tiny_models, tmp_path, monkeypatch):
+    """reinforce++-baseline with the KL in the loss: each rank's groups (2 of the 4) give their own means, the
+    whitening is global, and the result is the single process's step."""
+    from fastppo import PPOTrainer
+
+    policy = tiny_models["llama"][0]
+    single = PPOTrainer(config(tmp_path / "single", policy, **CRITIC_FREE), reward=count_w7, prompts=prompt_list())
+    expected = one_step(single, fixed_batch())
+    assert expected["policy/clip_frac"] > 1e-3 and expected["policy/ref_kl"] > 0  # the comparison means something
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _spawn((_free_port(), policy, str(tmp_path)), worker=_critic_free_worker)
+    state = torch.load(tmp_path / "critic_free.pt", weights_only=True)
+    assert single.model.value_head is None and state.keys() == single.model.state_dict().keys()
+    for name, value in single.model.state_dict().items():
+        torch.testing.assert_close(state[name], value, atol=2e-6, rtol=1e-5, msg=name)
+    (line,) = _metrics_lines(tmp_path / "ddp" / "run")
+    for name in CRITIC_FREE_COMPARED:
+        assert line[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
 
 
 def _assert_same_optimizer_state(a: dict, b: dict) -> None:
