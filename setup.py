@@ -27,8 +27,10 @@ def native_extension_args():
         return {}
     sources = sorted(glob.glob("csrc/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/*.cu"))
-    use_cuda = bool(cuda_sources) and cpp_extension.CUDA_HOME is not None and (
-        os.environ.get("FASTPPO_FORCE_CUDA") == "1" or __import__("torch").cuda.is_available()
+    use_cuda = (
+        bool(cuda_sources)
+        and cpp_extension.CUDA_HOME is not None
+        and (os.environ.get("FASTPPO_FORCE_CUDA") == "1" or __import__("torch").cuda.is_available())
     )
     # -fno-trapping-math: the kernels never read floating-point exception flags, and without it GCC will not
     # if-convert a float comparison that selects a value (`mask != 0 ? x : 0`), so such loops stay scalar.
