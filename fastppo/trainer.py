@@ -439,6 +439,8 @@ class PPOTrainer:
         policy's step. The backbone's gradient, which both losses write, counts as the policy's."""
         norms = {}
         for name, group in self.param_groups.items():
+            if not group:  # critic-free: no value parameters, no value metrics
+                continue
             grads = [p.grad for p in group if p.grad is not None]
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             norms[f"{name}/grad_norm"] = float(self.parallel.full_tensor(norm))

@@ -84,8 +84,8 @@ def test_train_without_config_runs_the_demo_with_its_defaults(monkeypatch, tmp_p
     assert main(["train", "--output-dir", str(tmp_path)]) == 0
     assert main(["train", "--quick", "--no-kl-control", "--seed", "3", "--output-dir", str(tmp_path)]) == 0
     (args, kwargs), (quick_args, quick_kwargs) = calls
-    assert args[1] is pipeline.FULL and kwargs == {"kl_control": True, "seed": 0}
-    assert quick_args[1] is pipeline.QUICK and quick_kwargs == {"kl_control": False, "seed": 3}
+    assert args[1] is pipeline.FULL and kwargs == {"kl_control": True, "seed": 0, "algo": "gae"}
+    assert quick_args[1] is pipeline.QUICK and quick_kwargs == {"kl_control": False, "seed": 3, "algo": "gae"}
 
 
 @pytest.mark.parametrize("algo", list(pipeline.ALGORITHMS))
