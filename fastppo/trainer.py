@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import sys
 import time
 import warnings
 
-import numpy as np
 import torch
 
 from fastppo import distributed, groups, ops
-from fastppo.advantages import estimate_advantages, overlong_penalties, uses_critic
+from fastppo.advantages import estimate_advantages, uses_critic
 from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
 from fastppo.data import PromptSampler, read_prompts, tokenize_prompts
@@ -44,55 +42,12 @@ from fastppo.models import (
     reference_logprobs,
     resolve_device,
 )
+from fastppo.reward_shaping import KLController, RunningMoments, shape_scores
 from fastppo.rewards import load_reward
+from fastppo.rng import rng_state, seed_everything, set_rng_state
 from fastppo.rollout import RolloutBatch, decode_responses, end_token_ids, generate
 from fastppo.signals import StepInterrupted, stop_at_step_boundary
 from fastppo.validation import refuse_to_overwrite
-
-
-class KLController:
-    """The KL coefficient: fixed, or adapted toward a target KL per sequence (Ziegler et al. 2019)."""
-
-    def __init__(self, init: float, target: float | None, horizon: int):
-        self.value, self.target, self.horizon = init, target, horizon
-
-    def update(self, kl_per_sequence: float, n_episodes: int) -> None:
-        if self.target is None:
-            return
-        error = min(max(kl_per_sequence / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_episodes / self.horizon
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = state["value"]
-
-
-class RunningMoments:
-    """Running mean and variance of the scores (Chan et al. merge), for optional reward normalization."""
-
-    def __init__(self):
-        self.count, self.mean, self.m2 = 0, 0.0, 0.0
-
-    def update(self, x: torch.Tensor) -> None:
-        n, mean = x.numel(), float(x.double().mean())
-        m2 = float(((x.double() - mean) ** 2).sum())
-        delta, total = mean - self.mean, self.count + n
-        self.mean += delta * n / total
-        self.m2 += m2 + delta**2 * self.count * n / total
-        self.count = total
-
-    @property
-    def std(self) -> float:
-        return math.sqrt(self.m2 / max(self.count - 1, 1)) or 1.0
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
-
 
 _LOSS_STATS = ("policy/loss", "value/loss")
 
@@ -117,7 +72,7 @@ class PPOTrainer:
         self._check_output_dir()
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
-        _seed_everything(config.seed)  # the same seed on every rank: the same initial weights
+        seed_everything(config.seed)  # the same seed on every rank: the same initial weights
 
         policy = policy if policy is not None else config.policy_model
         if policy is None:
@@ -137,7 +92,7 @@ class PPOTrainer:
         self.parallel = distributed.Parallel(config.parallel)
         self.model, self.reference = self.parallel.wrap(self.model, self.reference, self.device)
         if distributed.world_size() > 1:
-            _seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
+            seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
             weight_decay=config.weight_decay, foreach=True,  # one kernel per op over all tensors, not per tensor
@@ -299,22 +254,9 @@ class PPOTrainer:
         return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended, list(prompts), responses)
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """(B,) scores: the reward, then the missing-EOS penalty, then optional normalization and clipping."""
-        cfg = self.config
-        scores = self.reward(batch).float().to(self.device)
-        raw = scores.clone()
-        if cfg.missing_eos_penalty is not None:
-            scores = torch.where(batch.truncated, scores - cfg.missing_eos_penalty, scores)
-        if cfg.overlong_buffer:
-            scores = scores - overlong_penalties(batch.response_mask, cfg.max_new_tokens, cfg.overlong_buffer,
-                                                 cfg.overlong_penalty)  # fmt: skip
-        if cfg.reward_normalization:
-            self.score_moments.update(distributed.all_gather_rows(scores))  # every rank's scores: the same moments
-            scores = (scores - self.score_moments.mean) / self.score_moments.std
-        if cfg.reward_clip is not None:
-            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
-        batch.raw_scores = raw
-        return scores
+        """(B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
+        batch.raw_scores = self.reward(batch).float().to(self.device)
+        return shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
 
     @torch.no_grad()
     def compute_old_logprobs_and_values(self, batch: RolloutBatch) -> None:
@@ -526,10 +468,10 @@ class PPOTrainer:
             "score_moments": self.score_moments.state_dict(),
             "sampler": self.sampler.state_dict(),
             "skipped_total": self.skipped_total,
-            "rng": _rng_state(),
+            "rng": rng_state(),
         }
         if distributed.world_size() > 1:
-            state["rng_per_rank"] = distributed.all_gather_objects(_rng_state())
+            state["rng_per_rank"] = distributed.all_gather_objects(rng_state())
         with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
             saved = None if model is None else save_checkpoint(
                 path or self.config.output_dir, self.step_count, model, self.tokenizer, state,
@@ -544,13 +486,13 @@ class PPOTrainer:
         self.score_moments.load_state_dict(state["score_moments"])
         self.sampler.load_state_dict(state["sampler"])
         self.skipped_total = state.get("skipped_total", 0)
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         if distributed.world_size() > 1:  # each rank its own stream: as saved, or new ones at a new world size
             per_rank = state.get("rng_per_rank") or []
             if len(per_rank) == distributed.world_size():
-                _set_rng_state(per_rank[distributed.rank()])
+                set_rng_state(per_rank[distributed.rank()])
             else:
-                _seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])
+                seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])
         self.step_count = state["step"]
         if distributed.is_main():
             print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
@@ -560,40 +502,6 @@ class PPOTrainer:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict:
-    """Every RNG the run draws from, completely (the Gaussian caches too), as tensors and plain values (loadable
-    with weights_only=True)."""
-    _, mt, gauss_next = random.getstate()
-    _, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": list(mt),
-        "python_gauss_next": gauss_next,
-        "numpy": torch.from_numpy(keys.astype(np.int64)),
-        "numpy_pos": int(position),
-        "numpy_gauss": [int(has_gauss), float(cached_gaussian)],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state.get("python_gauss_next")))
-    has_gauss, cached_gaussian = state.get("numpy_gauss", (0, 0.0))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], int(has_gauss),
-                         float(cached_gaussian)))  # fmt: skip
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -234,7 +234,8 @@ def test_rng_state_round_trips_with_the_gaussian_caches():
 
     import numpy as np
 
-    from fastppo.trainer import _rng_state, _set_rng_state
+    from fastppo.rng import rng_state as _rng_state
+    from fastppo.rng import set_rng_state as _set_rng_state
 
     random.gauss(0, 1), np.random.standard_normal()  # leave a cached Gaussian in both
     state = _rng_state()
