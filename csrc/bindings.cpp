@@ -17,7 +17,8 @@ TORCH_LIBRARY(fastppo, m) {
   m.def("gae(Tensor rewards, Tensor values, Tensor response_mask, float gamma, float lam) -> Tensor[]");
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
   m.def("ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor response_mask, "
-        "float clip_low, float clip_high, float dual_clip, int agg, float denominator) -> Tensor[]");
+        "float clip_low, float clip_high, float dual_clip, int agg, float denominator, Tensor? token_weights=None) "
+        "-> Tensor[]");
   m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor response_mask, float clip, "
         "int agg, float denominator) -> Tensor[]");
 }

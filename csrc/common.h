@@ -133,7 +133,7 @@ Tensor masked_whiten(const Tensor& x, const Tensor& mask, bool shift_mean, doubl
 // -> [loss (), d loss / d logprobs (B, T) float32, stats (5,): clip, dual clip, approx kl, ratio mean, ratio max]
 std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
                                     const Tensor& response_mask, double clip_low, double clip_high, double dual_clip,
-                                    int64_t agg, double denominator);
+                                    int64_t agg, double denominator, const std::optional<Tensor>& token_weights);
 // -> [loss (), d loss / d values (B, T) float32, stats (1,): value clip fraction]
 std::vector<Tensor> ppo_value_loss(const Tensor& values, const Tensor& old_values, const Tensor& returns,
                                    const Tensor& response_mask, double clip, int64_t agg, double denominator);

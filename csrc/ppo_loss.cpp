@@ -35,9 +35,10 @@ static std::vector<double> row_scales(const float* m, int64_t B, int64_t T, int6
 // One sequence of the policy loss. Branch-free so the loop vectorizes: every load is unconditional and every
 // condition is a select between floats (bool logic inside the loop keeps GCC from vectorizing it). Padded positions
 // are selected to neutral values, never multiplied, so garbage there cannot leak. out: loss, n_valid, clipped, dual
-// clipped, approx kl, ratio sum, ratio max.
-FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float* a, const float* m, float* g,
-                                    int64_t T, float scale, float low, float high, float dual_clip, double* out) {
+// clipped, approx kl, ratio sum, ratio max. tw: the per-token weights (token_weights; all 1 when none were given).
+FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float* a, const float* m, const float* tw,
+                                    float* g, int64_t T, float scale, float low, float high, float dual_clip,
+                                    double* out) {
   const float c = dual_clip > 0 ? dual_clip : std::numeric_limits<float>::infinity();  // dual clip off: no cap
   // float accumulators within a row (the caller sums rows in double): double reductions keep the loop scalar.
   float loss = 0, n = 0, clipped_count = 0, dual_count = 0, kl = 0, ratio_sum = 0, ratio_max = 0;
@@ -54,7 +55,7 @@ FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float*
     const float branch = clipped > unclipped ? inside : (unclipped > clipped ? 1.0f : 0.5f * (1.0f + inside));
     const float cap = A < 0 ? -c * A : std::numeric_limits<float>::infinity();  // dual clip: loss <= -c A for A < 0
     const float surrogate = std::max(clipped, unclipped);
-    const float w = mt != 0 ? mt * scale : 0.0f;
+    const float w = mt != 0 ? mt * scale * tw[t] : 0.0f;
     g[t] = surrogate > cap ? 0.0f : w * unclipped * branch;
     loss += w * std::min(surrogate, cap);
     n += valid;
@@ -103,15 +104,18 @@ FASTPPO_SIMD static void value_row(const float* v, const float* o, const float* 
 // ratio max] float32.
 std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs_in, const Tensor& old_in, const Tensor& adv_in,
                                     const Tensor& mask_in, double clip_low, double clip_high, double dual_clip,
-                                    int64_t agg, double denominator) {
+                                    int64_t agg, double denominator, const std::optional<Tensor>& token_weights) {
   check_bt(logprobs_in, mask_in, "logprobs");
   check_bt(old_in, mask_in, "old_logprobs");
   check_bt(adv_in, mask_in, "advantages");
+  if (token_weights.has_value()) check_bt(*token_weights, mask_in, "token_weights");
   const Tensor lp = as_f32(logprobs_in), old = as_f32(old_in);
   const Tensor adv = as_f32(adv_in), mask = as_f32(mask_in);
   const int64_t B = lp.size(0), T = lp.size(1);
+  // Ones when absent: one unconditional load keeps policy_row branch-free (and vectorized) for both cases.
+  const Tensor weights = token_weights.has_value() ? as_f32(*token_weights) : at::ones({B, T}, lp.options());
   const float *l = lp.data_ptr<float>(), *o = old.data_ptr<float>(), *a = adv.data_ptr<float>();
-  const float* m = mask.data_ptr<float>();
+  const float *m = mask.data_ptr<float>(), *tw = weights.data_ptr<float>();
   const std::vector<double> scale = row_scales(m, B, T, agg, denominator);
   Tensor grad = at::empty({B, T}, lp.options());
   float* g = grad.data_ptr<float>();
@@ -121,7 +125,7 @@ std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs_in, const Tensor& old
   at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i = b * T;
-      policy_row(l + i, o + i, a + i, m + i, g + i, T, static_cast<float>(scale[b]), low, high,
+      policy_row(l + i, o + i, a + i, m + i, tw + i, g + i, T, static_cast<float>(scale[b]), low, high,
                  static_cast<float>(dual_clip), &partials[b * 7]);
     }
   });

@@ -14,8 +14,9 @@ Value, per valid token (V_c = V_old + clip(V - V_old, +-clip), R the return):
     d loss_t / d V = s_u (V - R) + s_c [|V - V_old| <= clip] (V_c - R),   (s_u, s_c) = (1, 0), (0, 1) or (1/2, 1/2)
 
 The aggregated loss is sum_t w_t loss_t with w = mask * row_scale[b] (`loss_weights` of the reference, one scale per
-row, computed from the mask before the launch). Since the loss is a weighted sum, its gradient is known in the
-forward pass: one kernel writes the per-token gradient, the per-row partial loss and the per-row stats partials;
+row, computed from the mask before the launch), times the policy loss's optional per-token `token_weights` (the
+rollout's off-policy correction). Since the loss is a weighted sum, its gradient is known in the forward pass: one
+kernel writes the per-token gradient, the per-row partial loss and the per-row stats partials;
 backward only multiplies the saved gradient by grad_output (as Liger's fused cross-entropy does). The gradient is
 kept in the compute dtype and rounded to the input's dtype once, after that scaling. Compute is float32
 (float64 for float64 inputs); padded positions never leak, whatever they hold.
@@ -42,6 +43,7 @@ def _ppo_policy_kernel(
     lp_ptr,
     old_ptr,
     adv_ptr,
+    tw_ptr,
     mask_ptr,
     row_scale_ptr,
     grad_ptr,
@@ -54,12 +56,15 @@ def _ppo_policy_kernel(
     stride_old_t,
     stride_adv_b,
     stride_adv_t,
+    stride_tw_b,
+    stride_tw_t,
     stride_mask_b,
     stride_mask_t,
     ratio_low: tl.float64,
     ratio_high: tl.float64,
     dual_clip: tl.float64,
     DUAL_CLIP: tl.constexpr,
+    TOKEN_WEIGHTS: tl.constexpr,  # off: no load at all (tw_ptr is then a stand-in, never read)
     STORE_GRAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -115,6 +120,9 @@ def _ppo_policy_kernel(
             grad = tl.where(dual, 0.0, grad)
             n_dual += tl.sum((dual & valid).to(compute_dtype), axis=1)
         weight = m.to(compute_dtype) * row_scale[:, None]
+        if TOKEN_WEIGHTS:  # the off-policy correction: a constant factor on each token's term and its gradient
+            tw = tl.load(tw_ptr + rows[:, None] * stride_tw_b + t[None, :] * stride_tw_t, mask=inb, other=0.0)
+            weight = weight * tl.where(valid, tw.to(compute_dtype), 0.0)
         loss_sum += tl.sum(tl.where(valid, weight * per_token, 0.0), axis=1)
         if STORE_GRAD:
             grad = tl.where(valid, weight * grad, 0.0)
@@ -283,11 +291,13 @@ def _masked_means(partials: torch.Tensor, columns: slice) -> torch.Tensor:
 
 class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, den):
+    def forward(
+        ctx, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, den, token_weights
+    ):
         clip_high = clip_low if clip_high is None else clip_high
         loss, grad, partials = _launch(
             _ppo_policy_kernel,
-            (logprobs, old_logprobs, advantages),
+            (logprobs, old_logprobs, advantages, logprobs if token_weights is None else token_weights),
             response_mask,
             agg,
             den,
@@ -297,6 +307,7 @@ class _PPOPolicyLoss(torch.autograd.Function):
             1.0 + clip_high,
             2.0 if dual_clip is None else float(dual_clip),
             DUAL_CLIP=dual_clip is not None,
+            TOKEN_WEIGHTS=token_weights is not None,
         )
         clip_frac, dual_clip_frac, approx_kl, ratio_mean = _masked_means(partials, slice(2, 6)).unbind()
         ratio_max = partials[:, 6].amax().float() if partials.shape[0] > 0 else torch.zeros((), device=loss.device)
@@ -309,7 +320,7 @@ class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.input_dtype), *([None] * 8)
+        return (grad * grad_loss).to(ctx.input_dtype), *([None] * 9)
 
 
 class _PPOValueLoss(torch.autograd.Function):
@@ -348,10 +359,20 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     denominator: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate (a 0-dim loss, differentiable wrt logprobs) and its detached float32 stats."""
     loss, stats = _PPOPolicyLoss.apply(
-        logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+        denominator,
+        token_weights,
     )
     names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max")
     return loss, dict(zip(names, stats.unbind(), strict=True))

@@ -219,16 +219,20 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     denominator: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate loss (scalar) and detached stats; see `reference.ppo_policy_loss`."""
     _check_2d_mask(response_mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    if token_weights is not None:
+        _check_2d_mask(response_mask, token_weights=token_weights)
     if not clip_low >= 0 or (clip_high is not None and not clip_high >= 0):
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     _check_agg(agg, denominator)
     impl = implementation("ppo_policy_loss", logprobs.device.type)
-    return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator)
+    return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
+                token_weights)  # fmt: skip
 
 
 def ppo_value_loss(

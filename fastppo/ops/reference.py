@@ -238,6 +238,7 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     agg: str = "token-mean",
     denominator: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, as a loss to minimize.
 
@@ -249,6 +250,10 @@ def ppo_policy_loss(
     `logprobs` gets a gradient. Returns the scalar loss (aggregated by `agg`, see `loss_weights`) and
     detached stats over valid tokens: clip_frac (the clipped branch won), dual_clip_frac, approx_kl
     (k3 of the ratio), ratio_mean, ratio_max.
+
+    token_weights (B, T), constants (no gradient), multiply each token's term: loss_t = w_t * loss_t. The off-policy
+    correction of a rollout engine's sampler (truncated importance sampling, or 0 for a masked sequence) enters
+    here, so the fused kernels apply it in the same pass. The stats ignore it.
     """
     clip_high = clip_low if clip_high is None else clip_high
     valid = response_mask.bool()
@@ -266,6 +271,8 @@ def ppo_policy_loss(
         cap = -dual_clip * advantages
         dual_clipped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_clipped, cap, per_token)
+    if token_weights is not None:
+        per_token = per_token * torch.where(valid, token_weights.detach().to(compute_dtype), zero)
     weights = loss_weights(response_mask, agg, denominator, compute_dtype)
     loss = (weights * per_token).sum()
 
