@@ -134,7 +134,7 @@ class VLLMEngine:
             self.llm = LLM(**kwargs)
         self.startup_s = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
-        self.sleeping = False
+        self.awake = {"weights", "kv_cache"}
         if self.sleep_mode:
             self.sleep()
 
@@ -193,7 +193,7 @@ class VLLMEngine:
         """Push (name, tensor) pairs (transformers' names) into the running engine, then drop the prefix cache,
         whose KV entries the old weights computed (repeated prompts would reuse them). Returns seconds taken."""
         start = time.perf_counter()
-        self.wake_up(tags=["weights"])
+        self.wake_up(tags=("weights",))
         weights = [(name, tensor.detach()) for name, tensor in named_tensors]
         if self.device.type == "cuda":
             # As TRL and OpenRLHF do colocated: load_weights on the driver worker's model, in this process.
@@ -216,15 +216,18 @@ class VLLMEngine:
 
     def sleep(self) -> None:
         """Free the engine's GPU memory (weights offloaded to CPU, KV cache dropped) for the training step."""
-        if self.sleep_mode and not self.sleeping:
-            self.llm.reset_prefix_cache()
+        if self.sleep_mode and self.awake:
+            self.llm.reset_prefix_cache()  # the KV cache is dropped: no prefix may point into it after waking
             self.llm.sleep(level=1)
-            self.sleeping = True
+            self.awake.clear()
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        if self.sleep_mode and self.sleeping:
-            self.llm.wake_up(tags=tags)
-            self.sleeping = tags is not None and "kv_cache" not in tags
+    def wake_up(self, tags: tuple = ("weights", "kv_cache")) -> None:
+        """Bring back what `tags` name; a sync wakes the weights alone, so the KV cache is not allocated beside the
+        gathered weights."""
+        missing = [tag for tag in tags if tag not in self.awake]
+        if self.sleep_mode and missing:
+            self.llm.wake_up(tags=missing)
+            self.awake.update(missing)
 
 
 def policy_weights(lm):

@@ -124,3 +124,19 @@ def test_lora_weights_are_merged_and_named_as_transformers_does(lm):
     assert not torch.allclose(merged[name], plain[name])  # the adapter is in
     base = peft.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
     assert torch.allclose(base, plain[name], atol=1e-6)  # and out again afterwards
+
+
+def test_the_host_process_is_left_as_it_was(engine):
+    """vLLM replaced torch.set_num_threads with a no-op and put its allocator in LD_PRELOAD: both undone."""
+    import os
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert "libtcmalloc" not in os.environ.get("LD_PRELOAD", "")
+    assert hasattr(engine._driver_model(), "load_weights")  # the CUDA sync path's model is where TRL finds it
