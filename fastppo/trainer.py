@@ -164,7 +164,7 @@ class PPOTrainer:
         resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
         # The vLLM engine starts from the policy's files; resumed weights are pushed before the first rollout.
         self.engine = self._build_engine(policy) if config.rollout_engine == "vllm" else None
-        self.engine_stale = checkpoint is not None
+        self.engine_stale, self.last_sync_s = checkpoint is not None, 0.0
         self.metrics = (MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
                         if distributed.is_main() else distributed.NullLogger())  # fmt: skip
         if resume_step is not None:
@@ -465,7 +465,7 @@ class PPOTrainer:
         stats = vllm_engine.log_prob_gap(sampler, old, mask)
         n = distributed.world_size()
         stats["rollout/corrected_frac"] = distributed.reduce_stats({"c": corrected})["c"] / n  # equal shares
-        stats["perf/weight_sync_s"] = getattr(self, "last_sync_s", 0.0)
+        stats["perf/weight_sync_s"] = self.last_sync_s
         return stats
 
     # --- metrics, generation, saving ----------------------------------------------------------------------------
