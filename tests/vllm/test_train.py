@@ -40,3 +40,22 @@ def test_train_with_vllm_and_tis_then_resume(vllm_policy, tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert rows[2]["rollout/logprob_diff_max"] < 1e-3, "resume pushes the resumed weights into the engine"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_train_under_torchrun_every_rank_its_engine(vllm_policy, tmp_path, parallel):
+    """`fastppo train --nproc 2`: each rank builds its engine with the external launcher in the trainer's process
+    group, generates its share, and syncs the (gathered, under FSDP) weights after the first step."""
+    policy, _ = vllm_policy
+    config = {"policy_model": policy, "reward_model": "tests.trainer.conftest:count_w7", "parallel": parallel,
+              "prompts": [f"w{i} w{i + 1}" for i in range(8)], "output_dir": str(tmp_path / "run"), "steps": 2,
+              "rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 1, "max_new_tokens": 4,
+              "learning_rate": 1e-3, "tensorboard": False, "rollout_engine": "vllm"}  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = run_cli("train", "--nproc", "2", "--config", str(path))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["rollout/logprob_diff_max"] < 1e-3, row
