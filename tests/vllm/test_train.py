@@ -59,3 +59,28 @@ def test_train_under_torchrun_every_rank_its_engine(vllm_policy, tmp_path, paral
     assert len(rows) == 2
     for row in rows:
         assert row["rollout/logprob_diff_max"] < 1e-3, row
+
+
+def test_sigint_with_the_engine_in_process_stops_at_a_step_with_a_checkpoint(vllm_policy, tmp_path):
+    """The in-process engine must not take over the trainer's signals: Ctrl-C finishes the step, saves, exits 130."""
+    import signal
+
+    from fastppo.checkpoint import list_checkpoints, verify
+    from tests.trainer.test_robustness import metric_lines, start_cli, wait_until
+
+    policy, _ = vllm_policy
+    run_dir = tmp_path / "run"
+    config = {"policy_model": policy, "reward_model": "tests.trainer.conftest:count_w7", "output_dir": str(run_dir),
+              "prompts": [f"w{i} w{i + 1}" for i in range(8)], "steps": 10_000, "rollout_batch_size": 2,
+              "mini_batch_size": 2, "max_new_tokens": 4, "tensorboard": False, "rollout_engine": "vllm"}  # fmt: skip
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    proc = start_cli("train", "--config", str(path))
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and metric_lines(run_dir), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    steps = len(metric_lines(run_dir))
+    assert f"stopped by SIGINT at step {steps}" in out
+    assert [p for _, p in list_checkpoints(str(run_dir))] == [str(run_dir / f"checkpoint-{steps}")]
+    assert verify(str(run_dir / f"checkpoint-{steps}")) is None
