@@ -76,6 +76,7 @@ def _ppo_policy_kernel(
         tile                    fp32/bf16/fp16: sm_80, sm_90    fp64: sm_80, sm_90    spills
         2 x 256 (T >= 256)      64, 61                          144, 158              none
         32 x 16 (T = 16)        64, 64                          162, 164              none
+        either, token_weights   up to 80, 74                    up to 162, 170        none
         1024 elements before    up to 116, 133                  255, 255              fp64: up to 208 bytes
     """
     compute_dtype = partials_ptr.dtype.element_ty
