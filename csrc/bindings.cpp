@@ -21,7 +21,7 @@ TORCH_LIBRARY(fastppo, m) {
   m.def("masked_whiten(Tensor x, Tensor mask, bool shift_mean, float eps) -> Tensor");
   m.def("ppo_policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor response_mask, "
         "float clip_low, float clip_high, float dual_clip, int agg, float denominator, Tensor? ref_logprobs, "
-        "float kl_loss_coef, int kl_estimator) -> Tensor[]");
+        "float kl_loss_coef, int kl_estimator, Tensor? token_weights=None) -> Tensor[]");
   m.def("ppo_value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor response_mask, float clip, "
         "int agg, float denominator) -> Tensor[]");
 }

@@ -140,7 +140,8 @@ Tensor masked_whiten(const Tensor& x, const Tensor& mask, bool shift_mean, doubl
 std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
                                     const Tensor& response_mask, double clip_low, double clip_high, double dual_clip,
                                     int64_t agg, double denominator, const std::optional<Tensor>& ref_logprobs,
-                                    double kl_loss_coef, int64_t kl_estimator);
+                                    double kl_loss_coef, int64_t kl_estimator,
+                                    const std::optional<Tensor>& token_weights);
 // -> [loss (), d loss / d values (B, T) float32, stats (1,): value clip fraction]
 std::vector<Tensor> ppo_value_loss(const Tensor& values, const Tensor& old_values, const Tensor& returns,
                                    const Tensor& response_mask, double clip, int64_t agg, double denominator);

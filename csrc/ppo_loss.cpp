@@ -45,11 +45,12 @@ static inline void kl_and_derivative(float d, int64_t estimator, float& kl, floa
 // One sequence of the policy loss. Branch-free so the loop vectorizes: every load is unconditional and every
 // condition is a select between floats (bool logic inside the loop keeps GCC from vectorizing it). Padded positions
 // are selected to neutral values, never multiplied, so garbage there cannot leak. `r` is the reference's log-probs
-// (with_kl) or any readable row (then unused). out: loss, n_valid, clipped, dual clipped, approx kl, ratio sum, ratio
-// max, ref kl.
+// (with_kl) or any readable row (then unused); `tw` the per-token weights of the policy-gradient term (token_weights;
+// all 1 when none were given; the KL term is not weighted). out: loss, n_valid, clipped, dual clipped, approx kl,
+// ratio sum, ratio max, ref kl.
 FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float* a, const float* r, const float* m,
-                                    float* g, int64_t T, float scale, float low, float high, float dual_clip,
-                                    bool with_kl, float kl_coef, int64_t estimator, double* out) {
+                                    const float* tw, float* g, int64_t T, float scale, float low, float high,
+                                    float dual_clip, bool with_kl, float kl_coef, int64_t estimator, double* out) {
   const float c = dual_clip > 0 ? dual_clip : std::numeric_limits<float>::infinity();  // dual clip off: no cap
   // float accumulators within a row (the caller sums rows in double): double reductions keep the loop scalar.
   float loss = 0, n = 0, clipped_count = 0, dual_count = 0, kl = 0, ratio_sum = 0, ratio_max = 0, ref_kl = 0;
@@ -68,9 +69,9 @@ FASTPPO_SIMD static void policy_row(const float* l, const float* o, const float*
     const float surrogate = std::max(clipped, unclipped);
     float token_kl = 0, kl_derivative = 0;
     if (with_kl) kl_and_derivative(mt != 0 ? lt - rt : 0.0f, estimator, token_kl, kl_derivative);
-    const float w = mt != 0 ? mt * scale : 0.0f;
-    g[t] = w * ((surrogate > cap ? 0.0f : unclipped * branch) + kl_coef * kl_derivative);
-    loss += w * (std::min(surrogate, cap) + kl_coef * token_kl);
+    const float w = mt != 0 ? mt * scale : 0.0f, w_pg = mt != 0 ? mt * scale * tw[t] : 0.0f;
+    g[t] = w_pg * (surrogate > cap ? 0.0f : unclipped * branch) + w * kl_coef * kl_derivative;
+    loss += w_pg * std::min(surrogate, cap) + w * kl_coef * token_kl;
     n += valid;
     clipped_count += clipped > unclipped ? valid : 0.0f;
     dual_count += surrogate > cap ? valid : 0.0f;
@@ -119,18 +120,22 @@ FASTPPO_SIMD static void value_row(const float* v, const float* o, const float* 
 std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs_in, const Tensor& old_in, const Tensor& adv_in,
                                     const Tensor& mask_in, double clip_low, double clip_high, double dual_clip,
                                     int64_t agg, double denominator, const std::optional<Tensor>& ref_in,
-                                    double kl_loss_coef, int64_t kl_estimator) {
+                                    double kl_loss_coef, int64_t kl_estimator,
+                                    const std::optional<Tensor>& token_weights) {
   check_bt(logprobs_in, mask_in, "logprobs");
   check_bt(old_in, mask_in, "old_logprobs");
   check_bt(adv_in, mask_in, "advantages");
   if (ref_in) check_bt(*ref_in, mask_in, "ref_logprobs");
+  if (token_weights.has_value()) check_bt(*token_weights, mask_in, "token_weights");
   TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, "kl_estimator must be 0 (k1), 1 (k2), 2 (k3) or 3 (abs)");
   const Tensor lp = as_f32(logprobs_in), old = as_f32(old_in);
   const Tensor adv = as_f32(adv_in), mask = as_f32(mask_in);
   const Tensor ref = ref_in ? as_f32(*ref_in) : lp;  // without a reference, any readable (B, T) floats: unused
   const int64_t B = lp.size(0), T = lp.size(1);
+  // Ones when absent: one unconditional load keeps policy_row branch-free (and vectorized) for both cases.
+  const Tensor weights = token_weights.has_value() ? as_f32(*token_weights) : at::ones({B, T}, lp.options());
   const float *l = lp.data_ptr<float>(), *o = old.data_ptr<float>(), *a = adv.data_ptr<float>();
-  const float *rf = ref.data_ptr<float>(), *m = mask.data_ptr<float>();
+  const float *rf = ref.data_ptr<float>(), *m = mask.data_ptr<float>(), *tw = weights.data_ptr<float>();
   const std::vector<double> scale = row_scales(m, B, T, agg, denominator);
   Tensor grad = at::empty({B, T}, lp.options());
   float* g = grad.data_ptr<float>();
@@ -143,7 +148,7 @@ std::vector<Tensor> ppo_policy_loss(const Tensor& logprobs_in, const Tensor& old
   at::parallel_for(0, B, row_grain(T), [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const int64_t i = b * T;
-      policy_row(l + i, o + i, a + i, rf + i, m + i, g + i, T, static_cast<float>(scale[b]), low, high,
+      policy_row(l + i, o + i, a + i, rf + i, m + i, tw + i, g + i, T, static_cast<float>(scale[b]), low, high,
                  static_cast<float>(dual_clip), with_kl, kl_coef, kl_estimator, &partials[b * kPartials]);
     }
   });

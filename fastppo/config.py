@@ -79,6 +79,28 @@ class PPOConfig:
     stop_token_ids: list = _f(
         [], "Token ids that end a response, besides the tokenizer's EOS and generation_config.json's eos_token_id."
     )
+    # --- rollout engine (vLLM) ---------------------------------------------------------------------------------
+    rollout_engine: str = _f(
+        "hf",
+        "'hf': fastppo's own decode loop (the reference); 'vllm': an in-process vLLM engine per rank (pip "
+        'install "fastppo[vllm]"), its weights synced after every optimizer step.',
+    )
+    vllm_gpu_memory_utilization: float = _f(0.3, "CUDA: the fraction of GPU memory vLLM may take (weights + KV).")
+    vllm_max_model_len: int | None = _f(None, "vLLM's context length; None = max_prompt_length + max_new_tokens.")
+    vllm_enable_sleep_mode: bool = _f(True, "CUDA: vLLM frees its memory during training, wakes for the rollout.")
+    vllm_kv_cache_bytes: int | None = _f(
+        None,
+        "vLLM's KV cache in bytes; None = gpu_memory_utilization on CUDA, 256 MiB on CPU (vLLM's CPU default "
+        "takes 16 GiB).",
+    )
+    vllm_tensor_parallel_size: int = _f(1, "GPUs one vLLM engine spans; 1 = each rank generates its own share.")
+    rollout_correction: str = _f(
+        "none",
+        "Correct for the sampler's log-probs differing from the trainer's: 'tis' weights each token's "
+        "policy-gradient term by min(pi_old / pi_sampler, cap); 'mis' masks sequences whose ratio leaves "
+        "[1/cap, cap]; 'none'. Needs rollout_engine: vllm (the hf engine samples from the trainer's own model).",
+    )
+    rollout_correction_cap: float = _f(2.0, "The cap of rollout_correction (> 1): TIS truncation, MIS bounds.")
     # --- reward and KL ----------------------------------------------------------------------------------------
     kl_coef: float = _f(0.05, "Initial weight of the per-token KL penalty against the reference.")
     kl_target: float | None = _f(None, "Target KL per sequence for adaptive control (Ziegler et al. 2019); None=fixed.")
@@ -212,10 +234,15 @@ class PPOConfig:
             "device": ("auto", "cpu", "cuda"),
             "parallel": ("none", "ddp", "fsdp"),
             "save_dtype": ("auto", "float32", "bfloat16", "float16"),
+            "rollout_engine": ("hf", "vllm"),
+            "rollout_correction": ("none", "tis", "mis"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.rollout_correction != "none" and self.rollout_engine != "vllm":
+            raise InputError("rollout_correction corrects for a separate sampler's log-probs: it needs "
+                             "rollout_engine: vllm (the hf engine samples from the trained model itself)")  # fmt: skip
         if self.reference == "adapter" and self.lora_rank == 0:
             raise InputError("reference: 'adapter' needs LoRA (lora_rank > 0): without adapters there is no reference")
 
@@ -335,6 +362,9 @@ RANGES: dict[str, Interval] = {
     "clip_range_high": POSITIVE, "dual_clip": Interval(1, low_open=True), "clip_range_value": POSITIVE,
     "vf_coef": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE, "steps": POSITIVE, "seed": NON_NEGATIVE,
     "save_every": NON_NEGATIVE, "max_skipped_steps": NON_NEGATIVE,
+    "vllm_gpu_memory_utilization": Interval(0, 1, low_open=True), "vllm_max_model_len": POSITIVE,
+    "vllm_kv_cache_bytes": POSITIVE, "vllm_tensor_parallel_size": POSITIVE,
+    "rollout_correction_cap": Interval(1, low_open=True),
 }  # fmt: skip
 
 

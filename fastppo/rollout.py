@@ -40,6 +40,8 @@ class RolloutBatch:
     kl: torch.Tensor | None = None  # (B, T) float32 per-token KL estimate
     advantages: torch.Tensor | None = None  # (B, T) float32
     returns: torch.Tensor | None = None  # (B, T) float32
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) float32, the rollout engine's own (vllm engine only)
+    token_weights: torch.Tensor | None = None  # (B, T) float32 rollout correction per token (None: all 1)
 
     @property
     def truncated(self) -> torch.Tensor:  # (B,) bool: cut at max_new_tokens before it ended

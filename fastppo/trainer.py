@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from fastppo import distributed, groups, ops
+from fastppo import distributed, groups, ops, vllm_engine
 from fastppo.advantages import estimate_advantages, uses_critic
 from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
@@ -69,6 +69,8 @@ def _lr_lambda(config: PPOConfig, total_steps: int):
 class PPOTrainer:
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
         self.config = config.validate()
+        if config.rollout_engine == "vllm":
+            vllm_engine.check_available()  # exit 2 naming the install before any model loads
         self._check_output_dir()
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
@@ -118,6 +120,9 @@ class PPOTrainer:
                 "temperature alone for RL.", stacklevel=2,
             )  # fmt: skip
         resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
+        # The vLLM engine starts from the policy's files; resumed weights are pushed before the first rollout.
+        self.engine = self._build_engine(policy) if config.rollout_engine == "vllm" else None
+        self.engine_stale, self.last_sync_s = checkpoint is not None, 0.0
         self.metrics = (MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
                         if distributed.is_main() else distributed.NullLogger())  # fmt: skip
         if resume_step is not None:
@@ -191,6 +196,7 @@ class PPOTrainer:
         cfg, start = self.config, time.perf_counter()
         batch, rollout_s, sampling_stats = self.sample()
         self.compute_old_logprobs_and_values(batch)
+        sampler_stats = self.rollout_correction(batch) if batch.sampler_logprobs is not None else {}
         batch.rewards, batch.kl, batch.advantages, batch.returns = estimate_advantages(
             batch, cfg, self.kl_controller.value
         )
@@ -209,6 +215,7 @@ class PPOTrainer:
         metrics.update(sampling_stats)
         if cfg.value_warmup_steps:
             metrics["value/warmup"] = float(warming_up)
+        metrics.update(sampler_stats)
         self.metrics.log(metrics)
         return metrics
 
@@ -242,16 +249,25 @@ class PPOTrainer:
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
                                                    cfg.truncate_long_prompts)  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-        self.model.eval()
-        with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
-            response_ids, response_mask, ended = generate(
-                self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens,
-                cfg.temperature if temperature is None else temperature, cfg.top_k, cfg.top_p,
-                tuple(cfg.stop_strings), self.end_ids,
+        temperature = cfg.temperature if temperature is None else temperature
+        sampler_logprobs = None
+        if self.engine is not None:
+            self.sync_engine()
+            response_ids, response_mask, ended, sampler_logprobs = self.engine.generate(
+                prompt_ids, prompt_mask, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
+                tuple(cfg.stop_strings), self.end_ids, self.tokenizer.pad_token_id,
             )  # fmt: skip
-        self.model.train()
+        else:
+            self.model.eval()
+            with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
+                response_ids, response_mask, ended = generate(
+                    self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, temperature,
+                    cfg.top_k, cfg.top_p, tuple(cfg.stop_strings), self.end_ids,
+                )  # fmt: skip
+            self.model.train()
         responses = decode_responses(self.tokenizer, response_ids, response_mask)
-        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended, list(prompts), responses)
+        return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended, list(prompts), responses,
+                            sampler_logprobs=sampler_logprobs)  # fmt: skip
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """(B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
@@ -330,7 +346,7 @@ class PPOTrainer:
         policy_loss, policy_stats = ops.ppo_policy_loss(
             logprobs, micro.old_logprobs, micro.advantages, mask, cfg.clip_range, cfg.clip_range_high,
             cfg.dual_clip, cfg.loss_agg, denominator, micro.ref_logprobs if cfg.kl_loss_coef > 0 else None,
-            cfg.kl_loss_coef, cfg.kl_loss_estimator,
+            cfg.kl_loss_coef, cfg.kl_loss_estimator, micro.token_weights,
         )  # fmt: skip
         entropy_mean = (entropy * mask).sum() / max(float(mask.sum()), 1.0)
         loss = policy_loss
@@ -373,6 +389,7 @@ class PPOTrainer:
         self.skipped_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
+        self.engine_stale = True  # the rollout engine's weights are now old: synced before the next rollout
         return norms
 
     def _group_grad_norms(self) -> dict[str, float]:
@@ -387,6 +404,50 @@ class PPOTrainer:
             norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
             norms[f"{name}/grad_norm"] = float(self.parallel.full_tensor(norm))
         return norms
+
+    # --- the vLLM rollout engine (rollout_engine: vllm; see vllm_engine.py) ------------------------------------
+
+    def _build_engine(self, policy) -> vllm_engine.VLLMEngine:
+        cfg = self.config
+        path = policy if isinstance(policy, str) else None
+        if path is None:
+            raise InputError("rollout_engine: 'vllm' needs policy_model as a checkpoint path (vLLM loads it itself)")
+        rng = rng_state()  # vLLM seeds the global RNGs with its own seed: the run's streams must not move
+        try:
+            return vllm_engine.VLLMEngine(
+                path, cfg.tokenizer, self.device, seed=cfg.seed + distributed.rank(),
+                max_model_len=cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens + 8,
+                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+                kv_cache_bytes=cfg.vllm_kv_cache_bytes, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+                world_size=distributed.world_size(),
+            )  # fmt: skip
+        finally:
+            set_rng_state(rng)
+
+    def sync_engine(self) -> None:
+        """Push the policy's current weights into the engine if an optimizer step (or a resume) changed them: the
+        LM only (no value head), LoRA merged, whole under FSDP. Every rank calls it (the gathering is collective)."""
+        if not self.engine_stale:
+            return
+        with torch.no_grad(), self.parallel.full_params(self.model):
+            self.last_sync_s = self.engine.sync_weights(vllm_engine.policy_weights(self.model.lm))
+        self.engine_stale = False
+
+    def rollout_correction(self, batch: RolloutBatch) -> dict:
+        """The gap between the sampler's log-probs and the trainer's recomputed old ones (over every rank's tokens),
+        and `batch.token_weights` for `rollout_correction` (tis / mis), which the policy loss applies per token."""
+        cfg = self.config
+        batch.token_weights, corrected = vllm_engine.correction_weights(
+            batch.sampler_logprobs, batch.old_logprobs, batch.response_mask, cfg.rollout_correction,
+            cfg.rollout_correction_cap,
+        )  # fmt: skip
+        sampler, old, mask = (distributed.all_gather_rows(x) for x in (batch.sampler_logprobs, batch.old_logprobs,
+                                                                       batch.response_mask))  # fmt: skip
+        stats = vllm_engine.log_prob_gap(sampler, old, mask)
+        n = distributed.world_size()
+        stats["rollout/corrected_frac"] = distributed.reduce_stats({"c": corrected})["c"] / n  # equal shares
+        stats["perf/weight_sync_s"] = self.last_sync_s
+        return stats
 
     # --- metrics, generation, saving ----------------------------------------------------------------------------
 

@@ -16,8 +16,9 @@ Value, per valid token (V_c = V_old + clip(V - V_old, +-clip), R the return):
     d loss_t / d V = s_u (V - R) + s_c [|V - V_old| <= clip] (V_c - R),   (s_u, s_c) = (1, 0), (0, 1) or (1/2, 1/2)
 
 The aggregated loss is sum_t w_t loss_t with w = mask * row_scale[b] (`loss_weights` of the reference, one scale per
-row, computed from the mask before the launch). Since the loss is a weighted sum, its gradient is known in the
-forward pass: one kernel writes the per-token gradient, the per-row partial loss and the per-row stats partials;
+row, computed from the mask before the launch), times the policy loss's optional per-token `token_weights` (the
+rollout's off-policy correction). Since the loss is a weighted sum, its gradient is known in the forward pass: one
+kernel writes the per-token gradient, the per-row partial loss and the per-row stats partials;
 backward only multiplies the saved gradient by grad_output (as Liger's fused cross-entropy does). The gradient is
 kept in the compute dtype and rounded to the input's dtype once, after that scaling. Compute is float32
 (float64 for float64 inputs); padded positions never leak, whatever they hold.
@@ -45,6 +46,7 @@ def _ppo_policy_kernel(
     old_ptr,
     adv_ptr,
     ref_ptr,
+    tw_ptr,
     mask_ptr,
     row_scale_ptr,
     grad_ptr,
@@ -59,6 +61,8 @@ def _ppo_policy_kernel(
     stride_adv_t,
     stride_ref_b,
     stride_ref_t,
+    stride_tw_b,
+    stride_tw_t,
     stride_mask_b,
     stride_mask_t,
     ratio_low: tl.float64,
@@ -67,6 +71,7 @@ def _ppo_policy_kernel(
     kl_loss_coef: tl.float64,
     DUAL_CLIP: tl.constexpr,
     KL_ESTIMATOR: tl.constexpr,  # None: no reference, ref_ptr is never read; else the KL-in-loss estimator
+    TOKEN_WEIGHTS: tl.constexpr,  # off: no load at all (tw_ptr is then a stand-in, never read)
     STORE_GRAD: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -78,6 +83,7 @@ def _ppo_policy_kernel(
         tile                    fp32/bf16/fp16: sm_80, sm_90    fp64: sm_80, sm_90    spills
         2 x 256 (T >= 256)      64, 61                          144, 158              none
         32 x 16 (T = 16)        64, 64                          162, 164              none
+        either, token_weights   up to 80, 74                    up to 162, 170        none
         1024 elements before    up to 116, 133                  255, 255              fp64: up to 208 bytes
     """
     compute_dtype = partials_ptr.dtype.element_ty
@@ -122,6 +128,11 @@ def _ppo_policy_kernel(
             per_token = tl.where(dual, cap, per_token)
             grad = tl.where(dual, 0.0, grad)
             n_dual += tl.sum((dual & valid).to(compute_dtype), axis=1)
+        if TOKEN_WEIGHTS:  # the off-policy correction: a constant factor on each token's policy-gradient term
+            tw = tl.load(tw_ptr + rows[:, None] * stride_tw_b + t[None, :] * stride_tw_t, mask=inb, other=0.0)
+            tw = tl.where(valid, tw.to(compute_dtype), 0.0)
+            per_token = per_token * tw
+            grad = grad * tw
         if KL_ESTIMATOR is not None:
             ref = tl.load(ref_ptr + rows[:, None] * stride_ref_b + t[None, :] * stride_ref_t, mask=inb, other=0.0)
             ref_log_ratio = tl.where(valid, lp.to(compute_dtype) - ref.to(compute_dtype), 0.0)
@@ -301,13 +312,13 @@ def _masked_means(partials: torch.Tensor, columns: slice) -> torch.Tensor:
 class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, den,
-                ref_logprobs, kl_loss_coef, kl_estimator):  # fmt: skip
+                ref_logprobs, kl_loss_coef, kl_estimator, token_weights):  # fmt: skip
         clip_high = clip_low if clip_high is None else clip_high
         # Without a reference the kernel never reads it: any (B, T) tensor fills the slot.
         ref = logprobs if ref_logprobs is None else ref_logprobs
         loss, grad, partials = _launch(
             _ppo_policy_kernel,
-            (logprobs, old_logprobs, advantages, ref),
+            (logprobs, old_logprobs, advantages, ref, logprobs if token_weights is None else token_weights),
             response_mask,
             agg,
             den,
@@ -319,6 +330,7 @@ class _PPOPolicyLoss(torch.autograd.Function):
             float(kl_loss_coef),
             DUAL_CLIP=dual_clip is not None,
             KL_ESTIMATOR=None if ref_logprobs is None else kl_estimator,
+            TOKEN_WEIGHTS=token_weights is not None,
         )
         clip_frac, dual_clip_frac, approx_kl, ratio_mean = _masked_means(partials, slice(2, 6)).unbind()
         ratio_max = partials[:, 6].amax().float() if partials.shape[0] > 0 else torch.zeros((), device=loss.device)
@@ -332,7 +344,7 @@ class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss).to(ctx.input_dtype), *([None] * 11)
+        return (grad * grad_loss).to(ctx.input_dtype), *([None] * 12)
 
 
 class _PPOValueLoss(torch.autograd.Function):
@@ -374,12 +386,13 @@ def ppo_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_loss_coef: float = 0.0,
     kl_estimator: str = "k3",
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, plus kl_loss_coef * KL to the reference with ref_logprobs (a 0-dim loss,
     differentiable wrt logprobs), and its detached float32 stats (ref_kl among them with ref_logprobs)."""
     loss, stats = _PPOPolicyLoss.apply(
         logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
-        ref_logprobs, kl_loss_coef, kl_estimator,
+        ref_logprobs, kl_loss_coef, kl_estimator, token_weights,
     )  # fmt: skip
     names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
     stats = dict(zip(names, stats.unbind(), strict=True))

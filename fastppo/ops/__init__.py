@@ -276,10 +276,13 @@ def ppo_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_loss_coef: float = 0.0,
     kl_estimator: str = "k3",
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate loss (scalar), plus kl_loss_coef * KL to the reference when ref_logprobs is given,
     and detached stats (ref_kl among them with ref_logprobs); see `reference.ppo_policy_loss`."""
     _check_2d_mask(response_mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages)
+    if token_weights is not None:
+        _check_2d_mask(response_mask, token_weights=token_weights)
     if not clip_low >= 0 or (clip_high is not None and not clip_high >= 0):
         raise ValueError(f"clip_low and clip_high must be >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and not dual_clip > 1:
@@ -294,7 +297,7 @@ def ppo_policy_loss(
     _check_estimator(kl_estimator)
     impl = implementation("ppo_policy_loss", logprobs.device.type)
     return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
-                ref_logprobs, float(kl_loss_coef), kl_estimator)  # fmt: skip
+                ref_logprobs, float(kl_loss_coef), kl_estimator, token_weights)  # fmt: skip
 
 
 def ppo_value_loss(

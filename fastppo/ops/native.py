@@ -196,17 +196,18 @@ def _denominator(denominator):
 
 
 def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", denominator=None, ref_logprobs=None, kl_loss_coef=0.0,
-                    kl_estimator="k3"):  # fmt: skip
+                    agg="token-mean", denominator=None, ref_logprobs=None, kl_loss_coef=0.0, kl_estimator="k3",
+                    token_weights=None):  # fmt: skip
     if logprobs.dtype == torch.float64:
         return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
-                                         dual_clip, agg, denominator, ref_logprobs, kl_loss_coef,
-                                         kl_estimator)  # fmt: skip
+                                         dual_clip, agg, denominator, ref_logprobs, kl_loss_coef, kl_estimator,
+                                         token_weights)  # fmt: skip
     clip_high = clip_low if clip_high is None else clip_high
     loss, stats = _FusedLoss.apply(
         logprobs, torch.ops.fastppo.ppo_policy_loss, old_logprobs, advantages, response_mask, float(clip_low),
         float(clip_high), -1.0 if dual_clip is None else float(dual_clip), LOSS_AGGREGATIONS.index(agg),
         _denominator(denominator), ref_logprobs, float(kl_loss_coef), KL_ESTIMATORS.index(kl_estimator),
+        None if token_weights is None else token_weights.detach(),
     )  # fmt: skip
     names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
     stats = dict(zip(names, stats.unbind(), strict=True))

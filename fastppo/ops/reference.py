@@ -300,6 +300,7 @@ def ppo_policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_loss_coef: float = 0.0,
     kl_estimator: str = "k3",
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate, plus an optional KL penalty toward the reference, as a loss to minimize.
 
@@ -314,6 +315,10 @@ def ppo_policy_loss(
     `loss_weights`) and detached stats over valid tokens: clip_frac (the clipped branch won), dual_clip_frac,
     approx_kl (k3 of the ratio), ratio_mean, ratio_max, and with ref_logprobs given, ref_kl (the mean per-token
     kl against the reference, whatever kl_loss_coef).
+
+    token_weights (B, T), constants (no gradient), multiply each token's policy-gradient term (not the KL term):
+    the off-policy correction of a rollout engine's sampler (truncated importance sampling, or 0 for a masked
+    sequence) enters here, so the fused kernels apply it in the same pass. The stats ignore it.
     """
     clip_high = clip_low if clip_high is None else clip_high
     valid = response_mask.bool()
@@ -331,6 +336,8 @@ def ppo_policy_loss(
         cap = -dual_clip * advantages
         dual_clipped = (advantages < 0) & (per_token > cap)
         per_token = torch.where(dual_clipped, cap, per_token)
+    if token_weights is not None:
+        per_token = per_token * torch.where(valid, token_weights.detach().to(compute_dtype), zero)
     ref_kl = None
     if ref_logprobs is not None:
         # Selected to 0 before the estimator, not after: garbage at padding must not reach the value or the gradient.

@@ -176,6 +176,44 @@ def test_policy_loss_without_grad(backend):
         assert_close(stats[name], expected_stats[name], name=f"ppo_policy_loss {name} (no grad)")
 
 
+def correction_weights(B, T, dtype, mask, seed):
+    """token_weights as the rollout correction makes them: truncated ratios in (0, 2], whole rows of 0 (masked
+    sequences), nan/inf garbage at padding."""
+    g = torch.Generator().manual_seed(seed)
+    weights = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2.0).clamp(min=1e-3).to(DEVICE)
+    weights[0] = 0.0
+    return with_garbage(weights.to(dtype), mask)
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+@pytest.mark.parametrize("agg", reference.LOSS_AGGREGATIONS)
+@pytest.mark.parametrize("dual_clip,clip_high", [(None, None), (3.0, 0.28)])
+def test_policy_loss_token_weights(backend, agg, dual_clip, clip_high):
+    logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=7)
+    weights = correction_weights(5, 17, torch.float32, mask, seed=7)
+    check_policy(backend, torch.float32, (logprobs, old, advantages, mask), clip_high=clip_high, dual_clip=dual_clip,
+                 agg=agg, denominator=37.0, token_weights=weights)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+@pytest.mark.parametrize("shape,dtype", shape_dtype_cases())
+def test_policy_loss_token_weights_shapes_dtypes(backend, shape, dtype):
+    logprobs, old, advantages, mask = policy_inputs(*shape, dtype, seed=sum(shape))
+    weights = transposed_copy(correction_weights(*shape, dtype, mask, seed=sum(shape)))  # strided, input dtype
+    check_policy(backend, dtype, (logprobs, old, advantages, mask), dual_clip=3.0, token_weights=weights)
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+def test_policy_loss_unit_token_weights_change_nothing(backend):
+    logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=8)
+    plain, plain_stats = run_with(backend, ops.ppo_policy_loss, logprobs, old, advantages, mask, dual_clip=3.0)
+    ones = torch.ones_like(logprobs)
+    weighted, stats = run_with(backend, ops.ppo_policy_loss, logprobs, old, advantages, mask, dual_clip=3.0,
+                               token_weights=ones)  # fmt: skip
+    assert torch.equal(plain, weighted)
+    assert all(torch.equal(plain_stats[k], stats[k]) for k in POLICY_STATS)
+
+
 # ----------------------------------------------------------------------------------------------
 # policy loss with the KL to the reference in it
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +248,24 @@ def test_policy_loss_with_kl_shapes_dtypes(backend, shape, dtype):
     ref = reference_logprobs_for(logprobs, mask, seed=sum(shape))
     check_policy_with_kl(backend, dtype, (logprobs, old, advantages, mask), clip_high=0.28, dual_clip=3.0,
                          agg="seq-mean-token-mean", ref_logprobs=ref, kl_loss_coef=0.05)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+def test_policy_loss_with_kl_and_token_weights(backend, estimator):
+    """The rollout correction weighs the policy-gradient term only; the KL term is the same with or without it."""
+    logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=11)
+    ref = reference_logprobs_for(logprobs, mask, seed=12)
+    weights = correction_weights(5, 17, torch.float32, mask, seed=13)
+    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), dual_clip=3.0, ref_logprobs=ref,
+                         kl_loss_coef=0.3, kl_estimator=estimator, token_weights=weights)  # fmt: skip
+    zero = torch.where(mask.bool(), torch.zeros_like(weights), weights)  # garbage kept at padding
+    kl_only, _ = reference.ppo_policy_loss(logprobs.double(), old.double(), advantages.double(), mask,
+                                           ref_logprobs=ref.double(), kl_loss_coef=0.3, kl_estimator=estimator,
+                                           token_weights=zero.double())  # fmt: skip
+    _, stats = reference.ppo_policy_loss(logprobs.double(), old.double(), advantages.double(), mask,
+                                         ref_logprobs=ref.double(), kl_estimator=estimator)  # fmt: skip
+    torch.testing.assert_close(kl_only, 0.3 * stats["ref_kl"].double(), rtol=1e-6, atol=0)  # stats are float32
 
 
 @pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))

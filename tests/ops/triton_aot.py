@@ -134,9 +134,11 @@ def sequence_cases():
         scores, lp, ref = meta(shape[0], dtype=dtype), meta(*shape, dtype=dtype), meta(*shape, dtype=dtype)
         kl.shape_rewards(scores, lp, ref, meta(*shape, dtype=torch.int64), 0.05, estimator)
 
-    def policy(shape, dtype, dual_clip, grad):
+    def policy(shape, dtype, dual_clip, grad, token_weights):
         lp, old, adv = meta(*shape, dtype=dtype, grad=grad), meta(*shape, dtype=dtype), meta(*shape, dtype=dtype)
-        ppo_loss.ppo_policy_loss(lp, old, adv, meta(*shape, dtype=torch.int64), dual_clip=dual_clip)
+        weights = meta(*shape, dtype=dtype) if token_weights else None
+        ppo_loss.ppo_policy_loss(lp, old, adv, meta(*shape, dtype=torch.int64), dual_clip=dual_clip,
+                                 token_weights=weights)  # fmt: skip
 
     def value(shape, dtype, clip, grad):
         v, old, ret = meta(*shape, dtype=dtype, grad=grad), meta(*shape, dtype=dtype), meta(*shape, dtype=dtype)
@@ -144,7 +146,7 @@ def sequence_cases():
 
     row_block_ops = (
         ("shape_rewards", shape_rewards, {"estimator": estimators}),
-        ("ppo_policy_loss", policy, {"dual_clip": (3.0, None), "grad": (True, False)}),
+        ("ppo_policy_loss", policy, {"dual_clip": (3.0, None), "grad": (True, False), "token_weights": (True, False)}),
         ("ppo_value_loss", value, {"clip": (0.2, None), "grad": (True, False)}),
     )
     for op, launch, flags in row_block_ops:
