@@ -22,6 +22,7 @@ COMMANDS = {
     "sft": ("fastppo.sft", "supervised fine-tuning on a JSONL of {prompt, response}"),
     "reward-model": ("fastppo.reward_training", "train a reward model on a JSONL of {prompt, chosen, rejected}"),
     "dpo": ("fastppo.dpo", "Direct Preference Optimization on a JSONL of {prompt, chosen, rejected}"),
+    "compare": ("fastppo.demo.compare", "PPO, VAPO, GRPO, RLOO, REINFORCE++, DPO and best-of-n on the demo task"),
     "doctor": ("fastppo.doctor", "which backend each op uses on this machine, and why"),
     "selfcheck": ("fastppo.selfcheck", "check every op against its reference here and time it"),
     "bench": ("fastppo.bench_cli", "run the benchmark suite against the peers"),

@@ -233,14 +233,15 @@ def train_reward_stage(output_dir: str, settings: Settings, seed: int) -> dict:
     return result
 
 
-def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae"):
+def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae", name: str = "ppo"):
+    """The RL stage's PPOConfig; the trainer writes into `output_dir`/`name` (`fastppo compare` runs several)."""
     from fastppo.config import PPOConfig
 
     config = PPOConfig(
         policy_model=os.path.join(output_dir, "sft"),
         reward_model=os.path.join(output_dir, "reward_model"),
         prompts=task.prompts()[0],
-        output_dir=os.path.join(output_dir, "ppo"),
+        output_dir=os.path.join(output_dir, name),
         steps=settings.ppo_steps,
         rollout_batch_size=settings.rollout_batch_size,
         mini_batch_size=settings.mini_batch_size,
@@ -257,13 +258,15 @@ def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int,
     return config
 
 
-def ppo_stage(output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae") -> dict:
+def ppo_stage(
+    output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae", name: str = "ppo"
+) -> dict:
     """Drive the PPO loop step by step, evaluating the policy on held-out prompts every `eval_every` steps."""
     from fastppo.reward_training import load_reward_model
     from fastppo.sft import load_tokenizer
     from fastppo.trainer import PPOTrainer
 
-    config = ppo_config(output_dir, settings, kl_control, seed, algo)
+    config = ppo_config(output_dir, settings, kl_control, seed, algo, name)
     trainer = PPOTrainer(
         config,
         policy=config.policy_model,
@@ -294,7 +297,7 @@ def ppo_stage(output_dir: str, settings: Settings, kl_control: bool, seed: int, 
             row, responses = evaluate(step, recent_mean(train_rows, settings.eval_every))
             eval_rows.append(row)
     trainer.save()
-    write_jsonl(os.path.join(output_dir, "eval.jsonl"), eval_rows)
+    write_jsonl(os.path.join(output_dir, "eval.jsonl" if name == "ppo" else f"eval-{name}.jsonl"), eval_rows)
     return {
         "train": train_rows,
         "eval": eval_rows,
