@@ -3,7 +3,8 @@
 For each op and each backend that can run here, the op runs on fresh random inputs and its outputs (and gradients,
 where the op has them) are compared with `fastppo.ops.reference` computed in float64. Then the backend `auto`
 picks is timed against the unfused PyTorch code RLHF trainers run today, in the same process, and the table shows
-the ratio. It is a quick smoke check for a new install; the full suites are `pytest tests/` and `fastppo bench`.
+the ratio. It is a quick smoke check for a new install; the full suites are `pytest tests/` and, from a checkout,
+`python -m bench`.
 """
 
 from __future__ import annotations
