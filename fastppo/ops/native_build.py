@@ -22,7 +22,6 @@ import glob
 import hashlib
 import os
 import sys
-import sysconfig
 import threading
 from pathlib import Path
 
@@ -91,9 +90,9 @@ def _compile(directory: Path, sources: list[str]):
 
     _put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
-    if not glob.glob(str(directory / f"{MODULE_NAME}*{sysconfig.get_config_var('EXT_SUFFIX') or '.so'}")):
+    if not any(directory.glob(f"{MODULE_NAME}*.so")) and not any(directory.glob(f"{MODULE_NAME}*.pyd")):
         print(f"fastppo: compiling the native CPU kernels once for this torch into {directory} "
-              f"(about a minute; {NO_JIT_VARIABLE}=1 skips it)", file=sys.stderr, flush=True)  # fmt: skip
+              f"(a few minutes; {NO_JIT_VARIABLE}=1 skips it)", file=sys.stderr, flush=True)  # fmt: skip
     return cpp_extension.load(
         name=MODULE_NAME,
         sources=sources,
