@@ -49,10 +49,11 @@ from fastppo.models import (
     resolve_device,
     response_logprobs,
 )
-from fastppo.reward_training import split_pairs
 from fastppo.rollout import decode_responses, generate
-from fastppo.sft import encode_prompt_response, read_jsonl, shuffled_batches, update, warmup_then_linear_decay
+from fastppo.schedule import warmup_then_linear_decay
 from fastppo.signals import stop_at_step_boundary
+from fastppo.supervised import encode_prompt_response, shuffled_batches, split_pairs, update
+from fastppo.validation import read_records
 
 FIELDS = ("prompt", "chosen", "rejected")
 STATE_KEYS = ("step", "total_steps", "train_pairs", "optimizer", "scheduler", "reference_logps")  # see `save`
@@ -93,7 +94,7 @@ def dpo_loss(
 def read_pairs(source) -> list[dict[str, str]]:
     """Preference pairs from a JSONL path (errors name the file and line) or a list of dicts."""
     if isinstance(source, str):
-        return read_jsonl(source, FIELDS)
+        return read_records(source, FIELDS)
     for i, record in enumerate(source):
         if not isinstance(record, dict):
             raise InputError(f"data[{i}]: expected a dict with fields {list(FIELDS)}")
@@ -315,6 +316,7 @@ class DPOTrainer:
                 self.save()
             if self.step_count >= self.total_steps:  # a signal during the last step stopped nothing
                 self.stop_request.signum = None
+        self.metrics.close()  # flushes the files and ends TensorBoard's writer; a later record reopens to append
         return history
 
     # --- evaluation ---------------------------------------------------------------------------------------------

@@ -116,17 +116,20 @@ def _time(fn, repeats: int = 5) -> float:
     return best
 
 
-def _python_loop_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """GAE as TRL/OpenRLHF/veRL compute it: one Python iteration per time step."""
+def python_loop_gae(rewards, values, response_mask, gamma=1.0, lam=0.95):
+    """GAE as TRL / OpenRLHF / veRL compute it: a Python iteration per time step (the baseline here and in bench/)."""
     T = rewards.shape[1]
-    last, advantages = 0.0, []
+    values = values * response_mask
+    rewards = rewards * response_mask
+    last_advantage = 0
+    advantages_reversed = []
     for t in reversed(range(T)):
         next_values = values[:, t + 1] if t < T - 1 else 0.0
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last = delta + gamma * lam * last
-        advantages.append(last)
-    advantages = torch.stack(advantages[::-1], dim=1) * mask
-    return advantages, advantages + values
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages_reversed.append(last_advantage)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages * response_mask, (advantages + values) * response_mask
 
 
 def benchmark(device: str = "cpu") -> list[tuple[str, str, float, float]]:
@@ -139,7 +142,7 @@ def benchmark(device: str = "cpu") -> list[tuple[str, str, float, float]]:
             lambda: ops.token_logprobs(logits, tokens),
         ),
         "gae": (
-            lambda: _python_loop_gae(x["advantages"], x["values"], x["mask"]),
+            lambda: python_loop_gae(x["advantages"], x["values"], x["mask"]),
             lambda: ops.gae(x["advantages"], x["values"], x["mask"], 1.0, 0.95),
         ),
         "ppo_policy_loss": (
