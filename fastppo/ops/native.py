@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from fastppo.ops import native_build, reference
-from fastppo.ops.chunked import ChunkKernels, linear_token_logprobs_with
+from fastppo.ops.linear_logprobs import ChunkKernels, linear_token_logprobs_with
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 _NATIVE = native_build.load()  # prebuilt, compiled on first use, or None: the dispatcher then falls back
@@ -86,7 +86,7 @@ def _chunk_backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, t
                                                      grad_entropy, 1.0 / temperature)  # fmt: skip
 
 
-# The chunked LM head + log-probs of fastppo.ops.chunked, with the native kernels on each (C, V) chunk.
+# The chunked LM head + log-probs of fastppo.ops.linear_logprobs, with the native kernels on each (C, V) chunk.
 NATIVE_CHUNK_KERNELS = ChunkKernels(_chunk_forward, _chunk_backward, upcast=True)
 
 
