@@ -50,9 +50,15 @@ from fastppo.models import (
     response_logprobs,
 )
 from fastppo.rollout import decode_responses, generate
-from fastppo.schedule import warmup_then_linear_decay
 from fastppo.signals import stop_at_step_boundary
-from fastppo.supervised import encode_prompt_response, shuffled_batches, split_pairs, update
+from fastppo.supervised import (
+    count_steps,
+    encode_prompt_response,
+    optimizer_and_schedule,
+    shuffled_batches,
+    split_pairs,
+    update,
+)
 from fastppo.validation import read_records
 
 FIELDS = ("prompt", "chosen", "rejected")
@@ -169,14 +175,13 @@ class DPOTrainer:
         if not self.train_data:
             raise InputError(f"data: no training pair keeps a response token within max_length={config.max_length}")
         self.kl_prompts = list(kl_prompts or dict.fromkeys(p["prompt"] for p in eval_pairs))
-        self.total_steps = max(1, round(config.epochs * math.ceil(len(self.train_data) / config.batch_size)))
+        self.total_steps = count_steps(len(self.train_data), config.batch_size, config.epochs)
 
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         self.lm, self.reference = self._build_models(config.model)
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
-        self.optimizer = torch.optim.AdamW([p for p in self.lm.parameters() if p.requires_grad],
-                                           lr=config.learning_rate, weight_decay=0.0)  # fmt: skip
-        self.scheduler = warmup_then_linear_decay(self.optimizer, self.total_steps)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.lm.parameters(), config.learning_rate,
+                                                                self.total_steps)  # fmt: skip
         self.batches = shuffled_batches(len(self.train_data), config.batch_size, self.total_steps, config.seed)
         self.step_count = 0
         if state is not None:

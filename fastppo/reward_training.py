@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from fastppo.checkpoint import save_model
 from fastppo.models import load_model, resolve_device
 from fastppo.rewards import score_at_last_token
-from fastppo.schedule import warmup_then_linear_decay
 from fastppo.supervised import (
     check_command,
     check_context,
+    count_steps,
     encode_prompt_response,
+    is_report_step,
     load_tokenizer,
+    optimizer_and_schedule,
     pad_batch,
     shuffled_batches,
     split_pairs,
@@ -105,12 +107,11 @@ def train_reward_model(
         )
         for p in train_pairs
     ]
-    total_steps = max(1, round(epochs * math.ceil(len(encoded) / batch_size)))
+    total_steps = count_steps(len(encoded), batch_size, epochs)
 
     device = resolve_device("auto")
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    scheduler = warmup_then_linear_decay(optimizer, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
     correct: list[float] = []
     for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
@@ -122,7 +123,7 @@ def train_reward_model(
         update(loss, model, optimizer, scheduler)
         losses.append(loss.item())
         correct.append((margin > 0).float().mean().item())
-        if (step + 1) % max(1, total_steps // 10) == 0 or step + 1 == total_steps:
+        if is_report_step(step, total_steps):
             window = slice(-20, None)
             log(
                 f"reward-model step {step + 1}/{total_steps}  loss {sum(losses[window]) / len(losses[window]):.4f}"

@@ -11,7 +11,6 @@ and `fastppo dpo` (encoding, batch schedule, update step, checks) is in `fastppo
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -20,12 +19,14 @@ import torch
 from fastppo.checkpoint import save_model
 from fastppo.errors import InputError
 from fastppo.models import load_model, resolve_device
-from fastppo.schedule import warmup_then_linear_decay
 from fastppo.supervised import (
     check_command,
     check_context,
+    count_steps,
     encode_prompt_response,
+    is_report_step,
     load_tokenizer,
+    optimizer_and_schedule,
     pad_batch,
     shuffled_batches,
     training_options,
@@ -80,13 +81,11 @@ def train_sft(
             encoded.append((ids, n_prompt))
     if not encoded:
         raise InputError(f"no example has a response token within max_length={max_length}")
-    steps_per_epoch = math.ceil(len(encoded) / batch_size)
-    total_steps = max(1, round(epochs * steps_per_epoch))
+    total_steps = count_steps(len(encoded), batch_size, epochs)
 
     device = resolve_device("auto")
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    scheduler = warmup_then_linear_decay(optimizer, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
     for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
         input_ids, attention_mask, labels = sft_batch([encoded[i] for i in rows], tokenizer.pad_token_id)  # (B, T)
@@ -95,7 +94,7 @@ def train_sft(
         ).loss
         update(loss, model, optimizer, scheduler)
         losses.append(loss.item())
-        if (step + 1) % max(1, total_steps // 10) == 0 or step + 1 == total_steps:
+        if is_report_step(step, total_steps):
             log(f"sft step {step + 1}/{total_steps}  loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
     model.eval()
     if output_dir is not None:
