@@ -115,7 +115,7 @@ class ModelReward:
         for i, r in enumerate(rows):  # right-padded: the score is read at the last real token
             input_ids[i, : len(r)] = torch.tensor(r)
             attention_mask[i, : len(r)] = 1
-        scores = score_at_last_token(self.model, input_ids.to(device), attention_mask.to(device))
+        scores = self._score(input_ids.to(device), attention_mask.to(device))
         return check_scores(scores.float().cpu(), len(rows), self.name)
 
     def encode(self, prompt: str, response: str, ended: bool) -> list[int]:
@@ -128,6 +128,9 @@ class ModelReward:
             return encode(tokenizer, text)
         ids = encode(tokenizer, str(prompt)) + tokenizer(response, add_special_tokens=False)["input_ids"]
         return ids + [tokenizer.eos_token_id] if ended and tokenizer.eos_token_id is not None else ids
+
+    def _score(self, input_ids, attention_mask) -> torch.Tensor:
+        return score_at_last_token(self.model, input_ids, attention_mask)
 
 
 def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
