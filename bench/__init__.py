@@ -1,1 +1,1 @@
-"""fastppo's benchmark suite: `python -m bench` (or `fastppo bench`) from the repository root."""
+"""fastppo's benchmark suite: `python -m bench` from the repository root (not part of the installed package)."""

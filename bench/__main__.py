@@ -1,4 +1,4 @@
-"""`python -m bench` / `fastppo bench`: run the suite, save JSON under bench/results/, refresh bench/README.md.
+"""`python -m bench` (from the repository root): run the suite, save JSON under bench/results/, refresh bench/README.md.
 
 python -m bench              # ops + end to end
 python -m bench --ops        # op benchmarks only

@@ -1,7 +1,8 @@
 """What RLHF code runs today, written the way the peers write it: the baselines every fastppo op is timed against.
 
 - log-probs: `log_softmax(logits) + gather` (most trainers) and TRL's `selective_log_softmax` (if trl is installed).
-- GAE: the one-step-per-iteration Python loop over time of TRL's PPOTrainer, OpenRLHF and veRL.
+- GAE: the one-step-per-iteration Python loop over time of TRL's PPOTrainer, OpenRLHF and veRL (it lives in
+  `fastppo.selfcheck`, which times it too on an installed package).
 - reward shaping and the PPO losses: unfused PyTorch with autograd (fastppo's reference is exactly that).
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 import torch
 
 from fastppo.ops import reference
+from fastppo.selfcheck import python_loop_gae
+
+__all__ = ["log_softmax_gather", "python_loop_gae", "trl_selective_log_softmax", "unfused_shape_rewards"]
 
 
 def log_softmax_gather(logits, tokens):
@@ -23,22 +27,6 @@ def trl_selective_log_softmax():
     except ImportError as error:
         return None, f"trl not installed ({error})"
     return selective_log_softmax, None
-
-
-def python_loop_gae(rewards, values, response_mask, gamma=1.0, lam=0.95):
-    """GAE as TRL / OpenRLHF / veRL compute it: a Python iteration per time step."""
-    T = rewards.shape[1]
-    values = values * response_mask
-    rewards = rewards * response_mask
-    last_advantage = 0
-    advantages_reversed = []
-    for t in reversed(range(T)):
-        next_values = values[:, t + 1] if t < T - 1 else 0.0
-        delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last_advantage = delta + gamma * lam * last_advantage
-        advantages_reversed.append(last_advantage)
-    advantages = torch.stack(advantages_reversed[::-1], dim=1)
-    return advantages * response_mask, (advantages + values) * response_mask
 
 
 def unfused_shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef):

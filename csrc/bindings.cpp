@@ -1,5 +1,6 @@
 // Registers the native kernels as torch.ops.fastppo.* (see fastppo/ops/native.py for the autograd side), and the
-// module fastppo._C that loading them needs.
+// module that loading them needs: fastppo._C when setup.py builds it, fastppo_C when it is compiled on first use
+// (fastppo/ops/native_build.py); TORCH_EXTENSION_NAME is whichever name the build gave.
 
 #include <torch/extension.h>
 
@@ -41,7 +42,7 @@ TORCH_LIBRARY_IMPL(fastppo, CPU, m) {
   m.impl("ppo_value_loss", &fastppo::ppo_value_loss);
 }
 
-PYBIND11_MODULE(_C, module) {
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "fastppo native CPU kernels; the ops are registered as torch.ops.fastppo.*";
   module.def("build_info", [] {
     pybind11::dict info;

@@ -107,10 +107,10 @@ static void forward_rows(const scalar_t* logits, int64_t row_stride, const int64
   });
 }
 
-// The (N, V) gradient is fresh memory that the backward writes once. On 4 KiB pages its first touch costs more than
-// the kernel itself (a page fault per 4 KiB: 134 ms of a 197 ms backward at N = 4096, V = 32000 here); allocated
-// 2 MiB-aligned with MADV_HUGEPAGE it takes 512 times fewer faults where the kernel allows transparent huge pages
-// (and is plain memory where it does not).
+// The (N, V) gradient is fresh memory that the backward writes once. On 4 KiB pages its first touch (a page fault per
+// 4 KiB) cost more than the kernel itself at the benchmark's sizes (bench/README.md); allocated 2 MiB-aligned with
+// MADV_HUGEPAGE it takes 512 times fewer faults where the kernel allows transparent huge pages (and is plain memory
+// where it does not).
 static Tensor empty_on_huge_pages(at::IntArrayRef sizes, const at::TensorOptions& options) {
   constexpr size_t kHugePage = size_t(2) << 20;
   const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();

@@ -94,6 +94,14 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state:
     return final
 
 
+def save_model(model, tokenizer, output_dir: str) -> None:
+    """A finished model as a Hugging Face directory (safetensors + tokenizer), as `fastppo sft` and
+    `fastppo reward-model` leave it; a run's resumable checkpoints are `save_checkpoint`'s."""
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
 def verify(checkpoint: str) -> str | None:
     """None when the checkpoint is complete and every checksum matches, else what is wrong."""
     path = os.path.join(checkpoint, MANIFEST)

@@ -2,7 +2,8 @@
 
 Each command lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`; modules are
 imported only when their command runs, so `fastppo doctor` does not pay for importing transformers.
-With no command, `fastppo` runs the built-in demo (the same as `fastppo train` with no config).
+With no command, `fastppo` runs the built-in demo (the same as `fastppo train` with no config). The benchmark suite is
+not a command: it lives in the repository (`python -m bench` from a checkout), not in the installed package.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ COMMANDS = {
     "compare": ("fastppo.demo.compare", "PPO, VAPO, GRPO, RLOO, REINFORCE++, DPO and best-of-n on the demo task"),
     "doctor": ("fastppo.doctor", "which backend each op uses on this machine, and why"),
     "selfcheck": ("fastppo.selfcheck", "check every op against its reference here and time it"),
-    "bench": ("fastppo.bench_cli", "run the benchmark suite against the peers"),
 }
 
 

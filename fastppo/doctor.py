@@ -20,15 +20,20 @@ def versions() -> dict[str, str]:
         info["triton"] = triton.__version__
     except ImportError as error:
         info["triton"] = f"not importable ({error})"
-    try:
-        from fastppo import _C
-
-        build = _C.build_info()
-        info["fastppo._C"] = f"built, {build['threads']} threads"
-    except ImportError as error:
-        info["fastppo._C"] = f"not built ({error}); reinstall with `pip install --no-build-isolation -e .`"
+    info["native"] = native_extension()
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return info
+
+
+def native_extension() -> str:
+    """Which native extension this process uses: prebuilt at install, compiled on first use, or none and why."""
+    from fastppo.ops.native_build import load
+
+    native = load()
+    if native.module is None:
+        return f"none: {native.detail}"
+    how = "prebuilt fastppo._C" if native.origin == "prebuilt" else "compiled on first use"
+    return f"{how}, {native.module.build_info()['threads']} threads ({native.detail})"
 
 
 def add_arguments(parser) -> None:

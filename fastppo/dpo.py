@@ -49,10 +49,17 @@ from fastppo.models import (
     resolve_device,
     response_logprobs,
 )
-from fastppo.reward_training import split_pairs
 from fastppo.rollout import decode_responses, generate
-from fastppo.sft import encode_prompt_response, read_jsonl, shuffled_batches, update, warmup_then_linear_decay
 from fastppo.signals import stop_at_step_boundary
+from fastppo.supervised import (
+    count_steps,
+    encode_prompt_response,
+    optimizer_and_schedule,
+    shuffled_batches,
+    split_pairs,
+    update,
+)
+from fastppo.validation import read_records
 
 FIELDS = ("prompt", "chosen", "rejected")
 STATE_KEYS = ("step", "total_steps", "train_pairs", "optimizer", "scheduler", "reference_logps")  # see `save`
@@ -93,7 +100,7 @@ def dpo_loss(
 def read_pairs(source) -> list[dict[str, str]]:
     """Preference pairs from a JSONL path (errors name the file and line) or a list of dicts."""
     if isinstance(source, str):
-        return read_jsonl(source, FIELDS)
+        return read_records(source, FIELDS)
     for i, record in enumerate(source):
         if not isinstance(record, dict):
             raise InputError(f"data[{i}]: expected a dict with fields {list(FIELDS)}")
@@ -168,14 +175,13 @@ class DPOTrainer:
         if not self.train_data:
             raise InputError(f"data: no training pair keeps a response token within max_length={config.max_length}")
         self.kl_prompts = list(kl_prompts or dict.fromkeys(p["prompt"] for p in eval_pairs))
-        self.total_steps = max(1, round(config.epochs * math.ceil(len(self.train_data) / config.batch_size)))
+        self.total_steps = count_steps(len(self.train_data), config.batch_size, config.epochs)
 
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         self.lm, self.reference = self._build_models(config.model)
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
-        self.optimizer = torch.optim.AdamW([p for p in self.lm.parameters() if p.requires_grad],
-                                           lr=config.learning_rate, weight_decay=0.0)  # fmt: skip
-        self.scheduler = warmup_then_linear_decay(self.optimizer, self.total_steps)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.lm.parameters(), config.learning_rate,
+                                                                self.total_steps)  # fmt: skip
         self.batches = shuffled_batches(len(self.train_data), config.batch_size, self.total_steps, config.seed)
         self.step_count = 0
         if state is not None:
@@ -315,6 +321,7 @@ class DPOTrainer:
                 self.save()
             if self.step_count >= self.total_steps:  # a signal during the last step stopped nothing
                 self.stop_request.signum = None
+        self.metrics.close()  # flushes the files and ends TensorBoard's writer; a later record reopens to append
         return history
 
     # --- evaluation ---------------------------------------------------------------------------------------------

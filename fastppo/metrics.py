@@ -31,7 +31,11 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 class MetricsLogger:
     """Nothing is created or truncated before the first record: a run that stops before its first step (bad input,
-    a model that fails to load) leaves output_dir exactly as it found it."""
+    a model that fails to load) leaves output_dir exactly as it found it.
+
+    `close()` (or leaving a `with MetricsLogger(...)` block) closes the file and TensorBoard's writer; it may be
+    called any number of times, and a record logged after it reopens the file in append mode.
+    """
 
     def __init__(self, output_dir: str, tensorboard: bool = True, append: bool = False):
         self.output_dir, self.tensorboard, self.append = output_dir, tensorboard, append
@@ -42,6 +46,7 @@ class MetricsLogger:
     def _open(self) -> None:
         os.makedirs(self.output_dir, exist_ok=True)
         self.file = open(self.path, "a" if self.append else "w")
+        self.append = True  # reopened after close(): never truncate what this run already wrote
         if self.tensorboard and self.writer is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -90,5 +95,13 @@ class MetricsLogger:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+            self.file = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
+import os
 
 import torch
 from torch import nn
@@ -58,14 +60,34 @@ _GENERIC_FAST = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def _saved_as_generic_fast_tokenizer(path: str) -> bool:
-    import json
-    import os
-
     config = os.path.join(path, "tokenizer_config.json")
     if not os.path.isfile(config):
         return False
     with open(config) as f:
         return json.load(f).get("tokenizer_class") in _GENERIC_FAST
+
+
+def require_local(path: str, what: str) -> None:
+    if not os.path.exists(path):
+        raise InputError(f"{path}: no such {what} directory (models are local: a checkpoint or a config.json)")
+
+
+def has_weights(path: str) -> bool:
+    return os.path.isdir(path) and any(name.endswith((".safetensors", ".bin")) for name in os.listdir(path))
+
+
+def load_model(path: str, auto_class, **kwargs):
+    """`auto_class` from a checkpoint directory, or freshly initialised when the directory holds only a config."""
+    from transformers import AutoConfig
+
+    require_local(path, "model")
+    try:
+        if has_weights(path):
+            return auto_class.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        return auto_class.from_config(config)
+    except LOAD_ERRORS as error:
+        raise InputError(f"{path}: cannot load a model from it ({clip(error)})") from None
 
 
 def quantization_config(quantization: str):

@@ -5,8 +5,8 @@ The reward-modelling stage PPO depends on. The model is a sequence classifier wi
 checkpoint: its body is kept, the score head is new) or from a classifier. It is trained with the pairwise
 Bradley-Terry loss -log sigmoid(r(prompt, chosen) - r(prompt, rejected)), and its pairwise accuracy (how often
 r(chosen) > r(rejected)) is reported on a held-out split. A text is scored exactly as `fastppo sft` encodes it:
-tokenizer(prompt) + tokenizer(response) + EOS, read at the last non-pad token. The result is a Hugging Face
-checkpoint plus tokenizer, which `fastppo train` takes as `reward_model`.
+tokenizer(prompt) + tokenizer(response) + EOS, read at the last attended token (`rewards.score_at_last_token`, as
+PPO reads it). The result is a Hugging Face checkpoint plus tokenizer, which `fastppo train` takes as `reward_model`.
 """
 
 from __future__ import annotations
@@ -18,19 +18,22 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastppo.sft import (
+from fastppo.checkpoint import save_model
+from fastppo.models import load_model, resolve_device
+from fastppo.rewards import score_at_last_token
+from fastppo.supervised import (
     check_command,
     check_context,
-    default_device,
+    count_steps,
     encode_prompt_response,
-    load_model,
+    is_report_step,
     load_tokenizer,
+    optimizer_and_schedule,
     pad_batch,
-    save_checkpoint,
     shuffled_batches,
+    split_pairs,
     training_options,
     update,
-    warmup_then_linear_decay,
 )
 from fastppo.validation import Interval, check_number
 
@@ -40,7 +43,7 @@ def load_reward_model(path: str, tokenizer):
     from transformers import AutoModelForSequenceClassification
 
     model = load_model(path, AutoModelForSequenceClassification, num_labels=1)
-    # The classifier reads the last non-pad token, so it must know which token is padding.
+    # A head without `score` pools on its own, at the last non-pad token, so it must know which token is padding.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
@@ -49,7 +52,7 @@ def score_tokens(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor
     """Rewards (B,) of already-encoded sequences."""
     input_ids, attention_mask = pad_batch(sequences, pad_id)
     device = next(model.parameters()).device
-    return model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits[:, 0].float()
+    return score_at_last_token(model, input_ids.to(device), attention_mask.to(device)).float()
 
 
 @torch.no_grad()
@@ -66,14 +69,6 @@ def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size
         rewards += score_tokens(model, sequences, tokenizer.pad_token_id).tolist()
     model.train(was_training)
     return rewards
-
-
-def split_pairs(pairs: list[dict[str, str]], eval_fraction: float, seed: int):
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_eval = int(len(pairs) * eval_fraction)
-    if eval_fraction > 0 and n_eval == 0 and len(pairs) > 1:
-        n_eval = 1
-    return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
 @torch.no_grad()
@@ -112,12 +107,11 @@ def train_reward_model(
         )
         for p in train_pairs
     ]
-    total_steps = max(1, round(epochs * math.ceil(len(encoded) / batch_size)))
+    total_steps = count_steps(len(encoded), batch_size, epochs)
 
-    device = default_device()
+    device = resolve_device("auto")
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    scheduler = warmup_then_linear_decay(optimizer, total_steps)
+    optimizer, scheduler = optimizer_and_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
     correct: list[float] = []
     for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
@@ -129,7 +123,7 @@ def train_reward_model(
         update(loss, model, optimizer, scheduler)
         losses.append(loss.item())
         correct.append((margin > 0).float().mean().item())
-        if (step + 1) % max(1, total_steps // 10) == 0 or step + 1 == total_steps:
+        if is_report_step(step, total_steps):
             window = slice(-20, None)
             log(
                 f"reward-model step {step + 1}/{total_steps}  loss {sum(losses[window]) / len(losses[window]):.4f}"
@@ -145,7 +139,7 @@ def train_reward_model(
         "steps": total_steps,
     }
     if output_dir is not None:
-        save_checkpoint(model, tokenizer, output_dir)
+        save_model(model, tokenizer, output_dir)
     summary["seconds"] = time.perf_counter() - start
     return summary
 

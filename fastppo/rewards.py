@@ -130,13 +130,22 @@ class ModelReward:
         return ids + [tokenizer.eos_token_id] if ended and tokenizer.eos_token_id is not None else ids
 
     def _score(self, input_ids, attention_mask) -> torch.Tensor:
-        """The head's output at each row's last real token (not at the last non-pad id: pad may equal EOS)."""
-        if not hasattr(self.model, "score"):  # an architecture with another head name: its own pooling
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits.squeeze(-1)
-        backbone = getattr(self.model, self.model.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
-        last = attention_mask.sum(-1) - 1
-        return self.model.score(hidden[torch.arange(len(last), device=hidden.device), last]).squeeze(-1)
+        return score_at_last_token(self.model, input_ids, attention_mask)
+
+
+def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) a one-label sequence classifier's output at each right-padded row's last attended token.
+
+    The one way fastppo reads a reward model, in training (`fastppo reward-model`) and in PPO. Hugging Face's own
+    pooling reads the last token that is not `pad_token_id`: when pad == EOS, as with most causal LMs, that skips a
+    response's EOS, so scores would depend on how the batch was padded. Differentiable: training calls it too.
+    """
+    if not hasattr(model, "score"):  # an architecture with another head name: its own pooling
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    last = attention_mask.sum(-1) - 1  # (B,)
+    return model.score(hidden[torch.arange(len(last), device=hidden.device), last])[:, 0]
 
 
 def check_scores(scores: torch.Tensor, expected: int, name: str) -> torch.Tensor:

@@ -4,9 +4,9 @@
 token per step for the whole batch, with temperature / top-k / top-p sampling, stopping rows at EOS or a stop
 string and the batch when every row has stopped. It avoids `model.generate`'s per-step machinery (logits
 processors, stopping criteria objects, cache bookkeeping), and the prefill keeps only the last position's logits.
-Measured on this 2-core CPU (1 thread, random Llama, 16 prompts, 32 greedy tokens, median of 5): hidden 64 / 2 layers
-19.8 ms vs 21.8 ms for `model.generate`; hidden 256 / 4 layers 68.4 ms vs 71.9 ms. So the loop is kept: a little
-faster, and it yields the response mask and EOS flags PPO needs directly.
+The loop is kept because, measured against `model.generate` on small random Llamas on the CPU, it was a little faster,
+and it yields the response mask and EOS flags PPO needs directly (the rollout's share of an iteration is in the
+end-to-end table of bench/README.md).
 """
 
 from __future__ import annotations
@@ -82,9 +82,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
         drop = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    # Inverse-CDF sampling (see ops.sample_tokens): torch.multinomial and an exponential race (argmax p / E) each
-    # took 10 ms a call on (16, 32000) CPU logits in bench/bench_ops.py, about a whole decode step of the bench's
-    # model; the native kernel took 0.3 ms: it reads the logits three times and writes nothing but the tokens.
+    # Inverse-CDF sampling (see ops.sample_tokens): torch.multinomial and an exponential race (argmax p / E) each cost
+    # about a whole decode step of the bench's model on CPU logits; the native kernel reads the logits three times and
+    # writes nothing but the tokens (the sample_tokens rows of bench/README.md).
     tokens = ops.sample_tokens(logits, torch.rand(logits.shape[0], device=logits.device), temperature)
     if bool((tokens < 0).any()):
         rows = (tokens < 0).nonzero().flatten().tolist()

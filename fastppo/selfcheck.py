@@ -3,7 +3,8 @@
 For each op and each backend that can run here, the op runs on fresh random inputs and its outputs (and gradients,
 where the op has them) are compared with `fastppo.ops.reference` computed in float64. Then the backend `auto`
 picks is timed against the unfused PyTorch code RLHF trainers run today, in the same process, and the table shows
-the ratio. It is a quick smoke check for a new install; the full suites are `pytest tests/` and `fastppo bench`.
+the ratio. It is a quick smoke check for a new install; the full suites are `pytest tests/` and, from a checkout,
+`python -m bench`.
 """
 
 from __future__ import annotations
@@ -131,17 +132,20 @@ def _time(fn, repeats: int = 5) -> float:
     return best
 
 
-def _python_loop_gae(rewards, values, mask, gamma=1.0, lam=0.95):
-    """GAE as TRL/OpenRLHF/veRL compute it: one Python iteration per time step."""
+def python_loop_gae(rewards, values, response_mask, gamma=1.0, lam=0.95):
+    """GAE as TRL / OpenRLHF / veRL compute it: a Python iteration per time step (the baseline here and in bench/)."""
     T = rewards.shape[1]
-    last, advantages = 0.0, []
+    values = values * response_mask
+    rewards = rewards * response_mask
+    last_advantage = 0
+    advantages_reversed = []
     for t in reversed(range(T)):
         next_values = values[:, t + 1] if t < T - 1 else 0.0
         delta = rewards[:, t] + gamma * next_values - values[:, t]
-        last = delta + gamma * lam * last
-        advantages.append(last)
-    advantages = torch.stack(advantages[::-1], dim=1) * mask
-    return advantages, advantages + values
+        last_advantage = delta + gamma * lam * last_advantage
+        advantages_reversed.append(last_advantage)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    return advantages * response_mask, (advantages + values) * response_mask
 
 
 def benchmark(device: str = "cpu") -> list[tuple[str, str, float, float]]:
@@ -154,7 +158,7 @@ def benchmark(device: str = "cpu") -> list[tuple[str, str, float, float]]:
             lambda: ops.token_logprobs(logits, tokens),
         ),
         "gae": (
-            lambda: _python_loop_gae(x["advantages"], x["values"], x["mask"]),
+            lambda: python_loop_gae(x["advantages"], x["values"], x["mask"]),
             lambda: ops.gae(x["advantages"], x["values"], x["mask"], 1.0, 0.95),
         ),
         "ppo_policy_loss": (

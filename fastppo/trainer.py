@@ -46,24 +46,11 @@ from fastppo.reward_shaping import KLController, RunningMoments, shape_scores
 from fastppo.rewards import load_reward
 from fastppo.rng import rng_state, seed_everything, set_rng_state
 from fastppo.rollout import RolloutBatch, decode_responses, end_token_ids, generate
+from fastppo.schedule import lr_factor
 from fastppo.signals import StepInterrupted, stop_at_step_boundary
 from fastppo.validation import refuse_to_overwrite
 
 _LOSS_STATS = ("policy/loss", "value/loss")
-
-
-def _lr_lambda(config: PPOConfig, total_steps: int):
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        if config.lr_scheduler == "linear":
-            return max(0.0, 1.0 - progress)
-        if config.lr_scheduler == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-
-    return factor
 
 
 class PPOTrainer:
@@ -101,7 +88,7 @@ class PPOTrainer:
         )  # fmt: skip
         updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(config, config.steps * updates_per_step)
+            self.optimizer, lr_factor(config.warmup_steps, config.steps * updates_per_step, config.lr_scheduler)
         )
         self.kl_controller = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.score_moments = RunningMoments()
@@ -511,6 +498,7 @@ class PPOTrainer:
             # last step or the final save stopped nothing: the run is complete.
             signum = distributed.max_over_ranks(self.stop_request.signum or 0)
             self.stop_request.signum = signum if signum and self.step_count < cfg.steps else None
+        self.metrics.close()  # flushed and closed; a later step() appends
         return history
 
     def generate(self, prompts: list[str], temperature: float | None = None) -> list[str]:

@@ -13,7 +13,7 @@ import os
 import re
 import reprlib
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from safetensors import SafetensorError
@@ -174,6 +174,18 @@ def read_jsonl(path: str, name: str = "data") -> Iterator[tuple[int, dict]]:
                 yield number, record
     except OSError as error:
         raise InputError(f"{name}: cannot read {path} ({error.strerror or error})") from None
+
+
+def read_records(path: str, fields: Sequence[str], name: str = "--data") -> list[dict[str, str]]:
+    """The records of a JSONL file, each an object with a non-empty string for every one of `fields`; blank lines
+    skipped; any other line (not UTF-8, not JSON, a field missing or empty) stops with file:line."""
+    records = []
+    for line_number, record in read_jsonl(path, name):
+        where = f"{path}:{line_number}"
+        records.append({field: require_text(where, field, record.get(field)) for field in fields})
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
 
 
 def json_type(value) -> str:

@@ -1,6 +1,6 @@
 """LM head + log-probs (+ entropy) on the GPU without materializing the (N, V) logits.
 
-The algorithm is the tiled one of `fastppo.ops.chunked` (read its docstring for the math): the logits exist one
+The algorithm is the tiled one of `fastppo.ops.linear_logprobs` (read its docstring for the math): the logits exist one
 (R, C) tile at a time (all N rows by a slice of the vocabulary, at most 1/32 of the logits), each produced by one
 cuBLAS matmul in the compute dtype (bf16 under autocast or for bf16 weights: tensor cores, the same rounding as the
 unfused model) and reduced by the Triton token-logprob kernels of `token_logprobs.py`:
@@ -14,7 +14,7 @@ unfused model) and reduced by the Triton token-logprob kernels of `token_logprob
 
 Tokens outside [0, V) are rejected by `fastppo.ops` on every backend; here the forward's token index is clamped to
 each slice and the backward's is -1 or in the slice, so no kernel reads outside a tile even when called directly
-(the target of an out-of-range token is then nan, as in `fastppo.ops.chunked`).
+(the target of an out-of-range token is then nan, as in `fastppo.ops.linear_logprobs`).
 
 Why a hybrid rather than one Triton kernel doing the tl.dot too: the tile matmuls are 4 large GEMMs that cuBLAS
 runs near peak, and they dominate the time; the kernels only add one read (forward) and one read + write
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from fastppo.kernels.token_logprobs import _backward, _forward
 
-from fastppo.ops.chunked import ChunkKernels, linear_token_logprobs_with
+from fastppo.ops.linear_logprobs import ChunkKernels, linear_token_logprobs_with
 
 
 def _chunk_forward(logits, tokens, temperature):

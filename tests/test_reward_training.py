@@ -12,8 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from fastppo.cli import main
 from fastppo.demo import task
 from fastppo.errors import InputError
-from fastppo.reward_training import load_reward_model, pairwise_accuracy, score, split_pairs
-from fastppo.sft import read_jsonl
+from fastppo.reward_training import load_reward_model, pairwise_accuracy, score
+from fastppo.supervised import split_pairs
+from fastppo.validation import read_records
 
 
 def sentiment_pairs(n: int, seed: int = 0) -> list[dict[str, str]]:
@@ -43,7 +44,7 @@ def test_bad_line_names_file_and_line(tmp_path):
     path = tmp_path / "prefs.jsonl"
     path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n" + '{"prompt": "p", "chosen": "c"}\n')
     with pytest.raises(InputError, match=r'prefs\.jsonl:3: field "rejected" is missing'):
-        read_jsonl(str(path), ("prompt", "chosen", "rejected"))
+        read_records(str(path), ("prompt", "chosen", "rejected"))
 
 
 def test_cli_reports_bad_input_with_exit_code_2(tmp_path, base_model, capsys):

@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from fastppo.cli import main
 from fastppo.demo.tokenizer import build_tokenizer
 from fastppo.errors import InputError
-from fastppo.sft import encode_prompt_response, read_jsonl, sft_batch
+from fastppo.sft import sft_batch
+from fastppo.supervised import encode_prompt_response
+from fastppo.validation import read_records
 
 EXAMPLES = [
     {"prompt": "tell me about cats", "response": "the kitten is good"},
@@ -44,14 +46,14 @@ def response_logprob(model, tokenizer, prompt: str, response: str) -> float:
 def test_bad_line_names_file_and_line(tmp_path, line, message):
     path = write_lines(tmp_path / "data.jsonl", [json.dumps(EXAMPLES[0]), "", line])
     with pytest.raises(InputError, match=rf"data\.jsonl:3: .*{message}"):
-        read_jsonl(path, ("prompt", "response"))
+        read_records(path, ("prompt", "response"))
 
 
 def test_missing_or_empty_file(tmp_path):
     with pytest.raises(InputError, match="no such file"):
-        read_jsonl(str(tmp_path / "absent.jsonl"), ("prompt", "response"))
+        read_records(str(tmp_path / "absent.jsonl"), ("prompt", "response"))
     with pytest.raises(InputError, match="no records"):
-        read_jsonl(write_lines(tmp_path / "empty.jsonl", [""]), ("prompt", "response"))
+        read_records(write_lines(tmp_path / "empty.jsonl", [""]), ("prompt", "response"))
 
 
 def test_labels_cover_response_and_eos_only():

@@ -210,7 +210,7 @@ def train_sft_stage(output_dir: str, settings: Settings, seed: int) -> dict:
 
 def train_reward_stage(output_dir: str, settings: Settings, seed: int) -> dict:
     from fastppo.reward_training import load_reward_model, train_reward_model
-    from fastppo.sft import load_tokenizer
+    from fastppo.supervised import load_tokenizer
 
     sft_dir = os.path.join(output_dir, "sft")
     pairs = task.preference_pairs(settings.reward_pairs, seed=seed + 1)
@@ -263,7 +263,7 @@ def ppo_stage(
 ) -> dict:
     """Drive the PPO loop step by step, evaluating the policy on held-out prompts every `eval_every` steps."""
     from fastppo.reward_training import load_reward_model
-    from fastppo.sft import load_tokenizer
+    from fastppo.supervised import load_tokenizer
     from fastppo.trainer import PPOTrainer
 
     config = ppo_config(output_dir, settings, kl_control, seed, algo, name)

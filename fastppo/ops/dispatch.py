@@ -39,7 +39,7 @@ OPS = tuple(_TRITON_MODULES)
 
 # The torch backend runs the references, except where a reference is too wasteful to use for real: the
 # linear log-prob reference materializes the (N, V) logits, so its torch backend is the chunked version.
-_TORCH_MODULES = {"linear_token_logprobs": "fastppo.ops.chunked"}
+_TORCH_MODULES = {"linear_token_logprobs": "fastppo.ops.linear_logprobs"}
 
 # Fastest first. Interpreted Triton on a CPU is for testing only, so `auto` never picks it there.
 PREFERENCE = {"cuda": ("triton", "native", "torch"), "cpu": ("native", "torch")}

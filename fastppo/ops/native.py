@@ -1,25 +1,21 @@
 """The native C++ kernels of `csrc/` (`fastppo._C`, registered as `torch.ops.fastppo.*`), with their autograd.
 
-setup.py builds the extension when a compiler and torch are present at install time; without it the dispatcher
-falls back to the PyTorch reference and says why (`fastppo doctor`). The C++ kernels compute in float32 (or
-float64 for the log-prob kernels); float64 sequence-op inputs are routed to the reference, which is exact for them.
+setup.py builds the extension when torch and a compiler are present at install time, else it is compiled on first
+use (`fastppo.ops.native_build`); without either the dispatcher falls back to the PyTorch reference and says why
+(`fastppo doctor`). The C++ kernels compute in float32 (or float64 for the log-prob kernels); float64 sequence-op
+inputs are routed to the reference, which is exact for them.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastppo.ops import reference
-from fastppo.ops.chunked import ChunkKernels, linear_token_logprobs_with
+from fastppo.ops import native_build, reference
+from fastppo.ops.linear_logprobs import ChunkKernels, linear_token_logprobs_with
 from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
-try:
-    from fastppo import _C
-except ImportError as error:  # built optionally; the dispatcher falls back
-    _C = None
-    IMPORT_ERROR = str(error)
-else:
-    IMPORT_ERROR = None
+_NATIVE = native_build.load()  # prebuilt, compiled on first use, or None: the dispatcher then falls back
+_C, IMPORT_ERROR = _NATIVE.module, None if _NATIVE.module is not None else _NATIVE.detail
 
 NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens", "kl_penalty",
               "shape_rewards", "gae", "length_adaptive_lam", "group_advantages", "masked_whiten", "ppo_policy_loss",
@@ -28,16 +24,12 @@ NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logp
 
 def unavailable_reason(op: str, device_type: str) -> str | None:
     if _C is None:
-        return f"fastppo._C not built ({IMPORT_ERROR})"
+        return IMPORT_ERROR
     if device_type != "cpu":
         return "the native extension was built for CPU only"
     if op not in NATIVE_OPS:
         return f"no native kernel for {op}"
     return None
-
-
-def build_info() -> dict:
-    return {} if _C is None else dict(_C.build_info())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +87,7 @@ def _chunk_backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, t
                                                      grad_entropy, 1.0 / temperature)  # fmt: skip
 
 
-# The chunked LM head + log-probs of fastppo.ops.chunked, with the native kernels on each (C, V) chunk.
+# The chunked LM head + log-probs of fastppo.ops.linear_logprobs, with the native kernels on each (C, V) chunk.
 NATIVE_CHUNK_KERNELS = ChunkKernels(_chunk_forward, _chunk_backward, upcast=True)
 
 

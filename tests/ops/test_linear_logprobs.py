@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastppo import ops
 from fastppo.ops import reference
-from fastppo.ops.chunked import linear_token_logprobs_with
+from fastppo.ops.linear_logprobs import linear_token_logprobs_with
 from tests.ops.helpers import (
     DEVICE,
     assert_close,
@@ -150,7 +150,7 @@ def test_out_of_range_token_raises(backend, bad_token):
 def chunk_kernels(backend: str):
     """The per-tile kernels a backend's linear_token_logprobs runs."""
     if backend == "torch":
-        from fastppo.ops.chunked import TORCH_KERNELS
+        from fastppo.ops.linear_logprobs import TORCH_KERNELS
 
         return TORCH_KERNELS
     if backend == "native":

@@ -6,7 +6,9 @@ from transformers import AutoModelForSequenceClassification
 
 from fastppo.config import PPOConfig
 from fastppo.errors import InputError
-from fastppo.rewards import FunctionReward, ModelReward, RewardError, load_reward
+from fastppo.reward_training import score_tokens
+from fastppo.rewards import FunctionReward, ModelReward, RewardError, load_reward, score_at_last_token
+from fastppo.supervised import pad_batch
 from tests.trainer.conftest import build_tokenizer
 
 
@@ -63,3 +65,22 @@ def test_model_reward_same_scores_from_ids_and_from_text(tiny_models):
     torch.testing.assert_close(direct(batch), retokenize(batch))
     alone = ModelReward(model, tokenizer, tokenizer)(fake_batch(["w3"], [" w7"]))
     torch.testing.assert_close(direct(batch)[1:], alone)  # padding does not change a score
+
+
+def test_reward_training_and_ppo_read_the_same_token_when_pad_is_eos(tiny_llama):
+    """pad == EOS: `fastppo reward-model` and PPO both read each row at its last attended token, the response's EOS,
+    whatever the padding; Hugging Face's own pooling (the last non-pad id) would read the token before it."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_llama[1], dtype=torch.float32).eval()
+    tokenizer = build_tokenizer()
+    eos = tokenizer.eos_token_id
+    model.config.pad_token_id = eos
+    rows = [tokenizer("w1 w2 w3")["input_ids"] + [eos], tokenizer("w4")["input_ids"] + [eos]]
+    with torch.no_grad():
+        batched = score_tokens(model, rows, pad_id=eos)
+        alone = torch.cat([score_tokens(model, [row], pad_id=eos) for row in rows])
+        input_ids, attention_mask = pad_batch(rows, eos)
+        ppo = score_at_last_token(model, input_ids, attention_mask)
+        hf_pooling = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    torch.testing.assert_close(batched, alone)
+    torch.testing.assert_close(ppo, batched)
+    assert not torch.allclose(hf_pooling, batched)  # the case this guards against is really different here
