@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from fastppo.kernels import FP_FUSION
 
-from fastppo.ops.reference import LOSS_AGGREGATIONS
+from fastppo.ops.reference import LOSS_AGGREGATIONS, named_policy_stats
 
 from .kl import expm1, kl_from_log_ratio, kl_grad_from_log_ratio
 
@@ -394,11 +394,7 @@ def ppo_policy_loss(
         logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
         ref_logprobs, kl_loss_coef, kl_estimator, token_weights,
     )  # fmt: skip
-    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
-    stats = dict(zip(names, stats.unbind(), strict=True))
-    if ref_logprobs is None:
-        del stats["ref_kl"]
-    return loss, stats
+    return loss, named_policy_stats(stats, ref_logprobs is not None)
 
 
 def ppo_value_loss(

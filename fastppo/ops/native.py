@@ -12,7 +12,7 @@ import torch
 
 from fastppo.ops import native_build, reference
 from fastppo.ops.linear_logprobs import ChunkKernels, linear_token_logprobs_with
-from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS
+from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, named_policy_stats
 
 _NATIVE = native_build.load()  # prebuilt, compiled on first use, or None: the dispatcher then falls back
 _C, IMPORT_ERROR = _NATIVE.module, None if _NATIVE.module is not None else _NATIVE.detail
@@ -201,11 +201,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=
         _denominator(denominator), ref_logprobs, float(kl_loss_coef), KL_ESTIMATORS.index(kl_estimator),
         None if token_weights is None else token_weights.detach(),
     )  # fmt: skip
-    names = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
-    stats = dict(zip(names, stats.unbind(), strict=True))
-    if ref_logprobs is None:
-        del stats["ref_kl"]
-    return loss, stats
+    return loss, named_policy_stats(stats, ref_logprobs is not None)
 
 
 def ppo_value_loss(values, old_values, returns, response_mask, clip=0.2, agg="token-mean", denominator=None):

@@ -14,6 +14,16 @@ import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3", "abs")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+# The fused backends return ppo_policy_loss's stats as one tensor in this order (ref_kl only with ref_logprobs).
+POLICY_STAT_NAMES = ("clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "ref_kl")
+
+
+def named_policy_stats(stats: torch.Tensor, with_ref: bool) -> dict[str, torch.Tensor]:
+    """A fused backend's (6,) stats tensor as ppo_policy_loss's dict."""
+    named = dict(zip(POLICY_STAT_NAMES, stats.unbind(), strict=True))
+    if not with_ref:
+        del named["ref_kl"]
+    return named
 
 
 # ----------------------------------------------------------------------------------------------
