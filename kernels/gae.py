@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastppo.kernels import FP_FUSION
 
 
 @triton.jit
@@ -157,6 +158,7 @@ def gae(
             BLOCK_B=block_b,
             BLOCK_T=block_t,
             num_warps=4,
+            enable_fp_fusion=FP_FUSION,
         )
     return advantages, returns
 
@@ -193,6 +195,7 @@ def length_adaptive_lam(response_mask: torch.Tensor, alpha: float) -> torch.Tens
     if B > 0:
         block_b, block_t = _blocks(B, T)
         _length_adaptive_lam_kernel[(triton.cdiv(B, block_b),)](
-            response_mask, lam, B, T, *response_mask.stride(), float(alpha), BLOCK_B=block_b, BLOCK_T=block_t
-        )
+            response_mask, lam, B, T, *response_mask.stride(), float(alpha), BLOCK_B=block_b, BLOCK_T=block_t,
+            enable_fp_fusion=FP_FUSION,
+        )  # fmt: skip
     return lam

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastppo.kernels import FP_FUSION
 
 
 @triton.jit
@@ -63,5 +64,6 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps:
         _group_advantages_kernel[(triton.cdiv(n_groups, block_groups),)](
             scores.detach(), out, n_groups, scores.stride(0), float(eps),
             GROUP_SIZE=group_size, ESTIMATOR=estimator, BLOCK_GROUPS=block_groups, BLOCK_G=block_g,
+            enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return out

@@ -22,9 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ARCHS = (80, 90)
 # float64 is for the tests' exactness, not for speed: its register use is reported, its spills tolerated.
 SPILLS_ALLOWED = {"fp64"}
-# Launches that do not yet pass enable_fp_fusion (kernels.FP_FUSION): kernels/gae.py is being rewritten (issue 20's
-# coalescing item); its new launch should pass it, and its name leave this set.
-FP_FUSION_PENDING = {"_gae_kernel"}
+# Launches that do not yet pass enable_fp_fusion (kernels.FP_FUSION): none.
+FP_FUSION_PENDING: set[str] = set()
 
 
 @pytest.fixture(scope="module")

@@ -126,7 +126,7 @@ def token_logprob_cases():
 
 def sequence_cases():
     """The (B, T) ops. The row-block kernels at a long-response shape and at a short one, whose blocks differ."""
-    from fastppo.kernels import gae, kl, ppo_loss, whiten
+    from fastppo.kernels import gae, group_advantages, kl, ppo_loss, whiten
 
     estimators = ("k3", "k1", "k2", "abs")  # k3 (its expm1 series) first: the most registers
 
@@ -134,11 +134,20 @@ def sequence_cases():
         scores, lp, ref = meta(shape[0], dtype=dtype), meta(*shape, dtype=dtype), meta(*shape, dtype=dtype)
         kl.shape_rewards(scores, lp, ref, meta(*shape, dtype=torch.int64), 0.05, estimator)
 
-    def policy(shape, dtype, dual_clip, grad, token_weights):
+    def policy(shape, dtype, dual_clip, grad, token_weights, kl_in_loss):
         lp, old, adv = meta(*shape, dtype=dtype, grad=grad), meta(*shape, dtype=dtype), meta(*shape, dtype=dtype)
         weights = meta(*shape, dtype=dtype) if token_weights else None
-        ppo_loss.ppo_policy_loss(lp, old, adv, meta(*shape, dtype=torch.int64), dual_clip=dual_clip,
-                                 token_weights=weights)  # fmt: skip
+        ref = meta(*shape, dtype=dtype) if kl_in_loss else None
+        ppo_loss.ppo_policy_loss(
+            lp,
+            old,
+            adv,
+            meta(*shape, dtype=torch.int64),
+            dual_clip=dual_clip,
+            token_weights=weights,
+            ref_logprobs=ref,
+            kl_loss_coef=0.1 if kl_in_loss else 0.0,
+        )
 
     def value(shape, dtype, clip, grad):
         v, old, ret = meta(*shape, dtype=dtype, grad=grad), meta(*shape, dtype=dtype), meta(*shape, dtype=dtype)
@@ -146,7 +155,16 @@ def sequence_cases():
 
     row_block_ops = (
         ("shape_rewards", shape_rewards, {"estimator": estimators}),
-        ("ppo_policy_loss", policy, {"dual_clip": (3.0, None), "grad": (True, False), "token_weights": (True, False)}),
+        (
+            "ppo_policy_loss",
+            policy,
+            {
+                "dual_clip": (3.0, None),
+                "grad": (True, False),
+                "token_weights": (True, False),
+                "kl_in_loss": (True, False),
+            },
+        ),
         ("ppo_value_loss", value, {"clip": (0.2, None), "grad": (True, False)}),
     )
     for op, launch, flags in row_block_ops:
@@ -162,13 +180,23 @@ def sequence_cases():
     def masked_whiten(dtype, shift_mean):
         whiten.masked_whiten(meta(*shape, dtype=dtype), meta(*shape, dtype=torch.bool), shift_mean)
 
-    def advantages(dtype):
-        gae.gae(meta(*shape, dtype=dtype), meta(*shape, dtype=dtype), meta(*shape, dtype=torch.int64))
+    def advantages(dtype, per_row_lam, decoupled):
+        lam = meta(shape[0], dtype=torch.float32) if per_row_lam else 0.95
+        gae.gae(meta(*shape, dtype=dtype), meta(*shape, dtype=dtype), meta(*shape, dtype=torch.int64), 1.0, lam,
+                1.0 if decoupled else None)  # fmt: skip
+
+    def length_adaptive_lam(dtype):
+        gae.length_adaptive_lam(meta(*shape, dtype=torch.int64), 0.05)
+
+    def group_scores(dtype, estimator):
+        group_advantages.group_advantages(meta(shape[0], dtype=dtype), 8, estimator)
 
     for op, launch, flags in (
         ("kl_penalty", kl_penalty, {"estimator": estimators}),
         ("masked_whiten", masked_whiten, {"shift_mean": (False, True)}),
-        ("gae", advantages, {}),
+        ("gae", advantages, {"per_row_lam": (True, False), "decoupled": (True, False)}),
+        ("length_adaptive_lam", length_adaptive_lam, {}),
+        ("group_advantages", group_scores, {"estimator": ("grpo", "dr_grpo", "rloo")}),
     ):
         for dtype, chosen in variants(**flags):
             yield Case(label(op, shape, dtype, chosen), dtype, functools.partial(launch, dtype, **chosen))
