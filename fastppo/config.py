@@ -296,12 +296,6 @@ class PPOConfig:
             raise InputError(
                 f"kl_loss_estimator must be one of {', '.join(KL_ESTIMATORS)}; got {self.kl_loss_estimator!r}"
             )
-        for name in ("samples_per_prompt", "filter_groups_max_tries"):
-            if not getattr(self, name) >= 1:
-                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("kl_loss_coef", "value_warmup_steps", "overlong_buffer", "overlong_penalty"):
-            if getattr(self, name) < 0:
-                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         group = self.samples_per_prompt
         per_rank = self.rollout_batch_size // max(world_size, 1)
         if per_rank % group:
@@ -321,10 +315,6 @@ class PPOConfig:
             if self.value_warmup_steps:
                 raise InputError(f"value_warmup_steps trains a critic; advantage_estimator "
                                  f"{self.advantage_estimator!r} has none")  # fmt: skip
-        if self.critic_lam is not None and not 0 <= self.critic_lam <= 1:
-            raise InputError(f"critic_lam must lie in [0, 1] or be null, got {self.critic_lam}")
-        if self.lam_length_alpha is not None and not self.lam_length_alpha > 0:
-            raise InputError(f"lam_length_alpha must be > 0 or null, got {self.lam_length_alpha}")
         if self.value_warmup_steps >= self.steps:
             raise InputError(f"value_warmup_steps ({self.value_warmup_steps}) must be < steps ({self.steps}): "
                              "the policy would never train")  # fmt: skip
@@ -365,6 +355,9 @@ RANGES: dict[str, Interval] = {
     "vllm_gpu_memory_utilization": Interval(0, 1, low_open=True), "vllm_max_model_len": POSITIVE,
     "vllm_kv_cache_bytes": POSITIVE, "vllm_tensor_parallel_size": POSITIVE,
     "rollout_correction_cap": Interval(1, low_open=True),
+    "samples_per_prompt": POSITIVE, "filter_groups_max_tries": POSITIVE, "kl_loss_coef": NON_NEGATIVE,
+    "value_warmup_steps": NON_NEGATIVE, "overlong_buffer": NON_NEGATIVE, "overlong_penalty": NON_NEGATIVE,
+    "critic_lam": FRACTION, "lam_length_alpha": POSITIVE,
 }  # fmt: skip
 
 

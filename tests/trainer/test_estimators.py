@@ -117,7 +117,7 @@ def test_groups_helpers():
         ({"advantage_estimator": "ppo"}, "advantage_estimator must be one of"),
         ({"advantage_estimator": "grpo"}, "set samples_per_prompt >= 2"),
         ({"samples_per_prompt": 3}, r"samples_per_prompt \(3\) must divide rollout_batch_size"),
-        ({"samples_per_prompt": 0}, "samples_per_prompt must be >= 1"),
+        ({"samples_per_prompt": 0}, "samples_per_prompt must be > 0"),
         ({"advantage_estimator": "rloo", "samples_per_prompt": 2, "critic_lam": 1.0}, "critic_lam is a GAE setting"),
         ({"advantage_estimator": "reinforce++", "lam_length_alpha": 0.05}, "lam_length_alpha is a GAE setting"),
         ({"advantage_estimator": "reinforce++", "value_warmup_steps": 2}, "value_warmup_steps trains a critic"),
@@ -128,7 +128,7 @@ def test_groups_helpers():
         ({"filter_groups": True}, "filter_groups drops groups"),
         ({"kl_loss_coef": -0.1}, "kl_loss_coef must be >= 0"),
         ({"kl_loss_estimator": "k5"}, "kl_loss_estimator must be one of"),
-        ({"filter_groups_max_tries": 0}, "filter_groups_max_tries must be >= 1"),
+        ({"filter_groups_max_tries": 0}, "filter_groups_max_tries must be > 0"),
     ],
 )
 def test_estimator_settings_are_validated(overrides, message):
