@@ -139,8 +139,7 @@ class PPOTrainer:
 
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
-        sample = [p for p in self.prompts[:4]]
-        ids, mask = tokenize_prompts(sample, self.tokenizer, min(self.config.max_prompt_length, 32))
+        ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, min(self.config.max_prompt_length, 32))
         tolerance = 1e-3 if self.device.type == "cpu" else 5e-2  # float32 vs bf16 autocast rounding
         was_training = lm.training
         lm.eval()
