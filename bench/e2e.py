@@ -126,7 +126,8 @@ def run_fastppo(cfg: dict, directory: Path) -> dict:
         start = time.perf_counter()
         metrics = trainer.step()
         per_iteration.append(time.perf_counter() - start)
-        splits.append({k[5:-2]: metrics[k] for k in ("time/rollout_s", "time/score_s", "time/train_s") if k in metrics})
+        phases = (k for k in metrics if k.startswith("perf/") and k.endswith("_s") and k != "perf/step_s")
+        splits.append({k[5:-2]: metrics[k] for k in phases})
     total = {k: sum(s[k] for s in splits) for k in splits[0]} if splits and splits[0] else {}
     spent = sum(total.values()) or 1.0
     return {

@@ -51,21 +51,34 @@ def overlong_penalties(response_mask: torch.Tensor, max_new_tokens: int, buffer:
     return penalty * ((lengths - (max_new_tokens - buffer)) / buffer).clamp(0.0, 1.0)
 
 
-def estimate_advantages(batch, config, kl_coef: float):
-    """(rewards, kl, advantages, returns), each (B, T) float32 (returns None without a critic), of a scored rollout
-    batch with its old log-probs, reference log-probs and (gae) old values."""
+def shaped_rewards(batch, config, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, kl), each (B, T) float32: the sequence score (see `sequence_scores`) at the last valid token and,
+    with kl_in_reward, -kl_coef * KL(policy || reference) on every token."""
     cfg, mask = config, batch.response_mask
-    estimator = cfg.advantage_estimator
-    scores = sequence_scores(batch.scores.to(mask.device), estimator, cfg.samples_per_prompt)
-    rewards, kl = ops.shape_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask,
-                                    kl_coef if cfg.kl_in_reward else 0.0, cfg.kl_estimator)  # fmt: skip
-    if uses_critic(estimator):
+    scores = sequence_scores(batch.scores.to(mask.device), cfg.advantage_estimator, cfg.samples_per_prompt)
+    return ops.shape_rewards(scores, batch.old_logprobs, batch.ref_logprobs, mask,
+                             kl_coef if cfg.kl_in_reward else 0.0, cfg.kl_estimator)  # fmt: skip
+
+
+def advantages_and_returns(batch, config) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(advantages, returns), (B, T) float32 (returns None without a critic), of the shaped `batch.rewards`:
+    GAE against the old values, or the critic-free returns to go; whitened over the global batch where the
+    estimator says so."""
+    cfg, mask, rewards = config, batch.response_mask, batch.rewards
+    if uses_critic(cfg.advantage_estimator):
         lam = cfg.lam if cfg.lam_length_alpha is None else ops.length_adaptive_lam(mask, cfg.lam_length_alpha)
         advantages, returns = ops.gae(rewards, batch.old_values, mask, cfg.gamma, lam, cfg.critic_lam)
         if cfg.whiten_advantages:
             advantages = distributed.masked_whiten(advantages, mask)  # global statistics under torchrun
-        return rewards, kl, advantages, returns
+        return advantages, returns
     advantages, _ = ops.gae(rewards, torch.zeros_like(rewards), mask, cfg.gamma, 1.0)  # returns to go
-    if estimator.startswith("reinforce++"):
+    if cfg.advantage_estimator.startswith("reinforce++"):
         advantages = distributed.masked_whiten(advantages, mask)
-    return rewards, kl, advantages, None
+    return advantages, None
+
+
+def estimate_advantages(batch, config, kl_coef: float):
+    """(rewards, kl, advantages, returns) of a scored rollout batch with its old log-probs, reference log-probs and
+    (gae) old values: `shaped_rewards` then `advantages_and_returns`. Sets batch.rewards."""
+    batch.rewards, kl = shaped_rewards(batch, config, kl_coef)
+    return (batch.rewards, kl, *advantages_and_returns(batch, config))

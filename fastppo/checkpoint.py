@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from fastppo.errors import InputError
 from fastppo.models import save_weights
-from fastppo.validation import LOAD_ERRORS, clip
+from fastppo.validation import LOAD_ERRORS, clip, refuse_to_overwrite
 
 STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
 STATE_KEYS = ("step", "optimizer", "scheduler", "kl_controller", "score_moments", "sampler", "rng")
@@ -122,6 +122,19 @@ def verify(checkpoint: str) -> str | None:
         if _sha256(file) != digest:
             return f"{name} does not match its checksum"
     return None
+
+
+def check_output_dir(output_dir: str, continuing: bool) -> None:
+    """A fresh run (not `continuing`: resuming or overwrite_output_dir) refuses an output_dir holding a previous
+    run's checkpoints or metrics.jsonl (with overwrite_output_dir checkpoints are replaced step by step, and
+    metrics.jsonl at the first step)."""
+    if continuing:
+        return
+    found = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
+    what = "checkpoints" if found else "a previous run's metrics"
+    found += ["metrics.jsonl"] if os.path.isfile(os.path.join(output_dir, "metrics.jsonl")) else []
+    how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
+    refuse_to_overwrite("output_dir", output_dir, what, found, how)
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:

@@ -50,11 +50,11 @@ from fastppo.models import (
     response_logprobs,
 )
 from fastppo.rollout import decode_responses, generate
+from fastppo.schedule import adamw_with_schedule
 from fastppo.signals import stop_at_step_boundary
 from fastppo.supervised import (
     count_steps,
     encode_prompt_response,
-    optimizer_and_schedule,
     shuffled_batches,
     split_pairs,
     update,
@@ -180,7 +180,7 @@ class DPOTrainer:
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None
         self.lm, self.reference = self._build_models(config.model)
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
-        self.optimizer, self.scheduler = optimizer_and_schedule(self.lm.parameters(), config.learning_rate,
+        self.optimizer, self.scheduler = adamw_with_schedule(self.lm.parameters(), config.learning_rate,
                                                                 self.total_steps)  # fmt: skip
         self.batches = shuffled_batches(len(self.train_data), config.batch_size, self.total_steps, config.seed)
         self.step_count = 0

@@ -1,15 +1,39 @@
 """Metrics: one JSON line per step in <output_dir>/metrics.jsonl, the same scalars in TensorBoard.
 
-Names are grouped by prefix, as CleanRL does: reward/, policy/, value/, rollout/, kl/, perf/, time/.
+Names are grouped by prefix, as CleanRL does: reward/, policy/, value/, rollout/, kl/, optim/, perf/ (the
+README's "Metrics" table lists them all).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+import time
 
 import torch
+
+
+class PhaseTimer:
+    """Wall seconds per named phase, summed over the phase's runs (dynamic sampling repeats the rollout):
+
+    timer = PhaseTimer()
+    with timer("rollout"):
+        ...
+    timer.seconds  # {"rollout": 1.25}
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fastppo.checkpoint import save_model
 from fastppo.models import load_model, resolve_device
 from fastppo.rewards import score_at_last_token
+from fastppo.schedule import adamw_with_schedule
 from fastppo.supervised import (
     check_command,
     check_context,
@@ -28,7 +29,6 @@ from fastppo.supervised import (
     encode_prompt_response,
     is_report_step,
     load_tokenizer,
-    optimizer_and_schedule,
     pad_batch,
     shuffled_batches,
     split_pairs,
@@ -111,7 +111,7 @@ def train_reward_model(
 
     device = resolve_device("auto")
     model.to(device).train()
-    optimizer, scheduler = optimizer_and_schedule(model.parameters(), learning_rate, total_steps)
+    optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
     correct: list[float] = []
     for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):

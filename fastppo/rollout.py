@@ -12,6 +12,7 @@ end-to-end table of bench/README.md).
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass, fields
 
 import torch
@@ -66,6 +67,15 @@ class RolloutBatch:
                 value = [value[i] for i in index.tolist()]
             values[f.name] = value
         return RolloutBatch(**values)
+
+
+def warn_if_truncated_sampling(top_k: int, top_p: float) -> None:
+    if top_k > 0 or top_p < 1.0:
+        warnings.warn(
+            "top_k/top_p sample from a truncated distribution, but every log-prob PPO uses (old, new, reference) "
+            "is of the full one: the update is slightly off-policy and the KL is underestimated. Prefer "
+            "temperature alone for RL.", stacklevel=3,
+        )  # fmt: skip
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:

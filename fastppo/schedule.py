@@ -34,7 +34,13 @@ def lr_factor(warmup_steps: int, total_steps: int, kind: str = "linear") -> Call
     return factor
 
 
-def warmup_then_linear_decay(optimizer, total_steps: int, warmup_fraction: float = 0.05):
-    """The supervised stages' scheduler: a warmup of `warmup_fraction` of the steps (at least one), then linear."""
-    warmup = max(1, int(total_steps * warmup_fraction))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(warmup, total_steps, "linear"))
+def adamw_with_schedule(parameters, learning_rate: float, total_steps: int, weight_decay: float = 0.0,
+                        warmup_steps: int | None = None, kind: str = "linear"):  # fmt: skip
+    """(AdamW over the trainable `parameters`, its LambdaLR on `lr_factor`). warmup_steps None is the supervised
+    stages' default: 5% of the steps (at least one)."""
+    optimizer = torch.optim.AdamW(
+        [p for p in parameters if p.requires_grad], lr=learning_rate, weight_decay=weight_decay,
+        foreach=True,  # one kernel per op over all tensors, not per tensor
+    )  # fmt: skip
+    warmup = max(1, int(total_steps * 0.05)) if warmup_steps is None else warmup_steps
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(warmup, total_steps, kind))

@@ -19,6 +19,7 @@ import torch
 from fastppo.checkpoint import save_model
 from fastppo.errors import InputError
 from fastppo.models import load_model, resolve_device
+from fastppo.schedule import adamw_with_schedule
 from fastppo.supervised import (
     check_command,
     check_context,
@@ -26,7 +27,6 @@ from fastppo.supervised import (
     encode_prompt_response,
     is_report_step,
     load_tokenizer,
-    optimizer_and_schedule,
     pad_batch,
     shuffled_batches,
     training_options,
@@ -85,7 +85,7 @@ def train_sft(
 
     device = resolve_device("auto")
     model.to(device).train()
-    optimizer, scheduler = optimizer_and_schedule(model.parameters(), learning_rate, total_steps)
+    optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
     for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
         input_ids, attention_mask, labels = sft_batch([encoded[i] for i in rows], tokenizer.pad_token_id)  # (B, T)

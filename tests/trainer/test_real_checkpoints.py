@@ -77,9 +77,9 @@ def test_no_dropout_anywhere_in_the_ppo_loop(released, tmp_path, model):
     trainer = PPOTrainer(config, prompts=prompt_list())
     batch = trainer.rollout(prompt_list()[:4])
     batch.scores = trainer.score(batch)
-    trainer.compute_old_logprobs_and_values(batch)
+    trainer.evaluate(batch)
     first = (batch.old_logprobs.clone(), batch.old_values.clone())
-    trainer.compute_old_logprobs_and_values(batch)
+    trainer.evaluate(batch)
     assert torch.equal(first[0], batch.old_logprobs) and torch.equal(first[1], batch.old_values)
 
     metrics = trainer.step()  # one minibatch: the update sees exactly the rollout-time policy

@@ -12,7 +12,8 @@ from tests.trainer.conftest import count_w7, prompt_list, small_config
 EXPECTED_METRICS = """step reward/score_mean reward/score_std reward/shaped_mean policy/kl policy/entropy policy/loss
 policy/clip_frac policy/approx_kl value/loss value/clip_frac value/explained_variance rollout/response_length_mean
 rollout/response_length_max rollout/ended_rate rollout/truncated_rate perf/rollout_tokens_per_s perf/train_tokens_per_s
-perf/peak_memory_mb kl/coef grad_norm policy/grad_norm value/grad_norm policy/ratio_max""".split()
+perf/peak_memory_mb perf/rollout_s perf/reward_s perf/evaluate_s perf/advantages_s perf/train_s perf/step_s
+kl/coef optim/grad_norm optim/lr optim/skipped_steps policy/grad_norm value/grad_norm policy/ratio_max""".split()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
