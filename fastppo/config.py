@@ -85,6 +85,13 @@ class PPOConfig:
         "'hf': fastppo's own decode loop (the reference); 'vllm': an in-process vLLM engine per rank (pip "
         'install "fastppo[vllm]"), its weights synced after every optimizer step.',
     )
+    old_logprobs: str = _f(
+        "auto",
+        "Where the old policy's log-probs (and a shared critic's values) come from: 'rollout' keeps those the hf "
+        "engine's decode computed for the tokens it sampled (no second pass over the batch; they differ from a "
+        "full forward's by float32 rounding, ~1e-6); 'recompute' runs the policy over the batch again; 'auto' = "
+        "rollout with the hf engine in float32 (CPU), recompute under bf16 autocast (CUDA) and with vLLM.",
+    )
     vllm_gpu_memory_utilization: float = _f(0.3, "CUDA: the fraction of GPU memory vLLM may take (weights + KV).")
     vllm_max_model_len: int | None = _f(None, "vLLM's context length; None = max_prompt_length + max_new_tokens.")
     vllm_enable_sleep_mode: bool = _f(True, "CUDA: vLLM frees its memory during training, wakes for the rollout.")
@@ -236,6 +243,7 @@ class PPOConfig:
             "save_dtype": ("auto", "float32", "bfloat16", "float16"),
             "rollout_engine": ("hf", "vllm"),
             "rollout_correction": ("none", "tis", "mis"),
+            "old_logprobs": ("auto", "rollout", "recompute"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -243,6 +251,9 @@ class PPOConfig:
         if self.rollout_correction != "none" and self.rollout_engine != "vllm":
             raise InputError("rollout_correction corrects for a separate sampler's log-probs: it needs "
                              "rollout_engine: vllm (the hf engine samples from the trained model itself)")  # fmt: skip
+        if self.old_logprobs == "rollout" and self.rollout_engine == "vllm":
+            raise InputError("old_logprobs: 'rollout' keeps the hf engine's own log-probs; vLLM's differ from the "
+                             "trainer's (use recompute, with rollout_correction for the gap)")  # fmt: skip
         if self.reference == "adapter" and self.lora_rank == 0:
             raise InputError("reference: 'adapter' needs LoRA (lora_rank > 0): without adapters there is no reference")
 

@@ -363,7 +363,7 @@ class DPOTrainer:
                 prompt_ids, prompt_mask = tokenize_prompts(chunk, self.tokenizer, self.config.max_length)
                 prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
                 with self._autocast():
-                    response_ids, response_mask, _ = generate(self.lm, self.tokenizer, prompt_ids, prompt_mask,
+                    response_ids, response_mask, *_ = generate(self.lm, self.tokenizer, prompt_ids, prompt_mask,
                                                               self.config.max_new_tokens, 1.0)  # fmt: skip
                     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
                     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)

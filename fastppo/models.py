@@ -248,12 +248,19 @@ def response_logprobs(lm, hidden, response_ids, temperature: float, fused: bool)
     if fused and softcap is None:  # a scale folds into the temperature: softmax(s * z / t) = softmax(z / (t / s))
         return ops.linear_token_logprobs(hidden, head.weight, response_ids, temperature / scale, head.bias,
                                          with_entropy=True)  # fmt: skip
-    logits = head(hidden)
+    return ops.token_logprobs_and_entropy(model_logits(lm, hidden), response_ids, temperature)
+
+
+def model_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """(..., V) the logits the model's own forward returns for final hidden states (..., H): the output
+    embedding, then `logit_transform`."""
+    logits = unwrap(lm).get_output_embeddings()(hidden)
+    scale, softcap = logit_transform(lm)
     if scale != 1.0:
         logits = logits * scale
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    return ops.token_logprobs_and_entropy(logits, response_ids, temperature)
+    return logits
 
 
 @torch.no_grad()

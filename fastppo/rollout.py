@@ -1,12 +1,13 @@
 """Generation and the rollout batch that travels through one PPO iteration.
 
-`generate` is a plain decode loop over the model's KV cache: one prefill of the left-padded prompts, then one
+`generate` is a plain decode loop over the backbone's KV cache: one prefill of the left-padded prompts, then one
 token per step for the whole batch, with temperature / top-k / top-p sampling, stopping rows at EOS or a stop
 string and the batch when every row has stopped. It avoids `model.generate`'s per-step machinery (logits
-processors, stopping criteria objects, cache bookkeeping), and the prefill keeps only the last position's logits.
-The loop is kept because, measured against `model.generate` on small random Llamas on the CPU, it was a little faster,
-and it yields the response mask and EOS flags PPO needs directly (the rollout's share of an iteration is in the
-end-to-end table of bench/README.md).
+processors, stopping criteria objects, cache bookkeeping) and applies the LM head to the last position only. It
+yields what PPO needs directly: the response mask, the end flags, and, since each step's hidden state is the one
+that predicts its token, the sampled tokens' log-probs and (with a value head) the values at rollout time, so the
+trainer need not run the policy over the batch again (`old_logprobs: auto`). The rollout's share of an iteration
+is in the end-to-end table of bench/README.md.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 
 from fastppo import ops
-from fastppo.models import position_ids_for, unwrap
+from fastppo.models import backbone_of, model_logits, position_ids_for, unwrap
 
 
 @dataclass
@@ -41,7 +43,8 @@ class RolloutBatch:
     kl: torch.Tensor | None = None  # (B, T) float32 per-token KL estimate
     advantages: torch.Tensor | None = None  # (B, T) float32
     returns: torch.Tensor | None = None  # (B, T) float32
-    sampler_logprobs: torch.Tensor | None = None  # (B, T) float32, the rollout engine's own (vllm engine only)
+    sampler_logprobs: torch.Tensor | None = None  # (B, T) float32, the rollout engine's own log-probs
+    sampler_values: torch.Tensor | None = None  # (B, T) float32, values the hf engine computed while decoding
     token_weights: torch.Tensor | None = None  # (B, T) float32 rollout correction per token (None: all 1)
 
     @property
@@ -105,12 +108,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return tokens
 
 
-def _forward_kwargs(lm) -> tuple[dict, str]:
-    """Keep only the last position's logits in the prefill, and find the KV-cache argument's name: transformers 5
-    renamed `past_key_values` to `cache`. A peft wrapper forwards **kwargs, so read the wrapped model's signature."""
-    params = inspect.signature(unwrap(lm).forward).parameters
-    cache_name = "cache" if "cache" in params else "past_key_values"
-    return ({"logits_to_keep": 1} if "logits_to_keep" in params else {}), cache_name
+def _cache_name(backbone) -> str:
+    """The KV-cache argument's name: transformers 5 renamed `past_key_values` to `cache`."""
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
 
 
 def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
@@ -122,6 +122,14 @@ def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
     ids += configured if isinstance(configured, (list, tuple)) else [configured]
     ids += list(extra)
     return sorted({int(i) for i in ids if i is not None})
+
+
+class Generation(NamedTuple):
+    response_ids: torch.Tensor  # (B, T) long, pad after the end
+    response_mask: torch.Tensor  # (B, T) long, 1 = generated token (the end token included)
+    ended: torch.Tensor  # (B,) bool: an end id or a stop string ended the row (else max_new_tokens cut it)
+    logprobs: torch.Tensor  # (B, T) float32 log-probs of the sampled tokens at `temperature` (1 when greedy)
+    values: torch.Tensor | None  # (B, T) float32 value_head of the hidden states, None without a value head
 
 
 @torch.no_grad()
@@ -136,40 +144,52 @@ def generate(
     top_p: float = 1.0,
     stop_strings: tuple = (),
     end_ids: list[int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses: (response_ids (B, T), response_mask (B, T), ended (B,)), T <= max_new_tokens. A row ends
-    at any of `end_ids` (default: `end_token_ids(tokenizer, lm)`), kept as its last token, or once its text holds a
-    stop string; a row that does neither is truncated at max_new_tokens."""
+    value_head=None,
+) -> Generation:
+    """Sample responses to left-padded prompts (see `Generation`), T <= max_new_tokens. A row ends at any of
+    `end_ids` (default: `end_token_ids(tokenizer, lm)`), kept as its last token, or once its text holds a stop
+    string; a row that does neither is truncated at max_new_tokens. The log-probs are of the full distribution
+    (before top-k / top-p), as PPO's recomputed ones are."""
     B = prompt_ids.shape[0]
     device = prompt_ids.device
     pad_id = tokenizer.pad_token_id
     end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, lm), device=device)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    values = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if value_head is not None else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    attention_mask = prompt_mask.clone()
-    position_ids = position_ids_for(attention_mask)
-    prefill_kwargs, cache_name = _forward_kwargs(lm)
-    out = lm(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
-             **prefill_kwargs)  # fmt: skip
+    backbone = backbone_of(lm)
+    cache_name = _cache_name(backbone)
+    # The attention mask grows by one column per step: preallocated, viewed up to the current length.
+    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
+    P = prompt_ids.shape[1]
+    position_ids = position_ids_for(prompt_mask)
+    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True)
     next_position = position_ids[:, -1:] + 1
     steps = 0
     for t in range(max_new_tokens):
-        token = sample_next(out.logits[:, -1], temperature, top_k, top_p)
+        hidden = out.last_hidden_state[:, -1]  # (B, H): predicts token t
+        logits = model_logits(lm, hidden)  # (B, V)
+        token = sample_next(logits, temperature, top_k, top_p)
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         response_ids[:, t] = token
         response_mask[:, t] = (~finished).long()
+        logprobs[:, t] = ops.token_logprobs(logits, token, temperature or 1.0)
+        if values is not None:
+            values[:, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
         finished |= torch.isin(token, end_ids)
         if stop_strings:
             finished |= _hit_stop_string(tokenizer, response_ids[:, : t + 1], finished, stop_strings)
         steps = t + 1
         if bool(finished.all()) or t == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        out = lm(input_ids=token.unsqueeze(1), attention_mask=attention_mask, position_ids=next_position,
-                 use_cache=True, **{cache_name: getattr(out, cache_name)})  # fmt: skip
+        cache = {cache_name: getattr(out, cache_name)}
+        out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
+                       position_ids=next_position, use_cache=True, **cache)  # fmt: skip
         next_position = next_position + 1
-    return response_ids[:, :steps], response_mask[:, :steps], finished
+    return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs[:, :steps],
+                      None if values is None else values[:, :steps])  # fmt: skip
 
 
 def _hit_stop_string(tokenizer, response_ids, finished, stop_strings) -> torch.Tensor:

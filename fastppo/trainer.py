@@ -74,6 +74,10 @@ class PPOTrainer:
         self._check_logprob_path(lm)
         self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
         self.model = self._build_policy(lm)
+        # The decode's own log-probs and values serve as the old ones (see config.old_logprobs): not with a
+        # separate critic, whose values need its own backbone's forward.
+        wanted = config.old_logprobs == "rollout" or (config.old_logprobs == "auto" and self.device.type == "cpu")
+        self.old_logprobs_from_rollout = wanted and config.rollout_engine == "hf" and self.model.critic_backbone is None
         resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
         # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
         self.parallel = distributed.Parallel(config.parallel)
@@ -213,9 +217,9 @@ class PPOTrainer:
                                                    cfg.truncate_long_prompts)  # fmt: skip
         prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
         temperature = cfg.temperature if temperature is None else temperature
-        sampler_logprobs = None
         if self.engine is not None:
             self.engine.sync_from(self.model, self.parallel)  # the weights of the last optimizer step
+            sampler_values = None
             response_ids, response_mask, ended, sampler_logprobs = self.engine.generate(
                 prompt_ids, prompt_mask, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
                 tuple(cfg.stop_strings), self.end_ids, self.tokenizer.pad_token_id,
@@ -223,14 +227,16 @@ class PPOTrainer:
         else:
             self.model.eval()
             with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
-                response_ids, response_mask, ended = generate(
+                generation = generate(
                     self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, temperature,
                     cfg.top_k, cfg.top_p, tuple(cfg.stop_strings), self.end_ids,
+                    value_head=self.model.value_head if self.old_logprobs_from_rollout else None,
                 )  # fmt: skip
             self.model.train()
+            response_ids, response_mask, ended, sampler_logprobs, sampler_values = generation
         responses = decode_responses(self.tokenizer, response_ids, response_mask)
         return RolloutBatch(prompt_ids, prompt_mask, response_ids, response_mask, ended, list(prompts), responses,
-                            sampler_logprobs=sampler_logprobs)  # fmt: skip
+                            sampler_logprobs=sampler_logprobs, sampler_values=sampler_values)  # fmt: skip
 
     def score(self, batch: RolloutBatch) -> torch.Tensor:
         """Step 2: (B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
@@ -239,30 +245,36 @@ class PPOTrainer:
 
     @torch.no_grad()
     def evaluate(self, batch: RolloutBatch) -> dict:
-        """Step 3: `batch.old_logprobs` and `batch.old_values` through the same forward as training, and
-        `batch.ref_logprobs`. With the sampler's own log-probs (vLLM), their gap and `rollout_correction`'s token
+        """Step 3: `batch.old_logprobs` and `batch.old_values`, and `batch.ref_logprobs`. The old ones are those
+        the hf engine's decode computed (`old_logprobs`: rollout), or a forward of the policy over the batch, the
+        same as training's. With vLLM, the gap to the sampler's own log-probs and `rollout_correction`'s token
         weights (returns the gap's stats)."""
         cfg, P = self.config, batch.prompt_ids.shape[1]
+        from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
         old_logprobs, old_values, ref_logprobs = [], [], []
         for rows in torch.arange(len(batch.prompts)).split(cfg.micro_batch):
             micro = batch.select(rows)
             input_ids, attention_mask = micro.input_ids, micro.attention_mask
             # FSDP: the LMs are called below without their root's forward, which would unshard the root's weights.
             with self._autocast(), self.parallel.root_params(self.model), self.parallel.root_params(self.reference):
-                logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
+                if not from_rollout:
+                    logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
+                    old_logprobs.append(logprobs)
+                    old_values.append(values)
                 if self.reference is None:
                     with self.model.adapters_disabled() as lm:
                         ref = reference_logprobs(lm, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
                 else:
                     ref = reference_logprobs(self.reference, input_ids, attention_mask, P, cfg.temperature,
                                              cfg.fused_logprobs)  # fmt: skip
-            old_logprobs.append(logprobs)
-            old_values.append(values)
             ref_logprobs.append(ref)
+        batch.ref_logprobs = torch.cat(ref_logprobs)
+        if from_rollout:
+            batch.old_logprobs, batch.old_values = batch.sampler_logprobs, batch.sampler_values
+            return {}
         batch.old_logprobs = torch.cat(old_logprobs)
         batch.old_values = None if old_values[0] is None else torch.cat(old_values)  # None: critic-free
-        batch.ref_logprobs = torch.cat(ref_logprobs)
-        if batch.sampler_logprobs is None:
+        if self.engine is None:
             return {}
         stats = vllm_engine.rollout_correction(batch, cfg)
         stats["perf/weight_sync_s"] = self.engine.last_sync_s

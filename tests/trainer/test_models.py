@@ -17,7 +17,7 @@ def padded_batch(tokenizer, lm):
 
     prompt_ids, prompt_mask = tokenize_prompts(["w1 w2 w3", "w4", "w5 w6"], tokenizer, max_length=8)
     torch.manual_seed(0)
-    response_ids, response_mask, _ = generate(lm, tokenizer, prompt_ids, prompt_mask, max_new_tokens=5)
+    response_ids, response_mask, *_ = generate(lm, tokenizer, prompt_ids, prompt_mask, max_new_tokens=5)
     return prompt_ids, prompt_mask, response_ids, response_mask
 
 

@@ -73,7 +73,7 @@ def test_save_dtype_overrides_the_checkpoint_dtype(released, tmp_path):
 def test_no_dropout_anywhere_in_the_ppo_loop(released, tmp_path, model):
     policy, reward = released[model]
     config = small_config(tmp_path, policy_model=policy, reward_model=reward, steps=1, mini_batch_size=4,
-                          micro_batch_size=1, ppo_epochs=1)  # fmt: skip
+                          micro_batch_size=1, ppo_epochs=1, old_logprobs="recompute")  # fmt: skip
     trainer = PPOTrainer(config, prompts=prompt_list())
     batch = trainer.rollout(prompt_list()[:4])
     batch.scores = trainer.score(batch)
@@ -86,6 +86,39 @@ def test_no_dropout_anywhere_in_the_ppo_loop(released, tmp_path, model):
     assert metrics["policy/ratio_max"] == 1.0 and metrics["policy/clip_frac"] == 0.0
     assert metrics["policy/approx_kl"] == 0.0
     assert metrics["policy/kl"] == 0.0  # against the reference, a float32 copy of the same weights
+
+
+@pytest.mark.parametrize("model", ["llama", "llama_dropout", "opt", "granite", "qwen2", "gpt2", "gpt_neox"])
+def test_the_decodes_logprobs_and_values_are_the_forwards(released, tiny_models, tmp_path, model):
+    """old_logprobs: rollout keeps the log-probs and values the decode computed: they are the policy's forward
+    over the batch (left-padded prompts, logit transforms, configs with dropout), up to float32 rounding."""
+    policy, reward = released[model] if model in released else tiny_models[model]
+    config = small_config(tmp_path, policy_model=policy, reward_model=reward, steps=1, rollout_batch_size=8,
+                          mini_batch_size=8, old_logprobs="rollout")  # fmt: skip
+    trainer = PPOTrainer(config, reward=None if reward else count_w7, prompts=prompt_list())  # granite: no RM
+    batch = trainer.rollout(prompt_list()[:8])
+    assert (batch.prompt_mask == 0).any() and batch.response_mask.sum() > 8  # left padding; several tokens a row
+    with torch.no_grad():
+        logprobs, _, values = trainer.model(batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1], 1.0)
+    valid = batch.response_mask.bool()
+    torch.testing.assert_close(batch.sampler_logprobs[valid], logprobs[valid], atol=1e-4, rtol=0)
+    torch.testing.assert_close(batch.sampler_values[valid], values[valid], atol=1e-4, rtol=0)
+
+    batch.scores = trainer.score(batch)
+    trainer.evaluate(batch)  # no second policy pass: the decode's tensors are the old ones
+    assert batch.old_logprobs is batch.sampler_logprobs and batch.old_values is batch.sampler_values
+    metrics = trainer.step()  # the first minibatch sees the rollout-time policy, to float32 rounding
+    assert abs(metrics["policy/ratio_max"] - 1.0) < 1e-4 and metrics["policy/clip_frac"] == 0.0
+    assert metrics["policy/kl"] < 1e-3  # against the reference, a float32 copy of the same weights
+
+
+def test_old_logprobs_auto_reuses_the_decode_only_where_it_is_the_trainers_forward(released, tmp_path):
+    policy, reward = released["llama"]
+    for overrides, expected in [({}, True), ({"critic": "separate"}, False), ({"old_logprobs": "recompute"}, False)]:
+        config = small_config(tmp_path, policy_model=policy, reward_model=reward, **overrides)
+        trainer = PPOTrainer(config, prompts=prompt_list())
+        assert trainer.old_logprobs_from_rollout is expected, overrides
+        assert (trainer.rollout(prompt_list()[:2]).sampler_values is not None) is expected  # no value head pass
 
 
 def test_functional_dropout_attributes_are_zeroed(released):
@@ -126,7 +159,7 @@ def force_tokens(lm, tokens: dict[int, int]):
     def forward(hidden):
         logits = original(hidden)
         if calls["n"] in tokens:
-            logits[:, -1, tokens[calls["n"]]] = 1e4
+            logits[..., tokens[calls["n"]]] = 1e4  # the decode's logits: (B, V)
         calls["n"] += 1
         return logits
 
@@ -143,7 +176,7 @@ def test_every_end_of_turn_id_ends_a_response(released):
     w1 = tokenizer.convert_tokens_to_ids("w1")
     force_tokens(lm, {0: w1, 1: w1, 2: im_end})
     ids, mask = torch.tensor([[3, 10, 11]]), torch.ones(1, 3, dtype=torch.long)
-    response_ids, response_mask, ended = generate(lm, tokenizer, ids, mask, 8, end_ids=end_token_ids(tokenizer, lm))
+    response_ids, response_mask, ended, *_ = generate(lm, tokenizer, ids, mask, 8, end_ids=end_token_ids(tokenizer, lm))
     assert response_ids.shape[1] == 3 and response_ids[0, 2] == im_end and bool(ended[0])
 
 

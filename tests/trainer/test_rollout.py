@@ -12,8 +12,8 @@ def test_greedy_generation_is_independent_of_padding(tiny_models):
     for arch in ("llama", "gpt2"):
         lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32)
         ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)  # BOS w6: 2 tokens
-        batch_ids, batch_mask, _ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
-        alone_ids, alone_mask, _ = generate(lm, tokenizer, ids[1:, -2:], mask[1:, -2:], max_new_tokens=6,
+        batch_ids, batch_mask, *_ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+        alone_ids, alone_mask, *_ = generate(lm, tokenizer, ids[1:, -2:], mask[1:, -2:], max_new_tokens=6,
                                             temperature=0)  # fmt: skip
         n = int(alone_mask.sum())
         assert batch_ids[1, :n].tolist() == alone_ids[0, :n].tolist(), arch
@@ -25,16 +25,16 @@ def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
     lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
     head_forward, calls = lm.lm_head.forward, []
 
-    def forward_with_eos(hidden):  # (B, L, H) -> logits with EOS forced where the test wants it
+    def forward_with_eos(hidden):  # (B, H) -> logits with EOS forced where the test wants it
         logits = head_forward(hidden)
         calls.append(1)
         force = torch.tensor([True, len(calls) >= 3])
-        logits[force, :, tokenizer.eos_token_id] = 1e4
+        logits[force, ..., tokenizer.eos_token_id] = 1e4
         return logits
 
     lm.lm_head.forward = forward_with_eos
     ids, mask = tokenize_prompts(["w1", "w2 w3"], tokenizer, max_length=8)
-    response_ids, response_mask, ended = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=1.0)
+    response_ids, response_mask, ended, *_ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=1.0)
     assert ended.tolist() == [True, True]
     assert response_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
     assert response_ids[0].tolist() == [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * 2

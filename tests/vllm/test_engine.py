@@ -47,13 +47,13 @@ def test_greedy_matches_the_hf_engine_with_end_ids_and_stop_strings(engine, lm):
     last token), at a stop string (the token completing it kept), or at max_new_tokens (truncated)."""
     tokenizer = build_tokenizer()
     ids, mask = prompts(tokenizer)
-    free, _, _ = generate(lm, tokenizer, ids, mask, 8, temperature=0, end_ids=[])  # no end: where rows would go
+    free, *_ = generate(lm, tokenizer, ids, mask, 8, temperature=0, end_ids=[])  # no end: where rows would go
     end_id = int(free[0, 2])  # row 0 ends at its third token (and any other row that emits it)
     stop = tokenizer.decode(free[1, 1:2])  # row 1's second token, as text: a stop string
     end_ids = end_token_ids(tokenizer, lm, (end_id,))
     hf = generate(lm, tokenizer, ids, mask, 8, 0.0, 0, 1.0, (stop,), end_ids)
     ours = engine.generate(ids, mask, 8, 0.0, 0, 1.0, (stop,), end_ids, tokenizer.pad_token_id)
-    for name, expected, actual in zip(("response_ids", "response_mask", "ended"), hf, ours[:3], strict=True):
+    for name, expected, actual in zip(("response_ids", "response_mask", "ended"), hf[:3], ours[:3], strict=True):
         assert torch.equal(expected, actual), f"{name}:\nhf   {expected.tolist()}\nvllm {actual.tolist()}"
     assert bool(hf[2][0]) and bool(hf[2][1]) and not bool(hf[2].all()), "the cases: end id, stop string, truncated"
 
