@@ -1,5 +1,5 @@
-// GAE as a reverse scan over time, a sequence per task, VAPO's length-adaptive lambda, and masked whitening; twins
-// of gae / length_adaptive_lam / masked_whiten in fastppo/ops/reference.py.
+// GAE as a reverse scan over time, a sequence per task, and VAPO's length-adaptive lambda; twins of gae /
+// length_adaptive_lam in fastppo/ops/reference.py.
 //
 //   delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam_b A_{t+1},   R_t = A_t + V_t
 // with V and A taken as 0 past a sequence's last valid token (right padding): nothing is bootstrapped there. lam_b
@@ -72,29 +72,6 @@ Tensor length_adaptive_lam(const Tensor& mask_in, double alpha) {
     }
   });
   return lam;
-}
-
-Tensor masked_whiten(const Tensor& x_in, const Tensor& mask_in, bool shift_mean, double eps) {
-  TORCH_CHECK(x_in.sizes() == mask_in.sizes(), "x and mask must have the same shape");
-  const auto out_dtype = x_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor x = x_in.to(at::kDouble).contiguous(), mask = mask_in.to(at::kBool).contiguous();
-  const double* xv = x.data_ptr<double>();
-  const bool* mv = mask.data_ptr<bool>();
-  const int64_t n = x.numel();
-  double count = 0, sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (mv[i]) count += 1, sum += xv[i];
-  }
-  const double mean = count > 0 ? sum / count : 0.0;
-  double sq = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    if (mv[i]) sq += (xv[i] - mean) * (xv[i] - mean);
-  }
-  const double scale = 1.0 / std::sqrt(sq / std::max(count - 1, 1.0) + eps);
-  Tensor out = at::empty(x.sizes(), x.options());
-  double* o = out.data_ptr<double>();
-  for (int64_t i = 0; i < n; ++i) o[i] = mv[i] ? (xv[i] - mean) * scale + (shift_mean ? 0.0 : mean) : 0.0;
-  return out.to(out_dtype);
 }
 
 }  // namespace fastppo

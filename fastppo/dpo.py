@@ -44,7 +44,6 @@ from fastppo.models import (
     backbone_of,
     final_hidden,
     frozen_reference,
-    load_tokenizer,
     load_trainable_lm,
     resolve_device,
     response_logprobs,
@@ -55,6 +54,7 @@ from fastppo.signals import stop_at_step_boundary
 from fastppo.supervised import (
     count_steps,
     encode_prompt_response,
+    load_tokenizer,
     shuffled_batches,
     split_pairs,
     update,
@@ -166,9 +166,7 @@ class DPOTrainer:
         source = tokenizer or config.tokenizer or (config.model if isinstance(config.model, str) else None)
         if source is None:
             raise InputError("tokenizer: a model object needs a tokenizer (a path or the object)")
-        self.tokenizer = load_tokenizer(source)
-        if self.tokenizer.eos_token_id is None:
-            raise InputError("tokenizer: it has no EOS token, which ends every encoded response")
+        self.tokenizer = load_tokenizer(source)  # one with an EOS: every encoded response ends with it
         train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
         self.train_data = encode_pairs(self.tokenizer, train_pairs, config.max_length)
         self.eval_data = encode_pairs(self.tokenizer, eval_pairs, config.max_length)

@@ -21,11 +21,13 @@ from fastppo.errors import InputError
 # ----------------------------------------------------------------------------------------------
 
 
-def load_tokenizer(path: str):
-    """`models.load_tokenizer`, refusing a tokenizer without EOS: every response is trained to end with it."""
+def load_tokenizer(path):
+    """`models.load_tokenizer` (a path or the object), refusing a tokenizer without EOS: every response is trained
+    to end with it."""
     tokenizer = models.load_tokenizer(path)
     if tokenizer.eos_token_id is None:
-        raise InputError(f"{path}: the tokenizer has no eos token, so a response's end cannot be learned")
+        where = path if isinstance(path, str) else "tokenizer"
+        raise InputError(f"{where}: the tokenizer has no eos token, so a response's end cannot be learned")
     return tokenizer
 
 

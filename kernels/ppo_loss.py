@@ -15,8 +15,8 @@ Value, per valid token (V_c = V_old + clip(V - V_old, +-clip), R the return):
     loss_t = max((V - R)^2, (V_c - R)^2) / 2
     d loss_t / d V = s_u (V - R) + s_c [|V - V_old| <= clip] (V_c - R),   (s_u, s_c) = (1, 0), (0, 1) or (1/2, 1/2)
 
-The aggregated loss is sum_t w_t loss_t with w = mask * row_scale[b] (`loss_weights` of the reference, one scale per
-row, computed from the mask before the launch), times the policy loss's optional per-token `token_weights` (the
+The aggregated loss is sum_t w_t loss_t with w = mask * row_scale[b] (the reference's `loss_row_scales`, one scale
+per row, computed from the mask before the launch), times the policy loss's optional per-token `token_weights` (the
 rollout's off-policy correction). Since the loss is a weighted sum, its gradient is known in the forward pass: one
 kernel writes the per-token gradient, the per-row partial loss and the per-row stats partials;
 backward only multiplies the saved gradient by grad_output (as Liger's fused cross-entropy does). The gradient is
@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from fastppo.kernels import FP_FUSION
 
-from fastppo.ops.reference import LOSS_AGGREGATIONS, named_policy_stats
+from fastppo.ops.reference import loss_row_scales, named_policy_stats
 
 from .kl import expm1, kl_from_log_ratio, kl_grad_from_log_ratio
 
@@ -245,22 +245,6 @@ def _ppo_value_kernel(
     tl.store(out + 2, n_clipped, mask=row_ok)
 
 
-def _row_scales(response_mask: torch.Tensor, agg: str, denominator: float | None, dtype: torch.dtype) -> torch.Tensor:
-    """(B,) scales such that the reference's `loss_weights` is mask * scale[:, None]."""
-    if agg not in LOSS_AGGREGATIONS:
-        raise ValueError(f"agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
-    B = response_mask.shape[0]
-    lengths = response_mask.to(dtype).sum(-1)  # (B,)
-    override = None if denominator is None else torch.tensor(float(denominator), dtype=dtype, device=lengths.device)
-    if agg == "token-mean":
-        total = lengths.sum() if override is None else override
-        return (1.0 / total.clamp(min=1)).expand(B).contiguous()
-    n_seqs = ((lengths > 0).sum().to(dtype) if override is None else override).clamp(min=1)
-    if agg == "seq-mean-token-mean":
-        return 1.0 / (lengths.clamp(min=1) * n_seqs)
-    return (1.0 / n_seqs).expand(B).contiguous()
-
-
 def _row_blocks(B: int, T: int) -> tuple[int, int]:
     """(BLOCK_B, BLOCK_T): a program owns whole rows, several short ones at a time; 512 elements a tile, for the
     registers (see _ppo_policy_kernel)."""
@@ -277,7 +261,7 @@ def _launch(kernel, inputs, response_mask, agg, denominator, n_partials, store_g
     B, T = response_mask.shape
     compute_dtype = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
     device = inputs[0].device
-    row_scale = _row_scales(response_mask, agg, denominator, compute_dtype)
+    row_scale = loss_row_scales(response_mask, agg, denominator, compute_dtype)
     partials = torch.empty((B, n_partials), dtype=compute_dtype, device=device)
     grad = torch.empty((B, T), dtype=compute_dtype, device=device) if store_grad else None
     if B > 0:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM
 from fastppo.cli import main
 from fastppo.dpo import DPOTrainer, dpo_loss, pack, sequence_logprobs
 from fastppo.dpo_config import DPOConfig
+from fastppo.errors import InputError
 from tests.test_reward_training import sentiment_pairs, write_jsonl
 
 # ----------------------------------------------------------------------------------------------
@@ -184,6 +185,16 @@ def test_cli_runs_and_resumes(tmp_path, base_model):
     assert main([*argv, "--epochs", "2", "--resume"]) == 2  # a different schedule cannot continue that run
     assert main([*argv, "--resume"]) == 0  # already complete: resumes at the end and stops
     assert os.path.isdir(os.path.join(out, "tb"))
+
+
+def test_a_tokenizer_without_eos_is_refused(tmp_path, base_model):
+    """Every encoded response ends with EOS: DPO refuses such a tokenizer as `fastppo sft` does (one check)."""
+    from fastppo.demo.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.eos_token = None
+    with pytest.raises(InputError, match="tokenizer: the tokenizer has no eos token"):
+        DPOTrainer(config(tmp_path, base_model), tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize(

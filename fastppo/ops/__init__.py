@@ -92,7 +92,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     _check_float("logits", logits)
     _check_tokens(tokens, logits.shape[:-1], logits.shape[-1], "logits")
     _check_temperature(temperature)
-    return implementation("token_logprobs", logits.device.type)(logits, tokens, temperature)
+    return implementation("token_logprobs", logits.device.type, logits.dtype)(logits, tokens, temperature)
 
 
 def token_logprobs_and_entropy(
@@ -103,7 +103,7 @@ def token_logprobs_and_entropy(
     _check_float("logits", logits)
     _check_tokens(tokens, logits.shape[:-1], logits.shape[-1], "logits")
     _check_temperature(temperature)
-    return implementation("token_logprobs_and_entropy", logits.device.type)(logits, tokens, temperature)
+    return implementation("token_logprobs_and_entropy", logits.device.type, logits.dtype)(logits, tokens, temperature)
 
 
 def linear_token_logprobs(
@@ -125,7 +125,7 @@ def linear_token_logprobs(
         raise ValueError(f"bias must be (V={weight.shape[0]},), got {tuple(bias.shape)}")
     _check_tokens(tokens, hidden.shape[:-1], weight.shape[0], "hidden")
     _check_temperature(temperature)
-    impl = implementation("linear_token_logprobs", hidden.device.type)
+    impl = implementation("linear_token_logprobs", hidden.device.type, torch.promote_types(hidden.dtype, weight.dtype))
     return impl(hidden, weight, tokens, temperature, bias, with_entropy)
 
 
@@ -138,7 +138,7 @@ def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
     if uniform.shape != logits.shape[:1]:
         raise ValueError(f"uniform must be (B={logits.shape[0]},), got shape {tuple(uniform.shape)}")
     _check_temperature(temperature)
-    return implementation("sample_tokens", logits.device.type)(logits, uniform, temperature)
+    return implementation("sample_tokens", logits.device.type, logits.dtype)(logits, uniform, temperature)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     _check_float("ref_logprobs", ref_logprobs)
     _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs)
     _check_estimator(estimator)
-    return implementation("kl_penalty", logprobs.device.type)(logprobs, ref_logprobs, estimator)
+    return implementation("kl_penalty", logprobs.device.type, logprobs.dtype)(logprobs, ref_logprobs, estimator)
 
 
 def shape_rewards(
@@ -174,7 +174,7 @@ def shape_rewards(
     if scores.shape != logprobs.shape[:1]:
         raise ValueError(f"scores must be (B={logprobs.shape[0]},), got {tuple(scores.shape)}")
     _check_estimator(estimator)
-    impl = implementation("shape_rewards", logprobs.device.type)
+    impl = implementation("shape_rewards", logprobs.device.type, logprobs.dtype)
     return impl(scores, logprobs, ref_logprobs, response_mask, float(kl_coef), estimator)
 
 
@@ -212,7 +212,9 @@ def gae(
     else:
         lam = float(lam)
     critic_lam = None if critic_lam is None else float(critic_lam)
-    return implementation("gae", rewards.device.type)(rewards, values, response_mask, float(gamma), lam, critic_lam)
+    return implementation("gae", rewards.device.type, rewards.dtype)(
+        rewards, values, response_mask, float(gamma), lam, critic_lam
+    )
 
 
 def length_adaptive_lam(response_mask: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -241,14 +243,16 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps:
         raise ValueError("rloo needs group_size >= 2: a group of one has no other responses for its baseline")
     if not eps >= 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
-    return implementation("group_advantages", scores.device.type)(scores, group_size, estimator, float(eps))
+    return implementation("group_advantages", scores.device.type, scores.dtype)(
+        scores, group_size, estimator, float(eps)
+    )
 
 
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
     """(x - mean) / std over the masked positions (unbiased variance), 0 at padding; float32."""
     _check_float("x", x)
     _check_same_shape(x=x, mask=mask)
-    return implementation("masked_whiten", x.device.type)(x, mask, shift_mean, float(eps))
+    return implementation("masked_whiten", x.device.type, x.dtype)(x, mask, shift_mean, float(eps))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +299,7 @@ def ppo_policy_loss(
     if kl_loss_coef > 0 and ref_logprobs is None:
         raise ValueError("kl_loss_coef > 0 needs ref_logprobs: the KL term is taken against the reference")
     _check_estimator(kl_estimator)
-    impl = implementation("ppo_policy_loss", logprobs.device.type)
+    impl = implementation("ppo_policy_loss", logprobs.device.type, logprobs.dtype)
     return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
                 ref_logprobs, float(kl_loss_coef), kl_estimator, token_weights)  # fmt: skip
 
@@ -314,5 +318,5 @@ def ppo_value_loss(
     if clip is not None and not clip >= 0:
         raise ValueError(f"clip must be >= 0 or None, got {clip}")
     _check_agg(agg, denominator)
-    impl = implementation("ppo_value_loss", values.device.type)
+    impl = implementation("ppo_value_loss", values.device.type, values.dtype)
     return impl(values, old_values, returns, response_mask, clip, agg, denominator)

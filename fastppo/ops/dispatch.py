@@ -8,6 +8,9 @@ Backends, each a module exporting functions with the same names and signatures a
 `auto` (the default) takes the first backend in PREFERENCE that is available for the device and implements the
 op. `FASTPPO_BACKEND=torch|native|triton|auto` or `set_backend(...)` forces one; a forced backend that cannot run
 an op raises instead of silently falling back, so a benchmark never measures something else than it says.
+
+float64 inputs: a backend module whose kernels compute in float32 lists the ops it does compute in float64 as
+FLOAT64_OPS (the native one does); float64 inputs of its other ops run the torch backend, exact in float64.
 """
 
 from __future__ import annotations
@@ -147,12 +150,17 @@ def _warn_fallback_once(device_type: str) -> None:
         warnings.warn(f"fastppo: native CPU kernels unavailable ({reason}); using the PyTorch reference", stacklevel=3)
 
 
-def implementation(op: str, device_type: str):
-    """The function that implements `op` for `device_type` tensors under the current backend choice."""
+def implementation(op: str, device_type: str, dtype=None):
+    """The function that implements `op` for `device_type` tensors under the current backend choice; `dtype` is
+    that of the op's float inputs (None where it has none)."""
     backend = select(op, device_type)
     if backend == "torch" and _forced is None and _env_backend() is None:
         _warn_fallback_once(device_type)
-    return getattr(_module_for(backend, op), op)
+    module = _module_for(backend, op)
+    if dtype is not None and dtype == _import("torch").float64 and op not in getattr(module, "FLOAT64_OPS", OPS):
+        # Those kernels compute in float32: float64 inputs (gradchecks, exact tests) get the float64 reference.
+        module = _module_for("torch", op)
+    return getattr(module, op)
 
 
 def report(device_types: tuple[str, ...] = ("cpu", "cuda")) -> list[dict[str, str]]:

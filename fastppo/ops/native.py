@@ -2,15 +2,15 @@
 
 setup.py builds the extension when torch and a compiler are present at install time, else it is compiled on first
 use (`fastppo.ops.native_build`); without either the dispatcher falls back to the PyTorch reference and says why
-(`fastppo doctor`). The C++ kernels compute in float32 (or float64 for the log-prob kernels); float64 sequence-op
-inputs are routed to the reference, which is exact for them.
+(`fastppo doctor`). The C++ kernels compute in float32, except those of FLOAT64_OPS: the dispatcher runs the
+reference for the float64 inputs of the others.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastppo.ops import native_build, reference
+from fastppo.ops import native_build
 from fastppo.ops.linear_logprobs import ChunkKernels, linear_token_logprobs_with
 from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, named_policy_stats
 
@@ -20,6 +20,8 @@ _C, IMPORT_ERROR = _NATIVE.module, None if _NATIVE.module is not None else _NATI
 NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens", "kl_penalty",
               "shape_rewards", "gae", "length_adaptive_lam", "group_advantages", "masked_whiten", "ppo_policy_loss",
               "ppo_value_loss")  # fmt: skip
+# The ops whose C++ kernels take float64 inputs and compute in float64 (see dispatch.implementation).
+FLOAT64_OPS = ("kl_penalty", "masked_whiten")
 
 
 def unavailable_reason(op: str, device_type: str) -> str | None:
@@ -66,14 +68,10 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 def token_logprobs_and_entropy(logits, tokens, temperature=1.0):
-    if logits.dtype == torch.float64:
-        return reference.token_logprobs_and_entropy(logits, tokens, temperature)
     return _TokenLogprobs.apply(logits, tokens, float(temperature))
 
 
 def token_logprobs(logits, tokens, temperature=1.0):
-    if logits.dtype == torch.float64:
-        return reference.token_logprobs(logits, tokens, temperature)
     return _TokenLogprobs.apply(logits, tokens, float(temperature))[0]
 
 
@@ -96,8 +94,6 @@ def linear_token_logprobs(hidden, weight, tokens, temperature=1.0, bias=None, wi
 
 
 def sample_tokens(logits, uniform, temperature=1.0):
-    if logits.dtype == torch.float64:
-        return reference.sample_tokens(logits, uniform, temperature)
     return torch.ops.fastppo.sample_tokens(_rows(logits), uniform, 1.0 / temperature)
 
 
@@ -125,8 +121,6 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
 
 
 def shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator="k1"):
-    if logprobs.dtype == torch.float64:
-        return reference.shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator)
     rewards, kl = torch.ops.fastppo.shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef,
                                                   KL_ESTIMATORS.index(estimator))  # fmt: skip
     return rewards, kl
@@ -138,8 +132,6 @@ def shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estima
 
 
 def gae(rewards, values, response_mask, gamma=1.0, lam=0.95, critic_lam=None):
-    if rewards.dtype == torch.float64:
-        return reference.gae(rewards, values, response_mask, gamma, lam, critic_lam)
     per_row = isinstance(lam, torch.Tensor)
     advantages, returns = torch.ops.fastppo.gae(
         rewards, values, response_mask, gamma, lam if per_row else None, 0.0 if per_row else float(lam),
@@ -153,8 +145,6 @@ def length_adaptive_lam(response_mask, alpha):
 
 
 def group_advantages(scores, group_size, estimator, eps=1e-6):
-    if scores.dtype == torch.float64:
-        return reference.group_advantages(scores, group_size, estimator, eps)
     return torch.ops.fastppo.group_advantages(scores, group_size, GROUP_ESTIMATORS.index(estimator), float(eps))
 
 
@@ -190,10 +180,6 @@ def _denominator(denominator):
 def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=None, dual_clip=None,
                     agg="token-mean", denominator=None, ref_logprobs=None, kl_loss_coef=0.0, kl_estimator="k3",
                     token_weights=None):  # fmt: skip
-    if logprobs.dtype == torch.float64:
-        return reference.ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high,
-                                         dual_clip, agg, denominator, ref_logprobs, kl_loss_coef, kl_estimator,
-                                         token_weights)  # fmt: skip
     clip_high = clip_low if clip_high is None else clip_high
     loss, stats = _FusedLoss.apply(
         logprobs, torch.ops.fastppo.ppo_policy_loss, old_logprobs, advantages, response_mask, float(clip_low),
@@ -205,8 +191,6 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=
 
 
 def ppo_value_loss(values, old_values, returns, response_mask, clip=0.2, agg="token-mean", denominator=None):
-    if values.dtype == torch.float64:
-        return reference.ppo_value_loss(values, old_values, returns, response_mask, clip, agg, denominator)
     loss, stats = _FusedLoss.apply(
         values, torch.ops.fastppo.ppo_value_loss, old_values, returns, response_mask,
         -1.0 if clip is None else float(clip), LOSS_AGGREGATIONS.index(agg), _denominator(denominator),

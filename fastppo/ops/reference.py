@@ -272,8 +272,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
 # ----------------------------------------------------------------------------------------------
 
 
-def loss_weights(response_mask: torch.Tensor, agg: str, denominator: float | None, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) weights w such that the aggregated loss is sum(w * per_token_loss).
+def loss_row_scales(
+    response_mask: torch.Tensor, agg: str, denominator: float | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(B,) scales s such that the aggregated loss is sum_b s_b sum_t mask_bt per_token_loss_bt.
 
     token-mean:          every valid token counts the same: 1 / (number of valid tokens)
     seq-mean-token-mean: each non-empty sequence counts the same, its tokens averaged: 1 / (len_b * n_seqs)
@@ -281,20 +283,25 @@ def loss_weights(response_mask: torch.Tensor, agg: str, denominator: float | Non
 
     `denominator` replaces the token count (token-mean) or the sequence count (seq-mean-*): with gradient
     accumulation or many ranks it is the count over the whole minibatch, so the sum of the micro-batch losses
-    equals the loss of the whole minibatch.
+    equals the loss of the whole minibatch. The Triton kernels take these scales; the C++ kernels compute the
+    same in their pass over the mask (csrc/ppo_loss.cpp, row_scales).
     """
     if agg not in LOSS_AGGREGATIONS:
         raise ValueError(f"agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
-    mask = response_mask.to(dtype)
-    lengths = mask.sum(-1, keepdim=True)  # (B, 1)
+    lengths = response_mask.to(dtype).sum(-1)  # (B,)
+    override = None if denominator is None else torch.tensor(float(denominator), dtype=dtype, device=lengths.device)
     if agg == "token-mean":
-        total = lengths.sum() if denominator is None else torch.tensor(float(denominator), dtype=dtype)
-        return mask / total.clamp(min=1)
-    n_seqs = (lengths > 0).sum() if denominator is None else torch.tensor(float(denominator), dtype=dtype)
-    n_seqs = n_seqs.to(dtype).clamp(min=1)
+        total = lengths.sum() if override is None else override
+        return (1.0 / total.clamp(min=1)).expand(lengths.shape).contiguous()
+    n_seqs = ((lengths > 0).sum().to(dtype) if override is None else override).clamp(min=1)
     if agg == "seq-mean-token-mean":
-        return mask / (lengths.clamp(min=1) * n_seqs)
-    return mask / n_seqs
+        return 1.0 / (lengths.clamp(min=1) * n_seqs)
+    return (1.0 / n_seqs).expand(lengths.shape).contiguous()
+
+
+def loss_weights(response_mask: torch.Tensor, agg: str, denominator: float | None, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) weights w = mask * loss_row_scales[:, None]: the aggregated loss is sum(w * per_token_loss)."""
+    return response_mask.to(dtype) * loss_row_scales(response_mask, agg, denominator, dtype)[:, None]
 
 
 def ppo_policy_loss(
