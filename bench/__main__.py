@@ -2,7 +2,7 @@
 
 python -m bench              # ops + end to end
 python -m bench --ops        # op benchmarks only
-python -m bench --e2e        # one PPO iteration, fastppo against TRL
+python -m bench --e2e        # PPO end to end, fastppo against TRL (--large: also the 12-layer model, ~15 minutes)
 python -m bench --quick      # tiny sizes: checks the harness in seconds, numbers mean nothing
 """
 
@@ -21,7 +21,8 @@ RESULTS = ROOT / "bench" / "results"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ops", action="store_true", help="op benchmarks only")
-    parser.add_argument("--e2e", action="store_true", help="end-to-end PPO iteration only")
+    parser.add_argument("--e2e", action="store_true", help="end-to-end PPO only")
+    parser.add_argument("--large", action="store_true", help="end to end on the large model too (hidden 768)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for checking the harness")
     parser.add_argument("--plot", action="store_true", help="also draw bench/results/<stamp>.png")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite bench/README.md")
@@ -33,7 +34,8 @@ def run(args) -> int:
     suffix = "-quick" if args.quick else ""
     env = {**os.environ, "FASTPPO_BENCH_QUICK": "1" if args.quick else "0"}
     run_ops, run_e2e = args.ops or not args.e2e, args.e2e or not args.ops
-    ops_path = e2e_path = None
+    ops_path = None
+    e2e_paths = []
     if run_ops:
         ops_path = RESULTS / f"ops-{stamp}{suffix}.json"
         print(f"op benchmarks -> {ops_path.relative_to(ROOT)}")
@@ -44,16 +46,18 @@ def run(args) -> int:
     if run_e2e:
         from bench import e2e
 
-        e2e_path = RESULTS / f"e2e-{stamp}{suffix}.json"
-        e2e.main(e2e_path, quick=args.quick)
+        for size in ["quick"] if args.quick else ["default"] + (["large"] if args.large else []):
+            e2e_paths.append(RESULTS / f"e2e-{size}-{stamp}.json")
+            e2e.main(e2e_paths[-1], size)
     from bench import report
 
     if not args.no_readme and not args.quick:
-        report.update_readme(ops_path or report.newest("ops-*.json"), e2e_path or report.newest("e2e-*.json"))
-    print(report.render(ops_path, e2e_path))
+        report.update_readme(ops_path or report.newest("ops-*.json"), report.newest_e2e())
+    print(report.render(ops_path, e2e_paths))
     if args.plot:
         from bench import plot
 
+        e2e_path = e2e_paths[0] if e2e_paths else None
         print(f"figure -> {plot.draw(ops_path, e2e_path, RESULTS / f'{stamp}{suffix}.png')}")
     return 0
 

@@ -1,11 +1,14 @@
-"""One PPO iteration end to end: fastppo against TRL 0.29.1's PPOTrainer on the same models and batch.
+"""PPO end to end: fastppo against TRL 0.29.1's PPOTrainer on the same models and batch.
 
 Each framework runs in a subprocess of its own (so peak RSS is its own), on the same random-init Llama-style policy,
-reward model and prompts, with the same batch (16 prompts of 32 tokens, 64 response tokens, one PPO epoch, one
-minibatch of 16 in two micro-batches). TRL keeps a separate value model, as it must; fastppo shares the backbone.
-One warm-up iteration, then the mean over the timed ones. Tokens/s counts prompt + response tokens per iteration.
+reward model and prompts, with the same batch (16 prompts, one PPO epoch, one minibatch of 16 in two micro-batches;
+32 prompt + 64 response tokens at the default size, 64 + 256 at `large`). TRL keeps a separate value model, as it
+must; fastppo shares the backbone. Each framework's whole `train()` of `iterations` iterations is timed, the first
+included (no warm-up is left out); s / iteration is that time over the iterations. Tokens/s counts prompt + response
+tokens. fastppo's phases are then set against what the machine does (`hardware_ratios`): the FLOP/s of each phase
+against a matmul of the LM head's shape, and the decode's weight reads against a memory copy.
 
-    python -m bench.e2e [--quick] [--out bench/results/e2e-....json]
+    python -m bench.e2e [--size default|large|quick] [--out bench/results/e2e-....json]
 """
 
 from __future__ import annotations
@@ -23,9 +26,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT = {"hidden": 256, "layers": 4, "vocab": 32000, "batch": 16, "micro_batch": 8, "prompt": 32, "response": 64,
-           "iterations": 3}  # fmt: skip
+           "iterations": 4}  # fmt: skip
+LARGE = {"hidden": 768, "layers": 12, "vocab": 32000, "batch": 16, "micro_batch": 8, "prompt": 64, "response": 256,
+         "iterations": 2}  # fmt: skip
 QUICK = {"hidden": 32, "layers": 2, "vocab": 500, "batch": 4, "micro_batch": 2, "prompt": 8, "response": 8,
-         "iterations": 1}  # fmt: skip
+         "iterations": 2}  # fmt: skip
+SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -56,9 +62,7 @@ def build_models(cfg: dict, directory: Path) -> None:
     for name in ("policy", "reward"):
         tokenizer.save_pretrained(directory / name)
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(
-        len(specials), cfg["vocab"], (cfg["batch"] * (cfg["iterations"] + 1), cfg["prompt"]), generator=g
-    )
+    ids = torch.randint(len(specials), cfg["vocab"], (cfg["batch"] * cfg["iterations"], cfg["prompt"]), generator=g)
     prompts = [" ".join(f"w{i - len(specials)}" for i in row.tolist()) for row in ids]
     (directory / "prompts.json").write_text(json.dumps(prompts))
 
@@ -74,18 +78,12 @@ def peak_rss_mb() -> float:
 
 def run_trl(cfg: dict, directory: Path) -> dict:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
     prompts = json.loads((directory / "prompts.json").read_text())
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
-    step_times = []
-
-    class Timer(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            step_times.append(time.perf_counter())
-
     args = PPOConfig(
         output_dir=str(directory / "trl-out"), per_device_train_batch_size=cfg["micro_batch"],
         gradient_accumulation_steps=cfg["batch"] // cfg["micro_batch"], num_mini_batches=1, num_ppo_epochs=1,
@@ -99,13 +97,13 @@ def run_trl(cfg: dict, directory: Path) -> dict:
         ref_model=AutoModelForCausalLM.from_pretrained(directory / "policy"),
         reward_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward"),
         value_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward"),
-        train_dataset=dataset, callbacks=[Timer()],
+        train_dataset=dataset,
     )  # fmt: skip
     start = time.perf_counter()
     trainer.train()
-    times = [start] + step_times
-    per_iteration = [b - a for a, b in zip(times[1:-1], times[2:], strict=True)] or [times[-1] - times[0]]
-    return {"seconds_per_iteration": sum(per_iteration) / len(per_iteration), "iterations": len(per_iteration)}
+    seconds = time.perf_counter() - start
+    iterations = trainer.state.global_step
+    return {"seconds_per_iteration": seconds / iterations, "iterations": iterations}
 
 
 def run_fastppo(cfg: dict, directory: Path) -> dict:
@@ -114,27 +112,75 @@ def run_fastppo(cfg: dict, directory: Path) -> dict:
     prompts = json.loads((directory / "prompts.json").read_text())
     config = PPOConfig(
         policy_model=str(directory / "policy"), reward_model=str(directory / "reward"),
-        output_dir=str(directory / "fastppo-out"), steps=cfg["iterations"] + 1, rollout_batch_size=cfg["batch"],
+        output_dir=str(directory / "fastppo-out"), steps=cfg["iterations"], rollout_batch_size=cfg["batch"],
         mini_batch_size=cfg["batch"], micro_batch_size=cfg["micro_batch"], ppo_epochs=1,
         max_prompt_length=cfg["prompt"], max_new_tokens=cfg["response"], kl_coef=0.05, learning_rate=1e-5,
-        temperature=1.0, seed=0, save_every=0, device="cpu",
+        temperature=1.0, seed=0, save_every=0, device="cpu", tensorboard=False,
     )  # fmt: skip
     trainer = PPOTrainer(config, prompts=prompts)
-    trainer.step()  # warm-up
-    per_iteration, splits = [], []
-    for _ in range(cfg["iterations"]):
-        start = time.perf_counter()
-        metrics = trainer.step()
-        per_iteration.append(time.perf_counter() - start)
-        phases = (k for k in metrics if k.startswith("perf/") and k.endswith("_s") and k != "perf/step_s")
-        splits.append({k[5:-2]: metrics[k] for k in phases})
-    total = {k: sum(s[k] for s in splits) for k in splits[0]} if splits and splits[0] else {}
-    spent = sum(total.values()) or 1.0
+    trainer.save = lambda *args, **kwargs: None  # the final checkpoint is not part of an iteration (TRL saves none)
+    start = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - start
+    phases = ("rollout", "reward", "evaluate", "advantages", "train")
+    phase_s = {p: sum(m.get(f"perf/{p}_s", 0.0) for m in history) / len(history) for p in phases}
     return {
-        "seconds_per_iteration": sum(per_iteration) / len(per_iteration),
-        "iterations": len(per_iteration),
-        "time_split": {k: v / spent for k, v in total.items()},
+        "seconds_per_iteration": seconds / len(history),
+        "iterations": len(history),
+        "phase_seconds": phase_s,
+        "response_tokens": sum(float(m["rollout/response_length_mean"]) for m in history) / len(history),
+        "old_logprobs_from_rollout": trainer.old_logprobs_from_rollout,
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# the distance to the hardware: each phase's arithmetic or memory traffic against what this machine does
+# ----------------------------------------------------------------------------------------------
+
+
+def hardware_ratios(cfg: dict, phase_s: dict, response_tokens: float, recomputed: bool) -> dict:
+    """FLOP/s of each phase over the FLOP/s of one (micro-batch response tokens x H) @ (H x V) matmul (the LM head,
+    the largest GEMM of the iteration), and the decode's weight bytes/s over a copy of as many bytes. Forward FLOPs
+    are 2 x parameters x tokens (the LM head over the response tokens only, as fastppo computes it), training 3x a
+    forward plus the LM head recomputed in the backward; attention's own FLOPs are left out (short contexts)."""
+    import torch
+
+    H, L, V, B = cfg["hidden"], cfg["layers"], cfg["vocab"], cfg["batch"]
+    body = L * (4 * H * H + 3 * H * (H * 8 // 3))  # attention + SwiGLU MLP weights per model
+    tokens = B * (cfg["prompt"] + response_tokens)
+    head_tokens = B * response_tokens
+    forward = 2 * body * tokens + 2 * H * V * head_tokens  # one policy-shaped forward
+    reward = 2 * body * tokens  # a 1-label head
+    flops = {
+        "rollout": forward,  # prefill + decode: the same tokens, one at a time
+        "reward": reward,
+        "evaluate": forward * (2 if recomputed else 1),  # the reference (+ the policy when recomputed)
+        "train": 3 * forward + 2 * H * V * head_tokens,
+    }
+    rows = cfg["micro_batch"] * cfg["response"]
+    a, w = torch.randn(rows, H), torch.randn(V, H)
+    torch.nn.functional.linear(a, w)
+    start, repeats = time.perf_counter(), 3
+    for _ in range(repeats):
+        torch.nn.functional.linear(a, w)
+    matmul_flops = 2 * rows * H * V * repeats / (time.perf_counter() - start)
+    weight_bytes = 4 * (body + H * V)
+    src = torch.randn(weight_bytes // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        dst.copy_(src)
+    copy_bytes_per_s = weight_bytes * repeats / (time.perf_counter() - start)
+    decode_bytes_per_s = weight_bytes * response_tokens / max(phase_s["rollout"], 1e-9)
+    out = {"matmul_gflops": matmul_flops / 1e9, "copy_gb_per_s": copy_bytes_per_s / 1e9}
+    for phase, f in flops.items():
+        achieved = f / max(phase_s[phase], 1e-9)
+        out[f"{phase}_gflops"] = achieved / 1e9
+        out[f"{phase}_of_matmul"] = achieved / matmul_flops
+    out["decode_gb_per_s"] = decode_bytes_per_s / 1e9
+    out["decode_of_copy"] = decode_bytes_per_s / copy_bytes_per_s
+    return out
 
 
 RUNNERS = {"trl 0.29.1 PPOTrainer": run_trl, "fastppo": run_fastppo}
@@ -144,22 +190,23 @@ def child(name: str, cfg: dict, directory: Path) -> None:
     result = RUNNERS[name](cfg, directory)
     tokens = cfg["batch"] * (cfg["prompt"] + cfg["response"])
     result.update(framework=name, tokens_per_s=tokens / result["seconds_per_iteration"], peak_memory_mb=peak_rss_mb())
+    if "phase_seconds" in result:  # measured after the peak RSS: its tensors are not the framework's
+        result["hardware"] = hardware_ratios(cfg, result["phase_seconds"], result["response_tokens"],
+                                             not result["old_logprobs_from_rollout"])  # fmt: skip
     print("RESULT " + json.dumps(result))
 
 
-def main(out: Path, quick: bool = False) -> dict:
+def main(out: Path, size: str = "default") -> dict:
     from bench.machine import machine_info
 
-    cfg = QUICK if quick else DEFAULT
+    cfg = SIZES[size]
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         build_models(cfg, directory)
         for name in RUNNERS:
             print(f"e2e: {name} ...", flush=True)
-            command = [sys.executable, "-m", "bench.e2e", "--child", name, "--dir", tmp] + (
-                ["--quick"] if quick else []
-            )
+            command = [sys.executable, "-m", "bench.e2e", "--child", name, "--dir", tmp, "--size", size]
             proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
@@ -168,10 +215,7 @@ def main(out: Path, quick: bool = False) -> dict:
                 print(f"e2e: {name} failed: {last}", file=sys.stderr)
             else:
                 runs.append(json.loads(lines[-1][len("RESULT ") :]))
-    data = {"machine": machine_info(), "config": cfg, "runs": runs}
-    split = next((r.get("time_split") for r in runs if r["framework"] == "fastppo" and "error" not in r), None)
-    if split:
-        data["fastppo_time_split"] = split
+    data = {"machine": machine_info(), "size": size, "config": cfg, "runs": runs}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     return data
@@ -179,12 +223,14 @@ def main(out: Path, quick: bool = False) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--size", choices=list(SIZES), default="default")
     parser.add_argument("--child", choices=list(RUNNERS))
     parser.add_argument("--dir")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / f"e2e-{int(time.time())}.json"))
+    parser.add_argument("--out")
     args = parser.parse_args()
     if args.child:
-        child(args.child, QUICK if args.quick else DEFAULT, Path(args.dir))
+        child(args.child, SIZES[args.size], Path(args.dir))
     else:
-        print(json.dumps(main(Path(args.out), args.quick), indent=2))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        out = args.out or ROOT / "bench" / "results" / f"e2e-{args.size}-{stamp}.json"
+        print(json.dumps(main(Path(out), args.size), indent=2))

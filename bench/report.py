@@ -1,6 +1,6 @@
 """Turn benchmark JSON from `bench/results/` into the Markdown tables of `bench/README.md` (never typed by hand).
 
-    python -m bench.report [ops.json] [e2e.json]     # default: the newest of each kind in bench/results/
+    python -m bench.report [ops.json] [e2e.json ...]     # default: the newest of each kind in bench/results/
 
 The README keeps its prose; only the text between `<!-- results:begin -->` and `<!-- results:end -->` is replaced.
 """
@@ -20,6 +20,11 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 def newest(pattern: str) -> Path | None:
     files = sorted(RESULTS.glob(pattern))
     return files[-1] if files else None
+
+
+def newest_e2e() -> list[Path]:
+    """The newest end-to-end result of each size (e2e-<size>-<stamp>.json)."""
+    return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large")) if p]
 
 
 def machine_line(machine: dict) -> str:
@@ -55,49 +60,70 @@ def e2e_table(data: dict) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     rows = data["runs"]
-    base = next((r for r in rows if r["framework"].startswith("trl")), None)
+    base = next((r for r in rows if r["framework"].startswith("trl") and "error" not in r), None)
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['framework']} | skipped: {r['error']} | | | | |")
             continue
-        speed = (
-            f"{base['seconds_per_iteration'] / r['seconds_per_iteration']:.2f}x" if base and "error" not in base else ""
-        )
-        memory = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}" if base and "error" not in base else ""
+        speed = f"{base['seconds_per_iteration'] / r['seconds_per_iteration']:.2f}x" if base else ""
+        memory = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}" if base else ""
         lines.append(
             f"| {r['framework']} | {r['seconds_per_iteration']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['peak_memory_mb']:.0f} | {speed} | {memory} |"
         )
-    split = data.get("fastppo_time_split")
-    if split:
-        parts = ", ".join(f"{k} {v:.0%}" for k, v in split.items())
-        lines.append(f"\nWhere fastppo's iteration goes: {parts}.")
+    ours = next((r for r in rows if r["framework"] == "fastppo" and "phase_seconds" in r), None)
+    if ours:
+        lines += ["", phase_table(ours)]
     return "\n".join(lines)
 
 
-def render(ops_path: Path | None, e2e_path: Path | None) -> str:
+def phase_table(run: dict) -> str:
+    """fastppo's phases, and how close each comes to what the machine does (bench.e2e.hardware_ratios)."""
+    hw, phases = run["hardware"], run["phase_seconds"]
+    lines = [
+        f"fastppo's iteration by phase, against a {hw['matmul_gflops']:.0f} GFLOP/s matmul of the LM head's shape "
+        f"and a {hw['copy_gb_per_s']:.1f} GB/s copy (old log-probs "
+        f"{'from the rollout' if run['old_logprobs_from_rollout'] else 'recomputed'}):",
+        "",
+        "| phase | s / iteration | share | achieved | of the machine |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    total = sum(phases.values()) or 1.0
+    for phase, seconds in phases.items():
+        if phase == "advantages":
+            achieved = of = "(scans: negligible)"
+        elif phase == "rollout":
+            achieved = f"{hw['decode_gb_per_s']:.1f} GB/s of weights"
+            of = f"{hw['decode_of_copy']:.0%} of the copy"
+        else:
+            achieved, of = f"{hw[phase + '_gflops']:.0f} GFLOP/s", f"{hw[phase + '_of_matmul']:.0%} of the matmul"
+        lines.append(f"| {phase} | {seconds:.3f} | {seconds / total:.0%} | {achieved} | {of} |")
+    return "\n".join(lines)
+
+
+def render(ops_path: Path | None, e2e_paths: list[Path]) -> str:
     out = [BEGIN]
     if ops_path:
         data = json.loads(ops_path.read_text())
         out += [f"### Ops (`{ops_path.name}`)", "", machine_line(data.get("machine_info", {}).get("fastppo", {})), ""]
         out += [ops_table(data), ""]
-    if e2e_path:
+    for e2e_path in e2e_paths:
         data = json.loads(e2e_path.read_text())
-        out += [f"### One PPO iteration, end to end (`{e2e_path.name}`)", "", machine_line(data["machine"]), ""]
-        out += [f"Config: {data['config']}", "", e2e_table(data), ""]
+        out += [f"### PPO end to end, {data.get('size', 'default')} model (`{e2e_path.name}`)", ""]
+        out += [machine_line(data["machine"]), "", f"Config: {data['config']}", "", e2e_table(data), ""]
     out.append(END)
     return "\n".join(out)
 
 
-def update_readme(ops_path: Path | None, e2e_path: Path | None) -> None:
+def update_readme(ops_path: Path | None, e2e_paths: list[Path]) -> None:
     text = README.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    README.write_text(text[:start] + render(ops_path, e2e_path) + text[end:])
+    README.write_text(text[:start] + render(ops_path, e2e_paths) + text[end:])
 
 
 if __name__ == "__main__":
     paths = [Path(p) for p in sys.argv[1:]]
     ops_path = next((p for p in paths if p.name.startswith("ops")), None) or newest("ops-*.json")
-    e2e_path = next((p for p in paths if p.name.startswith("e2e")), None) or newest("e2e-*.json")
-    update_readme(ops_path, e2e_path)
-    print(render(ops_path, e2e_path))
+    e2e_paths = [p for p in paths if p.name.startswith("e2e")] or newest_e2e()
+    update_readme(ops_path, e2e_paths)
+    print(render(ops_path, e2e_paths))

@@ -12,6 +12,7 @@ is in the end-to-end table of bench/README.md.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from dataclasses import dataclass, fields
@@ -124,6 +125,30 @@ def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
+@contextlib.contextmanager
+def decode_layout(lm):
+    """CPU only: nn.Linear layers multiply by a contiguous (in, out) copy of their weight while decoding. A decode
+    step multiplies a few rows by every weight, and MKL packs the transposed (out, in) operand of F.linear on every
+    such call: on 2 cores that made each small linear ~4x slower and the LM head ~2x (memory-bound at the copy's
+    bandwidth instead). The copies live for one rollout, as big as the linear weights (the trainer frees the
+    gradients before it, which are as big)."""
+    if next(lm.parameters()).device.type != "cpu":
+        yield
+        return
+    patched = []
+    for module in lm.modules():
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
+            weight_t, bias = module.weight.detach().t().contiguous(), module.bias
+            module.forward = lambda x, w=weight_t, b=bias: torch.matmul(x, w) if b is None else torch.addmm(
+                b, x.reshape(-1, w.shape[0]), w).view(*x.shape[:-1], w.shape[1])  # fmt: skip
+            patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # the class's forward again
+
+
 class Generation(NamedTuple):
     response_ids: torch.Tensor  # (B, T) long, pad after the end
     response_mask: torch.Tensor  # (B, T) long, 1 = generated token (the end token included)
@@ -150,44 +175,42 @@ def generate(
     `end_ids` (default: `end_token_ids(tokenizer, lm)`), kept as its last token, or once its text holds a stop
     string; a row that does neither is truncated at max_new_tokens. The log-probs are of the full distribution
     (before top-k / top-p), as PPO's recomputed ones are."""
-    B = prompt_ids.shape[0]
-    device = prompt_ids.device
-    pad_id = tokenizer.pad_token_id
+    (B, P), device, pad_id = prompt_ids.shape, prompt_ids.device, tokenizer.pad_token_id
     end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, lm), device=device)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
     values = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if value_head is not None else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
-    backbone = backbone_of(lm)
-    cache_name = _cache_name(backbone)
     # The attention mask grows by one column per step: preallocated, viewed up to the current length.
     attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(B, max_new_tokens)], dim=1)
-    P = prompt_ids.shape[1]
     position_ids = position_ids_for(prompt_mask)
-    out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True)
-    next_position = position_ids[:, -1:] + 1
+    backbone = backbone_of(lm)
+    cache_name = _cache_name(backbone)
     steps = 0
-    for t in range(max_new_tokens):
-        hidden = out.last_hidden_state[:, -1]  # (B, H): predicts token t
-        logits = model_logits(lm, hidden)  # (B, V)
-        token = sample_next(logits, temperature, top_k, top_p)
-        token = torch.where(finished, torch.full_like(token, pad_id), token)
-        response_ids[:, t] = token
-        response_mask[:, t] = (~finished).long()
-        logprobs[:, t] = ops.token_logprobs(logits, token, temperature or 1.0)
-        if values is not None:
-            values[:, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-        finished |= torch.isin(token, end_ids)
-        if stop_strings:
-            finished |= _hit_stop_string(tokenizer, response_ids[:, : t + 1], finished, stop_strings)
-        steps = t + 1
-        if bool(finished.all()) or t == max_new_tokens - 1:
-            break
-        cache = {cache_name: getattr(out, cache_name)}
-        out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
-                       position_ids=next_position, use_cache=True, **cache)  # fmt: skip
-        next_position = next_position + 1
+    with decode_layout(lm):
+        out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True)
+        next_position = position_ids[:, -1:] + 1
+        for t in range(max_new_tokens):
+            hidden = out.last_hidden_state[:, -1]  # (B, H): predicts token t
+            logits = model_logits(lm, hidden)  # (B, V)
+            token = sample_next(logits, temperature, top_k, top_p)
+            token = torch.where(finished, torch.full_like(token, pad_id), token)
+            response_ids[:, t] = token
+            response_mask[:, t] = (~finished).long()
+            logprobs[:, t] = ops.token_logprobs(logits, token, temperature or 1.0)
+            if values is not None:
+                values[:, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+            finished |= torch.isin(token, end_ids)
+            if stop_strings:
+                finished |= _hit_stop_string(tokenizer, response_ids[:, : t + 1], finished, stop_strings)
+            steps = t + 1
+            if bool(finished.all()) or t == max_new_tokens - 1:
+                break
+            cache = {cache_name: getattr(out, cache_name)}
+            out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
+                           position_ids=next_position, use_cache=True, **cache)  # fmt: skip
+            next_position = next_position + 1
     return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs[:, :steps],
                       None if values is None else values[:, :steps])  # fmt: skip
 

@@ -378,6 +378,7 @@ class PPOTrainer:
             return norms
         self.skipped_in_a_row = 0
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # freed until the next backward: the rollout reuses the memory
         self.scheduler.step()
         if self.engine is not None:
             self.engine.stale = True  # its weights are now old: synced before the next rollout

@@ -23,7 +23,7 @@ def test_op_benchmarks_run_and_report(tmp_path):
     data = json.loads(out.read_text())
     groups = {b["group"].split()[0] for b in data["benchmarks"]}
     assert {"token_logprobs", "gae", "shape_rewards", "policy+value", "linear_token_logprobs"} <= groups
-    table = render(out, None)
+    table = render(out, [])
     assert "1.00x (baseline)" in table and "fastppo[torch]" in table
 
 
@@ -31,7 +31,10 @@ def test_op_benchmarks_run_and_report(tmp_path):
 def test_e2e_harness_runs(tmp_path):
     from bench import e2e
 
-    data = e2e.main(tmp_path / "e2e-quick.json", quick=True)
+    path = tmp_path / "e2e-quick.json"
+    data = e2e.main(path, "quick")
     fastppo = next(r for r in data["runs"] if r["framework"] == "fastppo")
     assert "error" not in fastppo, fastppo
     assert fastppo["seconds_per_iteration"] > 0 and fastppo["peak_memory_mb"] > 0
+    assert set(fastppo["phase_seconds"]) == {"rollout", "reward", "evaluate", "advantages", "train"}
+    assert "of the matmul" in render(None, [path])
