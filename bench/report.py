@@ -101,7 +101,22 @@ def phase_table(run: dict) -> str:
     return "\n".join(lines)
 
 
-def render(ops_path: Path | None, e2e_paths: list[Path]) -> str:
+def rollout_table(data: dict) -> str:
+    """bench/rollout_engines.py: fastppo's decode loop against vLLM, tokens/s side by side, per model."""
+    lines = ["| model | engine | rollout s | tokens / s | vs hf | engine start s | weight sync s |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    hf = {r["model"]: r for r in data["rows"] if r["engine"] == "hf"}
+    for r in data["rows"]:
+        base = hf.get(r["model"])
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+        start, sync = (f"{r[k]:.2f}" if k in r else "" for k in ("startup_s", "sync_s"))
+        shape = f"{r['model']} (H {r['hidden']}, {r['layers']} layers, {r['batch']} x {r['response']} new)"
+        lines.append(f"| {shape} | {r['engine']} | {r['rollout_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | "
+                     f"{start} | {sync} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def render(ops_path: Path | None, e2e_paths: list[Path], rollout_path: Path | None = None) -> str:
     out = [BEGIN]
     if ops_path:
         data = json.loads(ops_path.read_text())
@@ -111,6 +126,10 @@ def render(ops_path: Path | None, e2e_paths: list[Path]) -> str:
         data = json.loads(e2e_path.read_text())
         out += [f"### PPO end to end, {data.get('size', 'default')} model (`{e2e_path.name}`)", ""]
         out += [machine_line(data["machine"]), "", f"Config: {data['config']}", "", e2e_table(data), ""]
+    if rollout_path:
+        data = json.loads(rollout_path.read_text())
+        out += [f"### Rollout engines: hf decode loop against vLLM (`{rollout_path.name}`)", ""]
+        out += [machine_line(data.get("machine", {})) + f", vllm: {data['vllm']}", "", rollout_table(data), ""]
     out.append(END)
     return "\n".join(out)
 
@@ -118,7 +137,8 @@ def render(ops_path: Path | None, e2e_paths: list[Path]) -> str:
 def update_readme(ops_path: Path | None, e2e_paths: list[Path]) -> None:
     text = README.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
-    README.write_text(text[:start] + render(ops_path, e2e_paths) + text[end:])
+    rollout_path = newest("rollout-*.json")
+    README.write_text(text[:start] + render(ops_path, e2e_paths, rollout_path) + text[end:])
 
 
 if __name__ == "__main__":
@@ -126,4 +146,4 @@ if __name__ == "__main__":
     ops_path = next((p for p in paths if p.name.startswith("ops")), None) or newest("ops-*.json")
     e2e_paths = [p for p in paths if p.name.startswith("e2e")] or newest_e2e()
     update_readme(ops_path, e2e_paths)
-    print(render(ops_path, e2e_paths))
+    print(render(ops_path, e2e_paths, newest("rollout-*.json")))

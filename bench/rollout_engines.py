@@ -92,8 +92,10 @@ def main() -> None:
             print(json.dumps(row))
     import vllm
 
-    result = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "vllm": vllm.__version__, "rows": rows}  # fmt: skip
+    from bench.machine import machine_info
+
+    result = {"machine": machine_info(), "threads": torch.get_num_threads(), "vllm": vllm.__version__,
+              "rows": rows}  # fmt: skip
     out = Path(args.out or f"bench/results/rollout-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -129,9 +129,9 @@ def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
 def decode_layout(lm):
     """CPU only: nn.Linear layers multiply by a contiguous (in, out) copy of their weight while decoding. A decode
     step multiplies a few rows by every weight, and MKL packs the transposed (out, in) operand of F.linear on every
-    such call: on 2 cores that made each small linear ~4x slower and the LM head ~2x (memory-bound at the copy's
-    bandwidth instead). The copies live for one rollout, as big as the linear weights (the trainer frees the
-    gradients before it, which are as big)."""
+    such call, one more pass over each weight per step (bench/README.md's phase table shows the decode against a
+    memory copy). The copies live for one rollout, as big as the linear weights (the trainer frees the gradients
+    before it, which are as big). The same products up to float32 rounding: only the operand's layout differs."""
     if next(lm.parameters()).device.type != "cpu":
         yield
         return

@@ -38,8 +38,8 @@ def adamw_with_schedule(parameters, learning_rate: float, total_steps: int, weig
                         warmup_steps: int | None = None, kind: str = "linear"):  # fmt: skip
     """(AdamW over the trainable `parameters`, its LambdaLR on `lr_factor`). warmup_steps None is the supervised
     stages' default: 5% of the steps (at least one)."""
-    # fused: one kernel reads each parameter, gradient and moment once (on 2 CPU cores 4x faster than foreach's one
-    # op per step of the update over every tensor, measured on the bench's 20M-parameter model).
+    # fused: one kernel reads each parameter, gradient and moment once, where foreach makes one pass over every tensor
+    # per operation of the update (the optimizer's share of an iteration is in bench/README.md's phase table).
     optimizer = torch.optim.AdamW(
         [p for p in parameters if p.requires_grad], lr=learning_rate, weight_decay=weight_decay, fused=True
     )
