@@ -1,13 +1,13 @@
 """Generation and the rollout batch that travels through one PPO iteration.
 
-`generate` is a plain decode loop over the backbone's KV cache: one prefill of the left-padded prompts, then one
-token per step for the whole batch, with temperature / top-k / top-p sampling, stopping rows at EOS or a stop
-string and the batch when every row has stopped. It avoids `model.generate`'s per-step machinery (logits
-processors, stopping criteria objects, cache bookkeeping) and applies the LM head to the last position only. It
-yields what PPO needs directly: the response mask, the end flags, and, since each step's hidden state is the one
-that predicts its token, the sampled tokens' log-probs and (with a value head) the values at rollout time, so the
-trainer need not run the policy over the batch again (`old_logprobs: auto`). The rollout's share of an iteration
-is in the end-to-end table of bench/README.md.
+`generate` is a plain decode loop over the backbone's KV cache (preallocated for the whole rollout where the model
+supports it): one prefill of the left-padded prompts, then one token per step for the whole batch, with
+temperature / top-k / top-p sampling, stopping rows at EOS or a stop string and the batch when every row has
+stopped. It avoids `model.generate`'s per-step machinery (logits processors, stopping criteria objects, cache
+bookkeeping) and applies the LM head to the last position only. It yields what PPO needs directly: the response
+mask, the end flags, and, since each step's hidden state is the one that predicts its token, the sampled tokens'
+log-probs and (with a value head) the values at rollout time, so the trainer need not run the policy over the batch
+again (`old_logprobs: auto`). The rollout's share of an iteration is in the end-to-end tables of bench/README.md.
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def decode_layout(lm):
         return
     patched = []
     for module in lm.modules():
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32:
+        # Plain float32 nn.Linear only, whose forward nobody replaced (quantized and LoRA layers keep theirs).
+        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and "forward" not in vars(module):
             weight_t, bias = module.weight.detach().t().contiguous(), module.bias
             module.forward = lambda x, w=weight_t, b=bias: torch.matmul(x, w) if b is None else torch.addmm(
                 b, x.reshape(-1, w.shape[0]), w).view(*x.shape[:-1], w.shape[1])  # fmt: skip
@@ -147,6 +148,19 @@ def decode_layout(lm):
     finally:
         for module in patched:
             del module.forward  # the class's forward again
+
+
+def static_cache(lm, max_length: int):
+    """A KV cache preallocated for the whole rollout, written in place at each step, or None (transformers then
+    grows a DynamicCache, which concatenates every layer's keys and values at every step: traffic quadratic in the
+    response length). Models that declare `_can_compile_fullgraph` support it."""
+    from transformers import StaticCache
+
+    model = unwrap(lm)
+    if not getattr(model, "_can_compile_fullgraph", False):
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return StaticCache(config=config, max_cache_len=max_length)
 
 
 class Generation(NamedTuple):
@@ -187,9 +201,11 @@ def generate(
     position_ids = position_ids_for(prompt_mask)
     backbone = backbone_of(lm)
     cache_name = _cache_name(backbone)
+    cache = {cache_name: static_cache(lm, P + max_new_tokens)}
     steps = 0
     with decode_layout(lm):
-        out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True)
+        out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
+                       **cache)  # fmt: skip
         next_position = position_ids[:, -1:] + 1
         for t in range(max_new_tokens):
             hidden = out.last_hidden_state[:, -1]  # (B, H): predicts token t
@@ -207,7 +223,7 @@ def generate(
             steps = t + 1
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
-            cache = {cache_name: getattr(out, cache_name)}
+            cache = {cache_name: getattr(out, cache_name)}  # the static cache itself, or the grown dynamic one
             out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
                            position_ids=next_position, use_cache=True, **cache)  # fmt: skip
             next_position = next_position + 1
