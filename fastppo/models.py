@@ -137,11 +137,18 @@ def load_trainable_lm(spec, device: torch.device):
     return lm, checkpoint_dtype
 
 
-def frozen_reference(source, lm, quantization: str, device: torch.device, checkpoint_dtype: torch.dtype):
-    """The frozen reference: loaded from `source` when it is a path, else a copy of `lm` (the policy before any
-    LoRA is added), quantized, or in `checkpoint_dtype` on CUDA and float32 on CPU (as `load_frozen`)."""
+def frozen_reference(source, lm, quantization: str, device: torch.device, checkpoint_dtype: torch.dtype,
+                     given=None):  # fmt: skip
+    """The frozen reference: `given` (a model object: quantized through a temporary checkpoint, or moved to
+    `device`), else loaded from `source` when it is a path, else a copy of `lm` (the policy before any LoRA is
+    added), quantized, or in `checkpoint_dtype` on CUDA and float32 on CPU (as `load_frozen`)."""
     from transformers import AutoModelForCausalLM
 
+    if given is not None:
+        if quantization != "none":
+            return quantized_copy(given, AutoModelForCausalLM, quantization, device, next(given.parameters()).dtype)
+        disable_dropout(given)
+        return freeze(given.to(device))
     if isinstance(source, str):
         return load_frozen(AutoModelForCausalLM, source, quantization, device)
     if quantization != "none":

@@ -32,12 +32,9 @@ from fastppo.models import (
     PolicyValueModel,
     add_lora,
     check_logprob_path,
-    disable_dropout,
-    freeze,
     frozen_reference,
     load_tokenizer,
     load_trainable_lm,
-    quantized_copy,
     reference_logprobs,
     resolve_device,
 )
@@ -144,21 +141,13 @@ class PPOTrainer:
         return model
 
     def _build_reference(self, lm, policy, reference):
-        """The frozen reference LM, or None when it is the policy with LoRA adapters disabled. `lm` is the loaded
-        policy before LoRA is added: its weights are the reference's."""
-        from transformers import AutoModelForCausalLM
-
-        cfg = self.config
-        quantization = cfg.reference_quantization
-        if cfg.reference == "adapter":
+        """The frozen reference LM (see `frozen_reference`), or None when it is the policy with LoRA adapters
+        disabled. `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
+        if self.config.reference == "adapter":
             return None
-        if reference is not None and not isinstance(reference, str):  # an object: quantize or move it, as a path
-            if quantization != "none":
-                return quantized_copy(reference, AutoModelForCausalLM, quantization, self.device,
-                                      next(reference.parameters()).dtype)  # fmt: skip
-            disable_dropout(reference)
-            return freeze(reference.to(self.device))
-        return frozen_reference(reference or policy, lm, quantization, self.device, self.checkpoint_dtype)
+        given = reference if reference is not None and not isinstance(reference, str) else None
+        return frozen_reference(reference or policy, lm, self.config.reference_quantization, self.device,
+                                self.checkpoint_dtype, given)  # fmt: skip
 
     # --- the six steps ------------------------------------------------------------------------------------------
 
