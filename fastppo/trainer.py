@@ -38,6 +38,7 @@ from fastppo.models import (
     reference_logprobs,
     resolve_device,
 )
+from fastppo.ops.reference import loss_weights
 from fastppo.reward_shaping import KLController, RunningMoments, shape_scores
 from fastppo.rewards import load_reward
 from fastppo.rng import rng_state, seed_everything, set_rng_state
@@ -329,8 +330,9 @@ class PPOTrainer:
         )  # fmt: skip
         entropy_mean = (entropy * mask).sum() / max(float(mask.sum()), 1.0)
         loss = policy_loss
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * (entropy * mask).sum() / denominator
+        if cfg.entropy_coef > 0:  # aggregated like the policy loss (loss_agg), over the same denominator
+            weights = loss_weights(mask, cfg.loss_agg, denominator, entropy.dtype)  # (B, T)
+            loss = loss - cfg.entropy_coef * (entropy * weights).sum()
         # Warm-up: the policy's terms stay in the graph at weight 0, so that every parameter takes part in DDP's
         # gradient all-reduce; ppo_update then drops every gradient but the critic's.
         loss = loss * (0.0 if self.warming_up else 1.0)

@@ -122,3 +122,39 @@ def test_micro_batches_accumulate_to_the_minibatch_update(tiny_models, tmp_path,
         torch.testing.assert_close(a, whole[name], atol=1e-5, rtol=1e-5, msg=name)
         moved += int(not torch.equal(a, before[name]))
     assert moved > 0  # the step did change the weights, so the comparison means something
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_the_entropy_bonus_is_aggregated_like_the_policy_loss(tiny_models, tmp_path, monkeypatch, loss_agg):
+    """With the policy loss zeroed, an update's gradient is that of -entropy_coef x the entropy aggregated by
+    loss_agg: per token, per sequence mean, or per sequence sum, over the minibatch's sequences."""
+    from fastppo import ops
+
+    policy, _ = tiny_models["llama"]
+    config = small_config(tmp_path, policy_model=policy, advantage_estimator="reinforce++", entropy_coef=0.5,
+                          loss_agg=loss_agg, mini_batch_size=4, micro_batch_size=4, max_new_tokens=5)  # fmt: skip
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    batch = trainer.rollout(prompt_list()[:4])
+    batch.response_mask[1, 2:] = 0  # responses of different lengths (5, 2, 4, 5), where the three rules differ
+    batch.response_mask[2, 4:] = 0
+    batch.scores = trainer.score(batch)
+    trainer.evaluate(batch)
+    trainer.shape_rewards(batch)
+    trainer.estimate_advantages(batch)
+    mask, P = batch.response_mask, batch.prompt_ids.shape[1]
+    monkeypatch.setattr(ops, "ppo_policy_loss", lambda logprobs, *args: (logprobs.sum() * 0.0, {}))
+    lengths = mask.sum(-1).double()
+    denominator = float(lengths.sum()) if loss_agg == "token-mean" else float((lengths > 0).sum())
+    trainer.optimizer.zero_grad()
+    trainer._micro_step(batch, P, denominator)
+    ours = [p.grad.clone() for p in trainer.model.lm.parameters()]
+
+    trainer.optimizer.zero_grad()
+    _, entropy, _ = trainer.model(batch.input_ids, batch.attention_mask, P, config.temperature)
+    per_sequence = (entropy.double() * mask).sum(-1)
+    expected = {"token-mean": per_sequence.sum() / lengths.sum(),
+                "seq-mean-token-mean": (per_sequence / lengths.clamp(min=1)).mean(),
+                "seq-mean-token-sum": per_sequence.mean()}[loss_agg]  # fmt: skip
+    (-0.5 * expected).backward()
+    for got, param in zip(ours, trainer.model.lm.parameters(), strict=True):
+        torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
