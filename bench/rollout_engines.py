@@ -3,7 +3,8 @@
 Both sample the same prompts from the same random-init Llama (the e2e bench's model, and a larger one) at
 temperature 1, stopping only at the tokenizer's EOS (rare in a random 32000-word model: rows run to max_new_tokens),
 in one process of the vLLM environment (.venv-vllm); tokens/s counts the generated tokens. One warm-up rollout,
-then the median of the timed ones. The vLLM row also times one weight sync (the policy's weights pushed in-process).
+then the median of the timed ones. Both engines return the sampled tokens' log-probs, as the trainer asks of them. The
+vLLM row also times one weight sync (the policy's weights pushed in-process).
 
     .venv-vllm/bin/python -m bench.rollout_engines [--quick] [--model e2e] [--out bench/results/rollout-....json]
 """
@@ -56,7 +57,7 @@ def bench_model(name: str, cfg: dict, repeats: int) -> list[dict]:
         ids, mask = tokenize_prompts(prompts, tokenizer, cfg["prompt"])
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         hf_s, hf_tokens = time_rollouts(
-            lambda: generate(lm, tokenizer, ids, mask, cfg["response"], 1.0, end_ids=[]), repeats
+            lambda: generate(lm, tokenizer, ids, mask, cfg["response"], 1.0, end_ids=[], with_logprobs=True), repeats
         )
         engine = VLLMEngine(path, None, torch.device("cpu"), seed=0, max_model_len=cfg["prompt"] + cfg["response"] + 8)
         vllm_s, vllm_tokens = time_rollouts(

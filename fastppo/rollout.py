@@ -167,7 +167,7 @@ class Generation(NamedTuple):
     response_ids: torch.Tensor  # (B, T) long, pad after the end
     response_mask: torch.Tensor  # (B, T) long, 1 = generated token (the end token included)
     ended: torch.Tensor  # (B,) bool: an end id or a stop string ended the row (else max_new_tokens cut it)
-    logprobs: torch.Tensor  # (B, T) float32 log-probs of the sampled tokens at `temperature` (1 when greedy)
+    logprobs: torch.Tensor | None  # (B, T) float32 the sampled tokens' log-probs at `temperature` (1 when greedy)
     values: torch.Tensor | None  # (B, T) float32 value_head of the hidden states, None without a value head
 
 
@@ -184,16 +184,18 @@ def generate(
     stop_strings: tuple = (),
     end_ids: list[int] | None = None,
     value_head=None,
+    with_logprobs: bool = False,
 ) -> Generation:
     """Sample responses to left-padded prompts (see `Generation`), T <= max_new_tokens. A row ends at any of
     `end_ids` (default: `end_token_ids(tokenizer, lm)`), kept as its last token, or once its text holds a stop
-    string; a row that does neither is truncated at max_new_tokens. The log-probs are of the full distribution
-    (before top-k / top-p), as PPO's recomputed ones are."""
+    string; a row that does neither is truncated at max_new_tokens. With `with_logprobs` the sampled tokens'
+    log-probs (of the full distribution, before top-k / top-p, as PPO's recomputed ones are), with `value_head`
+    the values: each costs a pass per step, so only a caller that uses them asks."""
     (B, P), device, pad_id = prompt_ids.shape, prompt_ids.device, tokenizer.pad_token_id
     end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, lm), device=device)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     response_mask = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
-    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device)
+    logprobs = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if with_logprobs else None
     values = torch.zeros((B, max_new_tokens), dtype=torch.float32, device=device) if value_head is not None else None
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     # The attention mask grows by one column per step: preallocated, viewed up to the current length.
@@ -214,7 +216,8 @@ def generate(
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             response_ids[:, t] = token
             response_mask[:, t] = (~finished).long()
-            logprobs[:, t] = ops.token_logprobs(logits, token, temperature or 1.0)
+            if logprobs is not None:
+                logprobs[:, t] = ops.token_logprobs(logits, token, temperature or 1.0)
             if values is not None:
                 values[:, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
             finished |= torch.isin(token, end_ids)
@@ -227,8 +230,8 @@ def generate(
             out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
                            position_ids=next_position, use_cache=True, **cache)  # fmt: skip
             next_position = next_position + 1
-    return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs[:, :steps],
-                      None if values is None else values[:, :steps])  # fmt: skip
+    logprobs, values = (None if x is None else x[:, :steps] for x in (logprobs, values))
+    return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs, values)
 
 
 def _hit_stop_string(tokenizer, response_ids, finished, stop_strings) -> torch.Tensor:

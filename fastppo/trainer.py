@@ -221,6 +221,7 @@ class PPOTrainer:
                     self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, temperature,
                     cfg.top_k, cfg.top_p, tuple(cfg.stop_strings), self.end_ids,
                     value_head=self.model.value_head if self.old_logprobs_from_rollout else None,
+                    with_logprobs=self.old_logprobs_from_rollout,  # the old log-probs, or nobody's
                 )  # fmt: skip
             self.model.train()
             response_ids, response_mask, ended, sampler_logprobs, sampler_values = generation

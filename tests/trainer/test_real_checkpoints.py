@@ -118,7 +118,8 @@ def test_old_logprobs_auto_reuses_the_decode_only_where_it_is_the_trainers_forwa
         config = small_config(tmp_path, policy_model=policy, reward_model=reward, **overrides)
         trainer = PPOTrainer(config, prompts=prompt_list())
         assert trainer.old_logprobs_from_rollout is expected, overrides
-        assert (trainer.rollout(prompt_list()[:2]).sampler_values is not None) is expected  # no value head pass
+        batch = trainer.rollout(prompt_list()[:2])  # neither log-probs nor values computed for nobody
+        assert (batch.sampler_values is not None) is expected and (batch.sampler_logprobs is not None) is expected
 
 
 def test_functional_dropout_attributes_are_zeroed(released):
