@@ -1,12 +1,15 @@
 """PPO end to end: fastppo against TRL 0.29.1's PPOTrainer on the same models and batch.
 
 Each framework runs in a subprocess of its own (so peak RSS is its own), on the same random-init Llama-style policy,
-reward model and prompts, with the same batch (16 prompts, one PPO epoch, one minibatch of 16 in two micro-batches;
-32 prompt + 64 response tokens at the default size, 64 + 256 at `large`). TRL keeps a separate value model, as it
-must; fastppo shares the backbone. Each framework's whole `train()` of `iterations` iterations is timed, the first
-included (no warm-up is left out); s / iteration is that time over the iterations. Tokens/s counts prompt + response
-tokens. fastppo's phases are then set against what the machine does (`hardware_ratios`): the FLOP/s of each phase
-against a matmul of the LM head's shape, and the decode's weight reads against a memory copy.
+reward model and prompts (saved in bf16, as released checkpoints are; both frameworks compute in float32 on a CPU:
+TRL loads every model as float32, fastppo trains a float32 copy of the policy and reads the frozen models' bf16
+matrices as float32, the same numbers at half their memory), with the same batch (16 prompts, one PPO epoch, one
+minibatch of 16 in two micro-batches; 32 prompt + 64 response tokens at the default size, 64 + 256 at `large`). TRL
+keeps a separate value model, as it must; fastppo shares the backbone. Each framework's whole `train()` of
+`iterations` iterations is timed, the first included (no warm-up is left out); s / iteration is that time over the
+iterations. Tokens/s counts prompt + response tokens. fastppo's phases are then set against what the machine does
+(`hardware_ratios`): the FLOP/s of each phase against a matmul of the LM head's shape, and the decode's weight reads
+against a memory copy.
 
     python -m bench.e2e [--size default|large|quick] [--out bench/results/e2e-....json]
 """
@@ -55,10 +58,10 @@ def build_models(cfg: dict, directory: Path) -> None:
         num_hidden_layers=cfg["layers"], num_attention_heads=max(1, cfg["hidden"] // 64),
         max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
     )  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory / "policy")
+    torch.manual_seed(0)  # saved in bf16, as released checkpoints are
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory / "policy")
     config.num_labels = 1
-    LlamaForSequenceClassification(config).save_pretrained(directory / "reward")
+    LlamaForSequenceClassification(config).to(torch.bfloat16).save_pretrained(directory / "reward")
     for name in ("policy", "reward"):
         tokenizer.save_pretrained(directory / name)
     g = torch.Generator().manual_seed(1)
@@ -77,6 +80,7 @@ def peak_rss_mb() -> float:
 
 
 def run_trl(cfg: dict, directory: Path) -> dict:
+    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
@@ -91,12 +95,13 @@ def run_trl(cfg: dict, directory: Path) -> dict:
         stop_token="eos", temperature=1.0, kl_coef=0.05, learning_rate=1e-5, report_to="none", save_strategy="no",
         num_sample_generations=0, use_cpu=True, bf16=False, fp16=False, seed=0, logging_steps=1000,
     )  # fmt: skip
+    fp32 = {"dtype": torch.float32}  # TRL computes in each model's dtype: float32 on a CPU, as fastppo does
     trainer = PPOTrainer(
         args=args, processing_class=tokenizer,
-        model=AutoModelForCausalLM.from_pretrained(directory / "policy"),
-        ref_model=AutoModelForCausalLM.from_pretrained(directory / "policy"),
-        reward_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward"),
-        value_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward"),
+        model=AutoModelForCausalLM.from_pretrained(directory / "policy", **fp32),
+        ref_model=AutoModelForCausalLM.from_pretrained(directory / "policy", **fp32),
+        reward_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward", **fp32),
+        value_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward", **fp32),
         train_dataset=dataset,
     )  # fmt: skip
     start = time.perf_counter()
@@ -106,16 +111,16 @@ def run_trl(cfg: dict, directory: Path) -> dict:
     return {"seconds_per_iteration": seconds / iterations, "iterations": iterations}
 
 
-def run_fastppo(cfg: dict, directory: Path) -> dict:
+def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
     from fastppo import PPOConfig, PPOTrainer
 
     prompts = json.loads((directory / "prompts.json").read_text())
     config = PPOConfig(
         policy_model=str(directory / "policy"), reward_model=str(directory / "reward"),
-        output_dir=str(directory / "fastppo-out"), steps=cfg["iterations"], rollout_batch_size=cfg["batch"],
-        mini_batch_size=cfg["batch"], micro_batch_size=cfg["micro_batch"], ppo_epochs=1,
-        max_prompt_length=cfg["prompt"], max_new_tokens=cfg["response"], kl_coef=0.05, learning_rate=1e-5,
-        temperature=1.0, seed=0, save_every=0, device="cpu", tensorboard=False,
+        output_dir=str(directory / "-".join(["fastppo", *options])), steps=cfg["iterations"],
+        rollout_batch_size=cfg["batch"], mini_batch_size=cfg["batch"], micro_batch_size=cfg["micro_batch"],
+        ppo_epochs=1, max_prompt_length=cfg["prompt"], max_new_tokens=cfg["response"], kl_coef=0.05, learning_rate=1e-5,
+        temperature=1.0, seed=0, save_every=0, device="cpu", tensorboard=False, **options,
     )  # fmt: skip
     trainer = PPOTrainer(config, prompts=prompts)
     trainer.save = lambda *args, **kwargs: None  # the final checkpoint is not part of an iteration (TRL saves none)
@@ -186,7 +191,12 @@ def hardware_ratios(cfg: dict, phase_s: dict, response_tokens: float, recomputed
     return out
 
 
-RUNNERS = {"trl 0.29.1 PPOTrainer": run_trl, "fastppo": run_fastppo}
+RUNNERS = {
+    "trl 0.29.1 PPOTrainer": run_trl,
+    "fastppo": run_fastppo,
+    # the same run recomputing each layer's activations in the backward: memory traded for a forward's time
+    "fastppo, gradient_checkpointing": lambda cfg, directory: run_fastppo(cfg, directory, gradient_checkpointing=True),
+}
 
 
 def child(name: str, cfg: dict, directory: Path) -> None:

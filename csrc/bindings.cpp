@@ -10,7 +10,7 @@ TORCH_LIBRARY(fastppo, m) {
   m.def("token_logprobs_forward(Tensor logits, Tensor tokens, float inv_temperature) -> Tensor[]");
   m.def("token_logprobs_backward(Tensor logits, Tensor tokens, Tensor lse, Tensor entropy, Tensor grad_logprobs, "
         "Tensor? grad_entropy, float inv_temperature) -> Tensor");
-  m.def("sample_tokens(Tensor logits, Tensor uniform, float inv_temperature) -> Tensor");
+  m.def("sample_tokens(Tensor logits, Tensor uniform, float inv_temperature) -> Tensor[]");
   m.def("kl_penalty_forward(Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
   m.def("kl_penalty_backward(Tensor logprobs, Tensor ref_logprobs, Tensor grad, int estimator) -> Tensor");
   m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor response_mask, float kl_coef, "

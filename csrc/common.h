@@ -120,7 +120,7 @@ Tensor token_logprobs_backward(const Tensor& logits, const Tensor& tokens, const
 
 // logits (B, V) with unit stride along V, uniform (B,) in [0, 1) -> (B,) int64 tokens drawn from
 // softmax(logits * inv_temperature); -1 for a row that is no distribution.
-Tensor sample_tokens(const Tensor& logits, const Tensor& uniform, double inv_temperature);
+std::vector<Tensor> sample_tokens(const Tensor& logits, const Tensor& uniform, double inv_temperature);
 
 Tensor kl_penalty_forward(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator);
 Tensor kl_penalty_backward(const Tensor& logprobs, const Tensor& ref_logprobs, const Tensor& grad, int64_t estimator);

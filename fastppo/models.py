@@ -113,12 +113,41 @@ def load_pretrained(auto_class, path: str, quantization: str, device: torch.devi
 
 
 def load_frozen(auto_class, path: str, quantization: str, device: torch.device):
-    """A frozen (reference or reward) model from `path`, dropout off: quantized, or in its checkpoint's dtype on
-    CUDA (bf16 autocast runs there anyway) and in float32 on CPU, where the trainer computes in float32 (a bf16
-    reference would put rounding noise into the KL)."""
-    dtype = None if quantization != "none" or device.type == "cuda" else torch.float32
-    model = freeze(load_pretrained(auto_class, path, quantization, device, dtype))
+    """A frozen (reference or reward) model from `path`, dropout off: quantized, or in its checkpoint's dtype. On
+    CPU, where the trainer computes in float32 (a bf16 reference would put rounding noise into the KL), a bf16/fp16
+    checkpoint's matrices stay in it and are read as float32 (`compute_in_float32`)."""
+    model = freeze(load_pretrained(auto_class, path, quantization, device, None))
     disable_dropout(model)
+    return model if quantization != "none" or device.type == "cuda" else compute_in_float32(model)
+
+
+class _ReadAsFloat32(nn.Module):
+    """A parametrization: the stored weight, upcast on every read."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float()
+
+
+def compute_in_float32(model: nn.Module) -> nn.Module:
+    """A frozen model that computes in float32 but keeps its bf16/fp16 matrices: each nn.Linear weight is read
+    through an upcast (a parametrization: exact, one transient float32 copy per layer in use), an nn.Embedding's
+    looked-up rows are upcast, every other floating tensor (norms, biases, small heads, buffers) becomes float32.
+    Outputs are bitwise those of the model converted to float32, at half its memory: a released checkpoint's
+    reference and reward model cost what the checkpoint does, not twice that (bench/README.md's end-to-end
+    tables)."""
+    from torch.nn.utils import parametrize
+
+    half = (torch.bfloat16, torch.float16)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.weight.dtype in half]
+    embeddings = [m for m in model.modules() if isinstance(m, nn.Embedding) and m.weight.dtype in half]
+    kept = {id(m.weight) for m in linears + embeddings}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and id(tensor) not in kept:
+            tensor.data = tensor.data.float()
+    for module in linears:  # a tied LM head (the embedding's matrix) stays one stored tensor
+        parametrize.register_parametrization(module, "weight", _ReadAsFloat32(), unsafe=True)
+    for module in embeddings:  # the looked-up rows are upcast, not the whole table
+        module.register_forward_hook(lambda module, args, rows: rows.float())
     return model
 
 
@@ -141,7 +170,7 @@ def frozen_reference(source, lm, quantization: str, device: torch.device, checkp
                      given=None):  # fmt: skip
     """The frozen reference: `given` (a model object: quantized through a temporary checkpoint, or moved to
     `device`), else loaded from `source` when it is a path, else a copy of `lm` (the policy before any LoRA is
-    added), quantized, or in `checkpoint_dtype` on CUDA and float32 on CPU (as `load_frozen`)."""
+    added), quantized, or in `checkpoint_dtype` (read as float32 on CPU, as `load_frozen`)."""
     from transformers import AutoModelForCausalLM
 
     if given is not None:
@@ -153,7 +182,12 @@ def frozen_reference(source, lm, quantization: str, device: torch.device, checkp
         return load_frozen(AutoModelForCausalLM, source, quantization, device)
     if quantization != "none":
         return quantized_copy(lm, AutoModelForCausalLM, quantization, device, checkpoint_dtype)
-    return freeze(copy.deepcopy(lm).to(checkpoint_dtype if device.type == "cuda" else torch.float32))
+    # The policy still equals its checkpoint: its parameters go back to the checkpoint's dtype exactly (buffers
+    # such as rotary frequencies stay float32, as the checkpoint's loaded model has them).
+    reference = freeze(copy.deepcopy(lm))
+    for p in reference.parameters():
+        p.data = p.data.to(checkpoint_dtype)
+    return reference if device.type == "cuda" else compute_in_float32(reference)
 
 
 def quantized_copy(model, auto_class, quantization: str, device: torch.device, dtype: torch.dtype):

@@ -82,11 +82,14 @@ def warn_if_truncated_sampling(top_k: int, top_p: float) -> None:
         )  # fmt: skip
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """(B,) next tokens from (B, V) logits; temperature 0 means greedy."""
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+    """(tokens, logprobs): (B,) next tokens from (B, V) logits, and their (B,) log-probs at `temperature` from the
+    sampler when it drew from the full distribution (None when greedy, temperature 0, or truncated by top-k /
+    top-p: PPO's log-probs are the full distribution's, which the caller then computes)."""
     if temperature == 0:
-        return logits.argmax(-1)
-    if top_k > 0 or top_p < 1.0:  # mask the dropped tokens to -inf on the tempered logits, then sample those
+        return logits.argmax(-1), None
+    truncated = top_k > 0 or top_p < 1.0
+    if truncated:  # mask the dropped tokens to -inf on the tempered logits, then sample those
         logits, temperature = logits.float() / temperature, 1.0
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -99,14 +102,14 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     # Inverse-CDF sampling (see ops.sample_tokens): torch.multinomial and an exponential race (argmax p / E) each cost
     # about a whole decode step of the bench's model on CPU logits; the native kernel reads the logits three times and
     # writes nothing but the tokens (the sample_tokens rows of bench/README.md).
-    tokens = ops.sample_tokens(logits, torch.rand(logits.shape[0], device=logits.device), temperature)
+    tokens, logprobs = ops.sample_tokens(logits, torch.rand(logits.shape[0], device=logits.device), temperature)
     if bool((tokens < 0).any()):
         rows = (tokens < 0).nonzero().flatten().tolist()
         raise FloatingPointError(
             f"the policy's next-token logits are not a distribution (nan, +inf or all -inf) in rows {rows[:5]}: "
             "the model's weights or activations are no longer finite"
         )
-    return tokens
+    return tokens, None if truncated else logprobs
 
 
 def _cache_name(backbone) -> str:
@@ -212,12 +215,14 @@ def generate(
         for t in range(max_new_tokens):
             hidden = out.last_hidden_state[:, -1]  # (B, H): predicts token t
             logits = model_logits(lm, hidden)  # (B, V)
-            token = sample_next(logits, temperature, top_k, top_p)
+            token, logprob = sample_next(logits, temperature, top_k, top_p)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
             response_ids[:, t] = token
             response_mask[:, t] = (~finished).long()
-            if logprobs is not None:
-                logprobs[:, t] = ops.token_logprobs(logits, token, temperature or 1.0)
+            if logprobs is not None:  # from the sampler, or of the full distribution when it drew from another
+                logprobs[:, t] = (
+                    logprob if logprob is not None else ops.token_logprobs(logits, token, temperature or 1.0)
+                )
             if values is not None:
                 values[:, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
             finished |= torch.isin(token, end_ids)

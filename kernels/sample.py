@@ -8,9 +8,10 @@ With z = logits / T, m = max_j z_j and e_j = exp(z_j - m):
     pass 3  the first j with e_0 + ... + e_j > u s: each BLOCK_V-wide block's inclusive cumsum, plus the sum of the
             blocks before it; the smallest lane over the target is the token
 
-A token of probability 0 (a -inf logit, from top-k / top-p masking) adds nothing, so it is never the first over
-the target. A row that is no distribution (a nan or +inf logit, or only -inf) gets -1. The row is read three times
-and one int64 is written, where softmax + cumsum + searchsorted write two (B, V) tensors and read them back.
+The drawn token's log-prob, z_token - m - log s, comes from the m and s already at hand. A token of probability 0
+(a -inf logit, from top-k / top-p masking) adds nothing, so it is never the first over the target. A row that is no
+distribution (a nan or +inf logit, or only -inf) gets -1 (log-prob nan). The row is read three times and an int64
+and a float are written, where softmax + cumsum + searchsorted write two (B, V) tensors and read them back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def _sample_kernel(
     logits_ptr,  # (B, V), last dim contiguous
     uniform_ptr,  # (B,) float32 in [0, 1)
     tokens_ptr,  # (B,) int64
+    logprobs_ptr,  # (B,) float32
     V,
     stride,
     inv_temperature,
@@ -49,7 +51,8 @@ def _sample_kernel(
     for start in range(0, V, BLOCK_V):
         z = tl.load(row_ptr + start + cols, mask=start + cols < V, other=float("-inf")).to(tl.float32)
         s += tl.exp(z * inv_temperature - max_safe)
-    target = tl.load(uniform_ptr + row) * tl.sum(s, axis=0)
+    total = tl.sum(s, axis=0)
+    target = tl.load(uniform_ptr + row) * total
 
     below = 0.0  # the sum of the blocks before this one
     token = V  # the first index over the target; V while none is
@@ -64,18 +67,22 @@ def _sample_kernel(
     token = tl.where(token < V, token, last_positive)
     bad = (tl.sum(nans, axis=0) > 0) | (row_max == float("inf")) | (row_max == float("-inf"))
     tl.store(tokens_ptr + row, tl.where(bad, -1, token).to(tl.int64))
+    z_token = tl.load(row_ptr + tl.maximum(token, 0)).to(tl.float32) * inv_temperature
+    tl.store(logprobs_ptr + row, tl.where(bad, float("nan"), z_token - max_safe - tl.log(total)))
 
 
-def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0):
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(B, dtype=torch.float32, device=logits.device)
     if B == 0:
-        return tokens
+        return tokens, logprobs
     uniform = uniform.to(device=logits.device, dtype=torch.float32).contiguous()
     BLOCK_V = min(4096, triton.next_power_of_2(V))
     _sample_kernel[(B,)](
-        logits, uniform, tokens, V, logits.stride(0), 1.0 / temperature, BLOCK_V=BLOCK_V, enable_fp_fusion=FP_FUSION
-    )
-    return tokens
+        logits, uniform, tokens, logprobs, V, logits.stride(0), 1.0 / temperature, BLOCK_V=BLOCK_V,
+        enable_fp_fusion=FP_FUSION,
+    )  # fmt: skip
+    return tokens, logprobs

@@ -129,9 +129,11 @@ def linear_token_logprobs(
     return impl(hidden, weight, tokens, temperature, bias, with_entropy)
 
 
-def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B,) int64 tokens drawn from softmax(logits / temperature), logits (B, V), one uniform (B,) number in [0, 1)
-    per row; -1 for a row that is no distribution. Not differentiable: the decode loop's sampler."""
+def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0):
+    """(tokens, logprobs): (B,) int64 tokens drawn from softmax(logits / temperature), logits (B, V), one uniform
+    (B,) number in [0, 1) per row, and (B,) float32 each drawn token's log-prob under that distribution (the
+    sampler has the row's max and normalizer already: the decode's old log-probs cost nothing more); token -1 and
+    log-prob nan for a row that is no distribution. Not differentiable: the decode loop's sampler."""
     _check_float("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")

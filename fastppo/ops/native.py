@@ -94,7 +94,7 @@ def linear_token_logprobs(hidden, weight, tokens, temperature=1.0, bias=None, wi
 
 
 def sample_tokens(logits, uniform, temperature=1.0):
-    return torch.ops.fastppo.sample_tokens(_rows(logits), uniform, 1.0 / temperature)
+    return tuple(torch.ops.fastppo.sample_tokens(_rows(logits), uniform, 1.0 / temperature))
 
 
 # ----------------------------------------------------------------------------------------------

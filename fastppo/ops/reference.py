@@ -57,17 +57,21 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return logp.gather(-1, tokens.unsqueeze(-1).long()).squeeze(-1)
 
 
-def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(B,) int64 tokens drawn from softmax(logits / temperature), logits (B, V), by inverse CDF: the first token
-    whose cumulative probability exceeds uniform * total, with uniform (B,) in [0, 1) supplied by the caller (so
-    every backend draws the same tokens from the same numbers). A token of probability 0 is never drawn. A row that
-    is no distribution (a nan or +inf logit, or every logit -inf) gets -1."""
+def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: float = 1.0):
+    """(tokens, logprobs): (B,) int64 tokens drawn from softmax(logits / temperature), logits (B, V), by inverse
+    CDF: the first token whose cumulative probability exceeds uniform * total, with uniform (B,) in [0, 1) supplied
+    by the caller (so every backend draws the same tokens from the same numbers); and (B,) each drawn token's
+    log-prob under that distribution, float32 (float64 for float64 logits). A token of probability 0 is never
+    drawn. A row that is no distribution (a nan or +inf logit, or every logit -inf) gets token -1, log-prob nan."""
     z = logits.double() / temperature
     bad = z.isnan().any(-1) | (z == float("inf")).any(-1) | (z == float("-inf")).all(-1)
-    cdf = torch.softmax(z.masked_fill(bad.unsqueeze(-1), 0.0), dim=-1).cumsum(-1)  # (B, V)
+    z = z.masked_fill(bad.unsqueeze(-1), 0.0)
+    cdf = torch.softmax(z, dim=-1).cumsum(-1)  # (B, V)
     target = uniform.double().unsqueeze(-1) * cdf[:, -1:]
     tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=z.shape[-1] - 1)
-    return tokens.masked_fill(bad, -1)
+    logprobs = torch.log_softmax(z, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return tokens.masked_fill(bad, -1), logprobs.masked_fill(bad, float("nan")).to(out_dtype)
 
 
 def linear_token_logprobs(

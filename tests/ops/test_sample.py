@@ -1,4 +1,5 @@
-"""sample_tokens on every backend: the same tokens as the float64 reference from the same uniform numbers."""
+"""sample_tokens on every backend: the same tokens as the float64 reference from the same uniform numbers, and
+their log-probs within the dtype's tolerance of the float64 log_softmax."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 
 from fastppo import ops
 from fastppo.ops import reference
-from tests.ops.helpers import FLOAT_DTYPES, backend_params, randn, run_with
+from tests.ops.helpers import FLOAT_DTYPES, assert_close, backend_params, randn, run_with
 
 # Triton's interpreter on a CPU runs one program (row) at a time: it gets fewer rows, and so a wider tolerance.
 INTERPRETED = not torch.cuda.is_available()
@@ -18,12 +19,16 @@ def rows(backend: str, n: int) -> int:
 
 
 def check_sample(backend, logits, uniform, temperature=1.0):
-    tokens = run_with(backend, ops.sample_tokens, logits, uniform, temperature)
-    expected = reference.sample_tokens(logits.double(), uniform, temperature)
+    tokens, logprobs = run_with(backend, ops.sample_tokens, logits, uniform, temperature)  # outputs poisoned
+    expected, _ = reference.sample_tokens(logits.double(), uniform, temperature)
     assert tokens.dtype == torch.int64 and tokens.shape == logits.shape[:1]
+    assert logprobs.dtype == torch.float32 and logprobs.shape == logits.shape[:1]
     # Identical except where u lands within rounding of a boundary between two tokens' cumulative probabilities:
     # with these sizes that has probability ~1e-4 per row, so allow one row in a thousand.
     assert (tokens != expected).float().mean() <= 1e-3, (tokens, expected)
+    # Each drawn token's log-prob (whichever token was drawn) is the float64 log_softmax's at that token.
+    exact = torch.log_softmax(logits.double() / temperature, dim=-1).gather(-1, tokens.clamp(min=0)[:, None])[:, 0]
+    assert_close(logprobs, exact, torch.float32, "logprobs")
     return tokens
 
 
@@ -48,8 +53,9 @@ def test_masked_tokens_are_never_drawn_and_bad_rows_say_so(backend):
     assert (tokens % 2 == 1).all()
     bad = randn(4, V, seed=3)
     bad[0, 5], bad[1, 7], bad[2] = float("nan"), float("inf"), float("-inf")
-    tokens = run_with(backend, ops.sample_tokens, bad, torch.full((4,), 0.5))
+    tokens, logprobs = run_with(backend, ops.sample_tokens, bad, torch.full((4,), 0.5))
     assert tokens[:3].tolist() == [-1, -1, -1] and 0 <= tokens[3] < V
+    assert logprobs[:3].isnan().all() and logprobs[3].isfinite()
 
 
 @pytest.mark.parametrize("backend", backend_params("sample_tokens"))
@@ -57,7 +63,7 @@ def test_frequencies_follow_the_distribution(backend):
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
     n = 20000 if not (backend == "triton" and INTERPRETED) else 1000
     logits = probs.log().expand(n, -1).contiguous()
-    tokens = run_with(backend, ops.sample_tokens, logits, torch.rand(n, generator=torch.Generator().manual_seed(0)))
+    tokens, _ = run_with(backend, ops.sample_tokens, logits, torch.rand(n, generator=torch.Generator().manual_seed(0)))
     frequencies = torch.bincount(tokens, minlength=5).float() / tokens.numel()
     torch.testing.assert_close(frequencies, probs, atol=4.5 * 0.5 / n**0.5, rtol=0)  # 4.5 sigma at most
 

@@ -2,11 +2,18 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from fastppo.models import PolicyValueModel, load_pretrained, reference_logprobs
+from fastppo.models import (
+    PolicyValueModel,
+    frozen_reference,
+    load_frozen,
+    load_pretrained,
+    load_trainable_lm,
+    reference_logprobs,
+)
 from fastppo.rollout import generate
-from tests.trainer.conftest import build_tokenizer, save_tiny_models
+from tests.trainer.conftest import RELEASE_DTYPE, build_tokenizer, save_tiny_models
 
 ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
 
@@ -57,6 +64,40 @@ def test_shared_critic_holds_one_backbone(tiny_models):
     separate = PolicyValueModel(lm, critic="separate")
     n_backbone = sum(p.numel() for p in separate.critic_backbone.parameters())
     assert sum(p.numel() for p in separate.parameters()) == n_lm + n_backbone + hidden + 1
+
+
+def _bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_frozen_models_keep_the_checkpoints_dtype_and_compute_as_float32(tiny_models, arch):
+    """On CPU the reference and the reward model hold a bf16/fp16 checkpoint's matrices as stored (about half the
+    bytes of a float32 copy) and give bitwise the outputs of the model converted to float32."""
+    cpu, stored = torch.device("cpu"), RELEASE_DTYPE[arch]
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 90, (3, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding in one row
+    for auto_class, path in ((AutoModelForCausalLM, tiny_models[arch][0]),
+                             (AutoModelForSequenceClassification, tiny_models[arch][1])):  # fmt: skip
+        fp32 = load_pretrained(auto_class, path, "none", cpu, torch.float32).eval()
+        frozen = load_frozen(auto_class, path, "none", cpu)
+        assert {p.dtype for p in frozen.parameters()} >= {stored}
+        assert all(not p.requires_grad for p in frozen.parameters())
+        ratio = _bytes(frozen) / _bytes(fp32)
+        assert ratio == 1.0 if stored == torch.float32 else ratio < 0.6
+        with torch.no_grad():
+            assert torch.equal(frozen(input_ids=ids, attention_mask=mask).logits,
+                               fp32(input_ids=ids, attention_mask=mask).logits)  # fmt: skip
+    # the reference copied from the policy (no reference path given) goes back to the checkpoint's dtype exactly
+    lm, checkpoint_dtype = load_trainable_lm(tiny_models[arch][0], cpu)
+    lm.eval()
+    reference = frozen_reference(lm, lm, "none", cpu, checkpoint_dtype)
+    assert {p.dtype for p in reference.parameters()} >= {stored}
+    assert torch.equal(
+        reference_logprobs(reference, ids, mask, 4, 1.0, True), reference_logprobs(lm, ids, mask, 4, 1.0, True)
+    )
 
 
 def test_4bit_reference_is_under_a_third_of_fp32(tmp_path):

@@ -44,22 +44,24 @@ def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
 def test_top_k_and_top_p_restrict_the_support():
     torch.manual_seed(0)
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
-    top_k = sample_next(logits, 1.0, top_k=2, top_p=1.0)
+    top_k, logprobs = sample_next(logits, 1.0, top_k=2, top_p=1.0)
+    assert logprobs is None  # a truncated draw: the caller computes the full distribution's log-probs
     assert set(top_k.tolist()) == {0, 1}
     probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...: top_p 0.8 keeps the first two
-    top_p = sample_next(logits, 1.0, top_k=0, top_p=0.8)
+    top_p, _ = sample_next(logits, 1.0, top_k=0, top_p=0.8)
     assert set(top_p.tolist()) == {0, 1} and probs[:2].sum() > 0.8
-    assert sample_next(logits[:1], 0.0, 0, 1.0).item() == 0
+    assert sample_next(logits[:1], 0.0, 0, 1.0)[0].item() == 0
 
 
 def test_sampling_follows_the_distribution():
     probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, -1)  # 4000 rows: 4000 independent draws per call
     torch.manual_seed(0)
-    draws = torch.cat([sample_next(logits, 1.0, 0, 1.0) for _ in range(5)])
+    draws = torch.cat([sample_next(logits, 1.0, 0, 1.0)[0] for _ in range(5)])
     frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
     assert frequencies[1] == 0  # probability 0 is never drawn
     torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 4.5 sigma at n = 20000
-    hot = sample_next(torch.tensor([[0.0, 2.0, 0.0]]).expand(20000, -1), 0.5, 0, 1.0)  # temperature sharpens
+    hot, logprobs = sample_next(torch.tensor([[0.0, 2.0, 0.0]]).expand(20000, -1), 0.5, 0, 1.0)  # sharpened
     expected = torch.tensor([0.0, 4.0, 0.0]).softmax(-1)[1]
     assert abs((hot == 1).float().mean() - expected) < 0.01
+    torch.testing.assert_close(logprobs, torch.tensor([0.0, 4.0, 0.0]).log_softmax(-1)[hot])  # at the temperature
