@@ -188,6 +188,11 @@ def hardware_ratios(cfg: dict, phase_s: dict, response_tokens: float, recomputed
         out[f"{phase}_of_matmul"] = achieved / matmul_flops
     out["decode_gb_per_s"] = decode_bytes_per_s / 1e9
     out["decode_of_copy"] = decode_bytes_per_s / copy_bytes_per_s
+    # The iteration at these rates: the scoring and training FLOPs and the prefill's at the matmul's rate, one read
+    # of the weights per decode step at the copy's. No float32 implementation on this machine goes below it.
+    prefill = 2 * body * B * cfg["prompt"]
+    compute = prefill + sum(f for phase, f in flops.items() if phase != "rollout")
+    out["floor_seconds"] = compute / matmul_flops + weight_bytes * response_tokens / copy_bytes_per_s
     return out
 
 

@@ -73,11 +73,11 @@ def e2e_table(data: dict) -> str:
         )
     ours = next((r for r in rows if r["framework"] == "fastppo" and "phase_seconds" in r), None)
     if ours:
-        lines += ["", phase_table(ours)]
+        lines += ["", phase_table(ours, base)]
     return "\n".join(lines)
 
 
-def phase_table(run: dict) -> str:
+def phase_table(run: dict, base: dict | None = None) -> str:
     """fastppo's phases, and how close each comes to what the machine does (bench.e2e.hardware_ratios)."""
     hw, phases = run["hardware"], run["phase_seconds"]
     lines = [
@@ -98,6 +98,14 @@ def phase_table(run: dict) -> str:
         else:
             achieved, of = f"{hw[phase + '_gflops']:.0f} GFLOP/s", f"{hw[phase + '_of_matmul']:.0%} of the matmul"
         lines.append(f"| {phase} | {seconds:.3f} | {seconds / total:.0%} | {achieved} | {of} |")
+    if "floor_seconds" in hw:
+        floor = hw["floor_seconds"]
+        bound = f": {base['seconds_per_iteration'] / floor:.2f}x TRL's time at most" if base else ""
+        lines += [
+            "",
+            f"At those two rates (every FLOP at the matmul's, one read of the weights per decode step at "
+            f"the copy's) an iteration takes at least {floor:.2f} s on this machine in float32{bound}.",
+        ]
     return "\n".join(lines)
 
 

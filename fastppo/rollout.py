@@ -13,6 +13,7 @@ again (`old_logprobs: auto`). The rollout's share of an iteration is in the end-
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass, fields
@@ -156,14 +157,43 @@ def decode_layout(lm):
 def static_cache(lm, max_length: int):
     """A KV cache preallocated for the whole rollout, written in place at each step, or None (transformers then
     grows a DynamicCache, which concatenates every layer's keys and values at every step: traffic quadratic in the
-    response length). Models that declare `_can_compile_fullgraph` support it."""
+    response length). Models that declare `_can_compile_fullgraph` support it. Its full-attention layers attend
+    over the filled prefix only (`_FilledPrefixLayer`)."""
     from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer
 
     model = unwrap(lm)
     if not getattr(model, "_can_compile_fullgraph", False):
         return None
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return StaticCache(config=config, max_cache_len=max_length)
+    cache = StaticCache(config=config, max_cache_len=max_length)
+    for layer in cache.layers:  # sliding-window layers keep theirs: their buffer rolls once full, no prefix to cut
+        if type(layer) is StaticLayer:
+            layer.__class__ = _filled_prefix_layer()  # same buffers, same writes
+    return cache
+
+
+@functools.cache
+def _filled_prefix_layer():
+    from transformers.cache_utils import StaticLayer
+
+    class _FilledPrefixLayer(StaticLayer):
+        """A static cache layer whose attention reads the filled positions only: the stock one hands attention its
+        whole buffer, and the mask hides the empty tail, so every step read the keys and values of max_length
+        positions (at the large bench size, as many bytes per step as a third of the weights). Same results: the
+        tail's positions were masked out."""
+
+        filled = 0  # positions written so far
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            keys, values = super().update(key_states, value_states, *args, **kwargs)
+            self.filled += key_states.shape[-2]
+            return keys[:, :, : self.filled], values[:, :, : self.filled]
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:  # asked before this step's update
+            return self.filled + query_length, 0
+
+    return _FilledPrefixLayer
 
 
 class Generation(NamedTuple):

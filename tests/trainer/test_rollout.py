@@ -2,7 +2,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fastppo.data import tokenize_prompts
-from fastppo.rollout import generate, sample_next
+from fastppo.rollout import generate, sample_next, static_cache
 from tests.trainer.conftest import build_tokenizer
 
 
@@ -17,6 +17,37 @@ def test_greedy_generation_is_independent_of_padding(tiny_models):
                                             temperature=0)  # fmt: skip
         n = int(alone_mask.sum())
         assert batch_ids[1, :n].tolist() == alone_ids[0, :n].tolist(), arch
+
+
+def test_the_static_cache_hands_attention_its_filled_prefix_only(tiny_models, monkeypatch):
+    """Each step's attention gets the keys written so far, not the preallocated buffer (whose tail the mask hid),
+    and the decode equals the one over transformers' growing DynamicCache."""
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
+    ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)
+    cache = static_cache(lm, ids.shape[1] + 4)
+    seen = []
+    update = type(cache.layers[0]).update
+
+    def recording_update(layer, *args, **kwargs):
+        keys, values = update(layer, *args, **kwargs)
+        seen.append(keys.shape[2])
+        return keys, values
+
+    monkeypatch.setattr(type(cache.layers[0]), "update", recording_update)  # every full-attention layer's class
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        step = lm.model(input_ids=ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), cache=cache,
+                        position_ids=mask.sum(-1, keepdim=True), use_cache=True)  # fmt: skip
+    assert seen[:: len(cache.layers)] == [ids.shape[1], ids.shape[1] + 1] and out.last_hidden_state.isfinite().all()
+    assert step.last_hidden_state.isfinite().all()
+
+    import fastppo.rollout as rollout
+
+    static = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+    monkeypatch.setattr(rollout, "static_cache", lambda *args: None)  # transformers' DynamicCache instead
+    dynamic = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+    assert torch.equal(static.response_ids, dynamic.response_ids)
 
 
 def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
