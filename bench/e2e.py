@@ -7,7 +7,9 @@ matrices as float32, the same numbers at half their memory), with the same batch
 minibatch of 16 in two micro-batches; 32 prompt + 64 response tokens at the default size, 64 + 256 at `large`). TRL
 keeps a separate value model, as it must; fastppo shares the backbone. Each framework's whole `train()` of
 `iterations` iterations is timed, the first included (no warm-up is left out); s / iteration is that time over the
-iterations. Tokens/s counts prompt + response tokens. fastppo's phases are then set against what the machine does
+iterations. The frameworks take turns for `repeats` rounds (3 at the default size) and each one's median try is
+reported, with every try's numbers beside it: this 2-core VM's speed drifts by 10-20% from minute to minute.
+Tokens/s counts prompt + response tokens. fastppo's phases are then set against what the machine does
 (`hardware_ratios`): the FLOP/s of each phase against a matmul of the LM head's shape, and the decode's weight reads
 against a memory copy.
 
@@ -20,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,11 +32,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT = {"hidden": 256, "layers": 4, "vocab": 32000, "batch": 16, "micro_batch": 8, "prompt": 32, "response": 64,
-           "iterations": 4}  # fmt: skip
+           "iterations": 4, "repeats": 3}  # fmt: skip
 LARGE = {"hidden": 768, "layers": 12, "vocab": 32000, "batch": 16, "micro_batch": 8, "prompt": 64, "response": 256,
-         "iterations": 2}  # fmt: skip
+         "iterations": 2, "repeats": 1}  # fmt: skip
 QUICK = {"hidden": 32, "layers": 2, "vocab": 500, "batch": 4, "micro_batch": 2, "prompt": 8, "response": 8,
-         "iterations": 2}  # fmt: skip
+         "iterations": 2, "repeats": 1}  # fmt: skip
 SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK}
 
 
@@ -89,7 +92,7 @@ def run_trl(cfg: dict, directory: Path) -> dict:
     prompts = json.loads((directory / "prompts.json").read_text())
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
     args = PPOConfig(
-        output_dir=str(directory / "trl-out"), per_device_train_batch_size=cfg["micro_batch"],
+        output_dir=str(directory / "runs" / "trl"), per_device_train_batch_size=cfg["micro_batch"],
         gradient_accumulation_steps=cfg["batch"] // cfg["micro_batch"], num_mini_batches=1, num_ppo_epochs=1,
         local_rollout_forward_batch_size=cfg["batch"], total_episodes=len(prompts), response_length=cfg["response"],
         stop_token="eos", temperature=1.0, kl_coef=0.05, learning_rate=1e-5, report_to="none", save_strategy="no",
@@ -117,7 +120,7 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
     prompts = json.loads((directory / "prompts.json").read_text())
     config = PPOConfig(
         policy_model=str(directory / "policy"), reward_model=str(directory / "reward"),
-        output_dir=str(directory / "-".join(["fastppo", *options])), steps=cfg["iterations"],
+        output_dir=str(directory / "runs" / "-".join(["fastppo", *options])), steps=cfg["iterations"],
         rollout_batch_size=cfg["batch"], mini_batch_size=cfg["batch"], micro_batch_size=cfg["micro_batch"],
         ppo_epochs=1, max_prompt_length=cfg["prompt"], max_new_tokens=cfg["response"], kl_coef=0.05, learning_rate=1e-5,
         temperature=1.0, seed=0, save_every=0, device="cpu", tensorboard=False, **options,
@@ -214,26 +217,40 @@ def child(name: str, cfg: dict, directory: Path) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def median_run(tries: list[dict]) -> dict:
+    """The try of median time (its phases and peak memory with it), with every try's time and memory listed."""
+    ok = sorted((t for t in tries if "error" not in t), key=lambda t: t["seconds_per_iteration"])
+    if not ok:
+        return tries[-1]
+    run = dict(ok[(len(ok) - 1) // 2])
+    run["seconds_per_iteration_tries"] = [t["seconds_per_iteration"] for t in tries if "error" not in t]
+    run["peak_memory_mb_tries"] = [t["peak_memory_mb"] for t in tries if "error" not in t]
+    return run
+
+
 def main(out: Path, size: str = "default") -> dict:
     from bench.machine import machine_info
 
     cfg = SIZES[size]
-    runs = []
+    tries: dict[str, list[dict]] = {name: [] for name in RUNNERS}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         build_models(cfg, directory)
-        for name in RUNNERS:
-            print(f"e2e: {name} ...", flush=True)
-            command = [sys.executable, "-m", "bench.e2e", "--child", name, "--dir", tmp, "--size", size]
-            proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                runs.append({"framework": name, "error": last[:200]})
-                print(f"e2e: {name} failed: {last}", file=sys.stderr)
-            else:
-                runs.append(json.loads(lines[-1][len("RESULT ") :]))
-    data = {"machine": machine_info(), "size": size, "config": cfg, "runs": runs}
+        # The frameworks take turns, `repeats` rounds: a shared machine's slow spells then fall on each of them.
+        for round_ in range(cfg["repeats"]):
+            for name in RUNNERS:
+                print(f"e2e: {name} ({round_ + 1}/{cfg['repeats']}) ...", flush=True)
+                shutil.rmtree(directory / "runs", ignore_errors=True)
+                command = [sys.executable, "-m", "bench.e2e", "--child", name, "--dir", tmp, "--size", size]
+                proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                    tries[name].append({"framework": name, "error": last[:200]})
+                    print(f"e2e: {name} failed: {last}", file=sys.stderr)
+                else:
+                    tries[name].append(json.loads(lines[-1][len("RESULT ") :]))
+    data = {"machine": machine_info(), "size": size, "config": cfg, "runs": [median_run(t) for t in tries.values()]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))
     return data

@@ -56,20 +56,21 @@ def ops_table(data: dict) -> str:
 
 def e2e_table(data: dict) -> str:
     lines = [
-        "| framework | s / iteration | tokens / s | peak memory MB | speed-up | memory ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| framework | s / iteration | tokens / s | peak memory MB | speed-up | memory ratio | tries (s / iteration) |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     rows = data["runs"]
     base = next((r for r in rows if r["framework"].startswith("trl") and "error" not in r), None)
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['framework']} | skipped: {r['error']} | | | | |")
+            lines.append(f"| {r['framework']} | skipped: {r['error']} | | | | | |")
             continue
         speed = f"{base['seconds_per_iteration'] / r['seconds_per_iteration']:.2f}x" if base else ""
         memory = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}" if base else ""
+        tries = ", ".join(f"{s:.2f}" for s in r.get("seconds_per_iteration_tries", []))
         lines.append(
             f"| {r['framework']} | {r['seconds_per_iteration']:.2f} | {r['tokens_per_s']:.0f} | "
-            f"{r['peak_memory_mb']:.0f} | {speed} | {memory} |"
+            f"{r['peak_memory_mb']:.0f} | {speed} | {memory} | {tries} |"
         )
     ours = next((r for r in rows if r["framework"] == "fastppo" and "phase_seconds" in r), None)
     if ours:
