@@ -118,8 +118,8 @@ Tensor token_logprobs_backward(const Tensor& logits, const Tensor& tokens, const
                                const Tensor& grad_logprobs, const std::optional<Tensor>& grad_entropy,
                                double inv_temperature);
 
-// logits (B, V) with unit stride along V, uniform (B,) in [0, 1) -> (B,) int64 tokens drawn from
-// softmax(logits * inv_temperature); -1 for a row that is no distribution.
+// logits (B, V) with unit stride along V, uniform (B,) in [0, 1) -> {(B,) int64 tokens drawn from
+// softmax(logits * inv_temperature), (B,) float32 their log-probs}; -1 (nan) for a row that is no distribution.
 std::vector<Tensor> sample_tokens(const Tensor& logits, const Tensor& uniform, double inv_temperature);
 
 Tensor kl_penalty_forward(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator);

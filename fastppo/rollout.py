@@ -102,7 +102,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     # Inverse-CDF sampling (see ops.sample_tokens): torch.multinomial and an exponential race (argmax p / E) each cost
     # about a whole decode step of the bench's model on CPU logits; the native kernel reads the logits three times and
-    # writes nothing but the tokens (the sample_tokens rows of bench/README.md).
+    # writes nothing but the tokens and their log-probs (the sample_tokens rows of bench/README.md).
     tokens, logprobs = ops.sample_tokens(logits, torch.rand(logits.shape[0], device=logits.device), temperature)
     if bool((tokens < 0).any()):
         rows = (tokens < 0).nonzero().flatten().tolist()
