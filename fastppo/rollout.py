@@ -4,7 +4,8 @@
 supports it): one prefill of the left-padded prompts, then one token per step for the whole batch, with
 temperature / top-k / top-p sampling, stopping rows at EOS or a stop string and the batch when every row has
 stopped. It avoids `model.generate`'s per-step machinery (logits processors, stopping criteria objects, cache
-bookkeeping) and applies the LM head to the last position only. It yields what PPO needs directly: the response
+bookkeeping) and applies the LM head to the last position only; on a CPU, Llama-family models take their decode
+steps from `lean_decode` (the same arithmetic in fewer ops). It yields what PPO needs directly: the response
 mask, the end flags, and, since each step's hidden state is the one that predicts its token, the sampled tokens'
 log-probs and (with a value head) the values at rollout time, so the trainer need not run the policy over the batch
 again (`old_logprobs: auto`). The rollout's share of an iteration is in the end-to-end tables of bench/README.md.
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import torch
 
 from fastppo import ops
+from fastppo.lean_decode import LeanDecoder
 from fastppo.models import backbone_of, model_logits, position_ids_for, unwrap
 
 
@@ -237,13 +239,14 @@ def generate(
     backbone = backbone_of(lm)
     cache_name = _cache_name(backbone)
     cache = {cache_name: static_cache(lm, P + max_new_tokens)}
+    lean = LeanDecoder.build(lm, cache[cache_name])  # Llama-family on a CPU: steps without transformers' machinery
     steps = 0
-    with decode_layout(lm):
+    with decode_layout(lm if lean is None else unwrap(lm).get_output_embeddings()):
         out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
                        **cache)  # fmt: skip
+        hidden = out.last_hidden_state[:, -1]  # (B, H): predicts the next token
         next_position = position_ids[:, -1:] + 1
         for t in range(max_new_tokens):
-            hidden = out.last_hidden_state[:, -1]  # (B, H): predicts token t
             logits = model_logits(lm, hidden)  # (B, V)
             token, logprob = sample_next(logits, temperature, top_k, top_p)
             token = torch.where(finished, torch.full_like(token, pad_id), token)
@@ -261,9 +264,13 @@ def generate(
             steps = t + 1
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
-            cache = {cache_name: getattr(out, cache_name)}  # the static cache itself, or the grown dynamic one
-            out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
-                           position_ids=next_position, use_cache=True, **cache)  # fmt: skip
+            if lean is not None:
+                hidden = lean.step(token, next_position, attention_mask[:, : P + t + 1])
+            else:
+                cache = {cache_name: getattr(out, cache_name)}  # the static cache itself, or the grown dynamic one
+                out = backbone(input_ids=token.unsqueeze(1), attention_mask=attention_mask[:, : P + t + 1],
+                               position_ids=next_position, use_cache=True, **cache)  # fmt: skip
+                hidden = out.last_hidden_state[:, -1]
             next_position = next_position + 1
     logprobs, values = (None if x is None else x[:, :steps] for x in (logprobs, values))
     return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs, values)

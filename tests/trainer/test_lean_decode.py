@@ -1,0 +1,57 @@
+"""LeanDecoder: the Llama-family decode step from the weights draws what transformers' forward draws."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import fastppo.rollout as rollout
+from fastppo.data import tokenize_prompts
+from fastppo.lean_decode import LeanDecoder
+from fastppo.rollout import generate, static_cache
+from tests.trainer.conftest import build_tokenizer, save_tiny_models
+
+
+def _decode_both_ways(lm, monkeypatch, **kwargs):
+    tokenizer = build_tokenizer()
+    ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6", "w7 w8"], tokenizer, max_length=8)  # left-padded
+    torch.manual_seed(0)
+    lean = generate(lm, tokenizer, ids, mask, max_new_tokens=8, end_ids=[], with_logprobs=True, **kwargs)
+    with monkeypatch.context() as patch:
+        patch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache: None))
+        torch.manual_seed(0)
+        stock = generate(lm, tokenizer, ids, mask, max_new_tokens=8, end_ids=[], with_logprobs=True, **kwargs)
+    return lean, stock
+
+
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [("llama", {}), ("qwen2", {}), ("llama", {"attention_bias": True, "mlp_bias": True, "num_key_value_heads": 4})],
+    ids=["llama-gqa", "qwen2-qkv-bias", "llama-biases-mha"],
+)
+def test_lean_steps_draw_what_transformers_forward_draws(tmp_path, monkeypatch, arch, overrides):
+    policy, _ = save_tiny_models(tmp_path, arch, **overrides)
+    lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    if overrides.get("attention_bias"):  # random biases: zero ones would hide a bias left out
+        with torch.no_grad():
+            for module in lm.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_()
+    assert LeanDecoder.build(lm, static_cache(lm, 16)) is not None
+    lean, stock = _decode_both_ways(lm, monkeypatch)
+    assert torch.equal(lean.response_ids, stock.response_ids)
+    torch.testing.assert_close(lean.logprobs, stock.logprobs, atol=1e-5, rtol=0)
+
+
+def test_other_models_keep_the_transformers_path(tiny_models, tmp_path):
+    for arch in ("gpt2", "gpt_neox"):
+        lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32)
+        assert LeanDecoder.build(lm, static_cache(lm, 16)) is None, arch
+    policy, _ = save_tiny_models(tmp_path, "granite")  # llama-shaped, but with its own multipliers
+    lm = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32)
+    assert LeanDecoder.build(lm, static_cache(lm, 16)) is None
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
+    assert LeanDecoder.build(lm, None) is None  # no static cache
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(lm, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert LeanDecoder.build(lora, static_cache(lora, 16)) is None  # adapters are not plain layers
