@@ -19,16 +19,15 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from fastppo.models import backbone_of, unwrap
+from fastppo.models import backbone_of, plain_linear, unwrap
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
-def _plain(linear) -> bool:
-    """An untouched float32 nn.Linear (LoRA and quantized layers are other classes; patched ones keep their own)."""
-    return type(linear) is nn.Linear and linear.weight.dtype == torch.float32 and "forward" not in vars(linear)
+def _stackable(linears) -> bool:
+    """Plain float32 layers that either all have a bias or all have none: one matmul (+ one bias) for the group."""
+    return all(plain_linear(m) for m in linears) and len({m.bias is None for m in linears}) == 1
 
 
 def _stacked(linears) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,6 +62,8 @@ class _Layer:
         keys, values = self.cache.keys, self.cache.values  # (B, kv_heads, max_length, head_dim)
         keys[:, :, n - 1 : n] = k
         values[:, :, n - 1 : n] = v
+        self.cache.filled = n
+        self.cache.cumulative_length.add_(1)  # as transformers' own update keeps it
         attn = F.scaled_dot_product_attention(q, keys[:, :, :n], values[:, :, :n], attn_mask=key_mask,
                                               scale=self.scaling, enable_gqa=self.kv_heads != self.heads)  # fmt: skip
         x = x + _linear(attn.reshape(B, q_width), self.o, self.o_bias)
@@ -92,12 +93,9 @@ class LeanDecoder:
             return None  # a sliding-window layer (or another cache): transformers' path
         for layer in layers:
             attn, mlp = layer.self_attn, layer.mlp
-            linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-            if not all(_plain(m) for m in linears):
-                return None
-            if (attn.q_proj.bias is None) != (attn.v_proj.bias is None) or (mlp.gate_proj.bias is None) != (
-                mlp.up_proj.bias is None
-            ):
+            groups = [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj],
+                      [mlp.down_proj]]  # fmt: skip
+            if not all(_stackable(group) for group in groups):
                 return None
         return cls(backbone, cache)
 
@@ -117,6 +115,4 @@ class LeanDecoder:
         key_mask = attention_mask.bool()[:, None, None, :]
         for layer in self.layers:
             x = layer(x, cos, sin, key_mask)
-            layer.cache.filled += 1
-            layer.cache.cumulative_length.add_(1)  # as transformers' own update keeps it
         return self.backbone.norm(x)

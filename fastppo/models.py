@@ -247,6 +247,12 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
+def plain_linear(module) -> bool:
+    """An untouched float32 nn.Linear: LoRA and quantized layers are other classes, and a layer whose forward was
+    replaced keeps its own. The decode's weight re-layouts apply to these only."""
+    return type(module) is nn.Linear and module.weight.dtype == torch.float32 and "forward" not in vars(module)
+
+
 def unwrap(lm):
     """The transformers model inside a peft wrapper (LoRA layers already injected into it)."""
     return lm.get_base_model() if hasattr(lm, "get_base_model") else lm

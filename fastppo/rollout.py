@@ -24,7 +24,7 @@ import torch
 
 from fastppo import ops
 from fastppo.lean_decode import LeanDecoder
-from fastppo.models import backbone_of, model_logits, position_ids_for, unwrap
+from fastppo.models import backbone_of, model_logits, plain_linear, position_ids_for, unwrap
 
 
 @dataclass
@@ -143,8 +143,7 @@ def decode_layout(lm):
         return
     patched = []
     for module in lm.modules():
-        # Plain float32 nn.Linear only, whose forward nobody replaced (quantized and LoRA layers keep theirs).
-        if type(module) is torch.nn.Linear and module.weight.dtype == torch.float32 and "forward" not in vars(module):
+        if plain_linear(module):
             weight_t, bias = module.weight.detach().t().contiguous(), module.bias
             module.forward = lambda x, w=weight_t, b=bias: torch.matmul(x, w) if b is None else torch.addmm(
                 b, x.reshape(-1, w.shape[0]), w).view(*x.shape[:-1], w.shape[1])  # fmt: skip
