@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,7 +29,8 @@ QUICK = os.environ.get("FASTPPO_BENCH_QUICK") == "1"
 
 def sizes():
     if QUICK:
-        return {"logprobs": [(64, 1000, torch.float32)], "seq": (8, 64), "linear": (64, 32, 1000), "sample": (4, 1000)}
+        return {"logprobs": [(64, 1000, torch.float32)], "seq": (8, 64), "linear": (64, 32, 1000), "sample": (4, 1000),
+                "decode": (2, 4, 2, 8, 16)}  # fmt: skip
     if DEVICE == "cuda":
         logprobs = [(16384, V, dtype) for V in (32000, 151936) for dtype in (torch.bfloat16, torch.float32)]
         return {"logprobs": logprobs, "seq": (64, 512), "linear": (8192, 2048, 151936), "sample": (64, 151936)}
@@ -37,6 +39,7 @@ def sizes():
         "seq": (64, 512),
         "linear": (2048, 256, 32000),
         "sample": (16, 32000),
+        "decode": (16, 4, 4, 64, 64),  # B, heads, key/value heads, head size, positions: the e2e bench's mid-decode
     }
 
 
@@ -162,6 +165,42 @@ def test_sample_tokens(benchmark, impl):
     logits, uniform = (torch.randn(B, V, generator=g) * 3).to(DEVICE), torch.rand(B, generator=g).to(DEVICE)
     call = sync(lambda: SAMPLERS[impl](logits, uniform))
     run_benchmark(benchmark, f"sample_tokens B={B} V={V}", impl, call, baseline=impl == "torch.multinomial")
+
+
+def stock_decode_attention(qkv, cos, sin, keys, values, key_mask, heads, scale):
+    """What transformers' Llama layer runs for one decode step: views, its rotary embedding, the cache writes, SDPA."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, G, _, D = keys.shape
+    n = key_mask.shape[1]
+    q, k, v = qkv.split([heads * D, G * D, G * D], dim=-1)
+    q, k = apply_rotary_pos_emb(q.view(B, heads, 1, D), k.view(B, G, 1, D), cos, sin)
+    keys[:, :, n - 1 : n], values[:, :, n - 1 : n] = k, v.view(B, G, 1, D)
+    mask = key_mask[:, None, None]
+    out = F.scaled_dot_product_attention(q, keys[:, :, :n], values[:, :, :n], mask, scale=scale, enable_gqa=G != heads)
+    return out.reshape(B, heads * D)
+
+
+DECODE_ATTENTION = {
+    "rotary+SDPA (transformers)": stock_decode_attention,
+    **{f"fastppo[{b}]": with_backend(b, ops.decode_attention) for b in fastppo_backends("decode_attention")
+       if b == "native"},  # the torch backend is the float64 specification, not an implementation to time
+}  # fmt: skip
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the lean decode steps (and so decode_attention) run on CPUs only")
+@pytest.mark.parametrize("impl", list(DECODE_ATTENTION), ids=lambda s: s)
+def test_decode_attention(benchmark, impl):
+    """One layer's attention in a decode step: rotary embedding, cache write, attention over the filled prefix."""
+    B, heads, G, D, n = SIZES["decode"]
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(B, (heads + 2 * G) * D, generator=g)
+    cos, sin = torch.randn(B, 1, D, generator=g), torch.randn(B, 1, D, generator=g)
+    keys, values = torch.randn(B, G, 2 * n, D, generator=g), torch.randn(B, G, 2 * n, D, generator=g)
+    key_mask = torch.ones(B, n, dtype=torch.bool)
+    call = lambda: DECODE_ATTENTION[impl](qkv, cos, sin, keys, values, key_mask, heads, D**-0.5)  # noqa: E731
+    run_benchmark(benchmark, f"decode_attention B={B} heads={heads} n={n}", impl, call,
+                  baseline=impl.startswith("rotary"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

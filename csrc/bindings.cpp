@@ -11,6 +11,8 @@ TORCH_LIBRARY(fastppo, m) {
   m.def("token_logprobs_backward(Tensor logits, Tensor tokens, Tensor lse, Tensor entropy, Tensor grad_logprobs, "
         "Tensor? grad_entropy, float inv_temperature) -> Tensor");
   m.def("sample_tokens(Tensor logits, Tensor uniform, float inv_temperature) -> Tensor[]");
+  m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) keys, Tensor(b!) values, Tensor key_mask, "
+        "int heads, float scale) -> Tensor");
   m.def("kl_penalty_forward(Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
   m.def("kl_penalty_backward(Tensor logprobs, Tensor ref_logprobs, Tensor grad, int estimator) -> Tensor");
   m.def("shape_rewards(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor response_mask, float kl_coef, "
@@ -31,6 +33,7 @@ TORCH_LIBRARY_IMPL(fastppo, CPU, m) {
   m.impl("token_logprobs_forward", &fastppo::token_logprobs_forward);
   m.impl("token_logprobs_backward", &fastppo::token_logprobs_backward);
   m.impl("sample_tokens", &fastppo::sample_tokens);
+  m.impl("decode_attention", &fastppo::decode_attention);
   m.impl("kl_penalty_forward", &fastppo::kl_penalty_forward);
   m.impl("kl_penalty_backward", &fastppo::kl_penalty_backward);
   m.impl("shape_rewards", &fastppo::shape_rewards);

@@ -122,6 +122,10 @@ Tensor token_logprobs_backward(const Tensor& logits, const Tensor& tokens, const
 // softmax(logits * inv_temperature), (B,) float32 their log-probs}; -1 (nan) for a row that is no distribution.
 std::vector<Tensor> sample_tokens(const Tensor& logits, const Tensor& uniform, double inv_temperature);
 
+// qkv (B, (heads + 2 G) D), cos/sin (B, D), keys/values (B, G, L, D) written at n - 1, key_mask (B, n) -> (B, heads D).
+Tensor decode_attention(const Tensor& qkv, const Tensor& cos, const Tensor& sin, Tensor& keys, Tensor& values,
+                        const Tensor& key_mask, int64_t heads, double scale);
+
 Tensor kl_penalty_forward(const Tensor& logprobs, const Tensor& ref_logprobs, int64_t estimator);
 Tensor kl_penalty_backward(const Tensor& logprobs, const Tensor& ref_logprobs, const Tensor& grad, int64_t estimator);
 std::vector<Tensor> shape_rewards(const Tensor& scores, const Tensor& logprobs, const Tensor& ref_logprobs,

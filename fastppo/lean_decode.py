@@ -4,10 +4,11 @@ transformers' forward serves every use: each decode step builds a 4D attention m
 layer and runs three q/k/v and two gate/up matmuls. At the bench's default size (hidden 256, 4 layers) that
 overhead took longer than the step's weight reads (bench/README.md's phase tables). Here a step is the same
 arithmetic in fewer, larger ops: q, k and v in one matmul against a concatenated (in, out) weight, gate and up in
-another, RMSNorm as one `F.rms_norm`, the key and value written in place into the static cache that transformers'
-prefill filled, attention over its filled prefix. The embedding, the rotary frequencies and their application, and
-the final norm are the model's own modules and functions. Numerics match the model's forward up to float32 rounding
-(tests/trainer/test_real_checkpoints.py compares the decode's log-probs with the training forward's).
+another, RMSNorm as one `F.rms_norm`, and the rotary embedding, the key and value written in place into the static
+cache that transformers' prefill filled, and the attention over its filled prefix in one native op
+(`ops.decode_attention`: a dozen small ops took ~0.5 ms a layer). The embedding, the rotary frequencies and the
+final norm are the model's own modules; its apply_rotary_pos_emb is checked to be the rotate-half embedding that
+op applies. Numerics match the model's forward up to float32 rounding (tests/trainer/test_lean_decode.py).
 
     decoder = LeanDecoder.build(lm, cache)   # None: not a supported model, or not plain float32 layers
     hidden = decoder.step(token, position_ids, attention_mask)   # (B, H) for the next token's logits
@@ -20,6 +21,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from fastppo import ops
 from fastppo.models import backbone_of, plain_linear, unwrap
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -46,34 +48,49 @@ class _Layer:
         self.o, self.o_bias = _stacked([attn.o_proj])
         self.gate_up, self.gate_up_bias = _stacked([mlp.gate_proj, mlp.up_proj])
         self.down, self.down_bias = _stacked([mlp.down_proj])
-        self.heads, self.head_dim = attn.config.num_attention_heads, attn.head_dim
-        self.kv_heads, self.scaling = attn.config.num_key_value_heads, attn.scaling
-        self.rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb  # the model's own
+        self.heads, self.scaling = attn.config.num_attention_heads, attn.scaling
 
-    def __call__(self, x, cos, sin, key_mask):  # x (B, H), key_mask (B, 1, 1, n) bool
-        B, n = x.shape[0], key_mask.shape[-1]
+    def __call__(self, x, cos, sin, key_mask):  # x (B, H), cos/sin (B, 1, head_dim), key_mask (B, n) bool
         h = F.rms_norm(x, x.shape[-1:], self.norm_in.weight, self.norm_in.variance_epsilon)
         qkv = _linear(h, self.qkv, self.qkv_bias)
-        q_width, kv_width = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q = qkv[:, :q_width].view(B, self.heads, 1, self.head_dim)
-        k = qkv[:, q_width : q_width + kv_width].view(B, self.kv_heads, 1, self.head_dim)
-        v = qkv[:, q_width + kv_width :].view(B, self.kv_heads, 1, self.head_dim)
-        q, k = self.rotate(q, k, cos, sin)
-        keys, values = self.cache.keys, self.cache.values  # (B, kv_heads, max_length, head_dim)
-        keys[:, :, n - 1 : n] = k
-        values[:, :, n - 1 : n] = v
-        self.cache.filled = n
+        # Rotary embedding, the cache write at position n - 1 and the attention over the n filled positions: one op.
+        attn = ops.decode_attention(qkv, cos, sin, self.cache.keys, self.cache.values, key_mask, self.heads,
+                                    self.scaling)  # fmt: skip
+        self.cache.filled = key_mask.shape[-1]
         self.cache.cumulative_length.add_(1)  # as transformers' own update keeps it
-        attn = F.scaled_dot_product_attention(q, keys[:, :, :n], values[:, :, :n], attn_mask=key_mask,
-                                              scale=self.scaling, enable_gqa=self.kv_heads != self.heads)  # fmt: skip
-        x = x + _linear(attn.reshape(B, q_width), self.o, self.o_bias)
+        x = _linear(attn, self.o, self.o_bias, residual=x)
         h = F.rms_norm(x, x.shape[-1:], self.norm_post.weight, self.norm_post.variance_epsilon)
         gate, up = _linear(h, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
-        return x + _linear(F.silu(gate) * up, self.down, self.down_bias)
+        return _linear(F.silu(gate) * up, self.down, self.down_bias, residual=x)
 
 
-def _linear(x, weight_t, bias):
-    return x @ weight_t if bias is None else torch.addmm(bias, x, weight_t)
+def _linear(x, weight_t, bias, residual=None):
+    """x @ weight_t (+ bias) (+ residual), as one addmm where there is one term to add."""
+    if bias is None:
+        return x @ weight_t if residual is None else torch.addmm(residual, x, weight_t)
+    out = torch.addmm(bias, x, weight_t)
+    return out if residual is None else residual + out
+
+
+def _rotate_half_rotary(attn) -> bool:
+    """Whether the model's own apply_rotary_pos_emb is the rotate-half embedding `ops.decode_attention` applies:
+    checked on random numbers once per rollout, so a model whose module defines another falls back to its forward."""
+    rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rotate is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, 1, 8), (2, 1, 1, 8), (2, 1, 8), (2, 1, 8))  # q, k (B, heads, 1, D), cos, sin (B, 1, D)
+    q, k, cos, sin = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes)
+    try:
+        q_model, k_model = rotate(q, k, cos, sin)
+    except Exception:  # another signature: not the embedding we know
+        return False
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
+
+    return torch.allclose(q_model, rotate_half(q)) and torch.allclose(k_model, rotate_half(k))
 
 
 class LeanDecoder:
@@ -97,6 +114,8 @@ class LeanDecoder:
                       [mlp.down_proj]]  # fmt: skip
             if not all(_stackable(group) for group in groups):
                 return None
+        if not _rotate_half_rotary(layers[0].self_attn):
+            return None
         return cls(backbone, cache)
 
     def __init__(self, backbone, cache):
@@ -112,7 +131,7 @@ class LeanDecoder:
         x = self.backbone.embed_tokens(token[:, None])  # (B, 1, H)
         cos, sin = self.backbone.rotary_emb(x, position_ids)
         x = x[:, 0]
-        key_mask = attention_mask.bool()[:, None, None, :]
+        key_mask = attention_mask.bool()
         for layer in self.layers:
             x = layer(x, cos, sin, key_mask)
         return self.backbone.norm(x)

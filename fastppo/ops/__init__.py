@@ -19,6 +19,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "OPS",
+    "decode_attention",
     "gae",
     "get_backend",
     "group_advantages",
@@ -141,6 +142,29 @@ def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
         raise ValueError(f"uniform must be (B={logits.shape[0]},), got shape {tuple(uniform.shape)}")
     _check_temperature(temperature)
     return implementation("sample_tokens", logits.device.type, logits.dtype)(logits, uniform, temperature)
+
+
+def decode_attention(qkv, cos, sin, keys, values, key_mask, heads: int, scale: float) -> torch.Tensor:
+    """(B, heads D): one decode step of rotary attention for one new token per row, its rotated key and its value
+    written into the cache (keys, values (B, G, L, D)) at position key_mask.shape[1] - 1 in place; qkv (B, (heads +
+    2 G) D) unrotated, cos/sin (B, D), key_mask (B, n) bool. See `reference.decode_attention`. Not differentiable."""
+    for name, x in (("qkv", qkv), ("cos", cos), ("sin", sin), ("keys", keys), ("values", values)):
+        _check_float(name, x)
+    if keys.dim() != 4 or values.shape != keys.shape:
+        raise ValueError(f"keys and values must be (B, G, L, D) alike, got {tuple(keys.shape)}, {tuple(values.shape)}")
+    B, G, L, D = keys.shape
+    if heads <= 0 or heads % G or D % 2:
+        raise ValueError(f"heads ({heads}) must be a positive multiple of G ({G}), and the head size ({D}) even")
+    if qkv.shape != (B, (heads + 2 * G) * D):
+        raise ValueError(f"qkv must be (B, (heads + 2 G) D) = {(B, (heads + 2 * G) * D)}, got {tuple(qkv.shape)}")
+    if cos.shape[0] != B or cos.numel() != B * D or sin.shape != cos.shape:
+        raise ValueError(f"cos and sin must hold (B, D) = {(B, D)} values, got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if key_mask.dim() != 2 or key_mask.shape[0] != B or not 1 <= key_mask.shape[1] <= L:
+        raise ValueError(f"key_mask must be (B, n) with 1 <= n <= L = {L}, got {tuple(key_mask.shape)}")
+    if not qkv.dtype == keys.dtype == values.dtype:
+        raise ValueError(f"qkv, keys and values must share a dtype, got {qkv.dtype}, {keys.dtype}, {values.dtype}")
+    impl = implementation("decode_attention", qkv.device.type, qkv.dtype)
+    return impl(qkv, cos, sin, keys, values, key_mask, heads, scale)
 
 
 # ----------------------------------------------------------------------------------------------

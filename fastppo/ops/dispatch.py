@@ -38,7 +38,8 @@ _TRITON_MODULES = {
     "ppo_policy_loss": "fastppo.kernels.ppo_loss",
     "ppo_value_loss": "fastppo.kernels.ppo_loss",
 }
-OPS = tuple(_TRITON_MODULES)
+# decode_attention has none: it serves the lean decode steps of a CPU (a GPU decodes with transformers or vLLM).
+OPS = (*_TRITON_MODULES, "decode_attention")
 
 # The torch backend runs the references, except where a reference is too wasteful to use for real: the
 # linear log-prob reference materializes the (N, V) logits, so its torch backend is the chunked version.
@@ -113,6 +114,8 @@ def unavailable_reason(backend: str, op: str, device_type: str) -> str | None:
             return "Triton runs CPU tensors only under TRITON_INTERPRET=1"
         if device_type not in ("cpu", "cuda"):
             return f"Triton has no {device_type} support here"
+        if op not in _TRITON_MODULES:
+            return f"no Triton kernel for {op}"
         if device_type == "cuda" and not _import("torch").cuda.is_available():
             return "no CUDA device"
         try:

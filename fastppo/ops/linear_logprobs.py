@@ -202,7 +202,14 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                 local = tokens - v0
                 no_target = (local < 0) | (local >= width)
                 local = local.masked_fill(no_target, -1) if kernels.accepts_no_target else local.clamp(0, width - 1)
-                acc_w = torch.zeros((width, h.shape[1]), dtype=acc_dtype, device=h.device) if need_weight else None
+                # One row block in the weight's own dtype (float32 weights, the usual case): the product goes straight
+                # into grad_W's slice; else an accumulator over the row blocks, rounded to the weight's dtype once.
+                direct = need_weight and 0 < N <= R and weight.dtype == acc_dtype == dtype
+                acc_w = None
+                if need_weight:
+                    acc_w = (
+                        grad_weight[v0 : v0 + width] if direct else h.new_zeros((width, h.shape[1]), dtype=acc_dtype)
+                    )
                 for r0 in range(0, N, R):
                     rows = slice(r0, r0 + R)
                     logits = torch.nn.functional.linear(h[rows], w_c, b_c)  # (R, C), recomputed
@@ -217,12 +224,14 @@ class LinearTokenLogprobsFunction(torch.autograd.Function):
                     dz = dz.to(dtype)
                     if need_hidden:
                         _addmm_fp32(grad_hidden[rows], dz, w_c)
-                    if need_weight:
+                    if direct:
+                        torch.mm(dz.t(), h[rows], out=acc_w)
+                    elif need_weight:
                         _addmm_fp32(acc_w, dz.t(), h[rows])
                     if need_bias:
                         grad_bias[v0 : v0 + width] += dz.sum(0, dtype=acc_dtype)
                     del dz
-                if need_weight:
+                if need_weight and not direct:
                     grad_weight[v0 : v0 + width] = acc_w
         grad_hidden = grad_hidden.to(flat_hidden.dtype).view(ctx.hidden_shape) if need_hidden else None
         grad_bias = grad_bias.to(bias.dtype) if need_bias else None

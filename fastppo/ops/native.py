@@ -17,9 +17,9 @@ from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGAT
 _NATIVE = native_build.load()  # prebuilt, compiled on first use, or None: the dispatcher then falls back
 _C, IMPORT_ERROR = _NATIVE.module, None if _NATIVE.module is not None else _NATIVE.detail
 
-NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens", "kl_penalty",
-              "shape_rewards", "gae", "length_adaptive_lam", "group_advantages", "masked_whiten", "ppo_policy_loss",
-              "ppo_value_loss")  # fmt: skip
+NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens",
+              "decode_attention", "kl_penalty", "shape_rewards", "gae", "length_adaptive_lam", "group_advantages",
+              "masked_whiten", "ppo_policy_loss", "ppo_value_loss")  # fmt: skip
 # The ops whose C++ kernels take float64 inputs and compute in float64 (see dispatch.implementation).
 FLOAT64_OPS = ("kl_penalty", "masked_whiten")
 
@@ -95,6 +95,10 @@ def linear_token_logprobs(hidden, weight, tokens, temperature=1.0, bias=None, wi
 
 def sample_tokens(logits, uniform, temperature=1.0):
     return tuple(torch.ops.fastppo.sample_tokens(_rows(logits), uniform, 1.0 / temperature))
+
+
+def decode_attention(qkv, cos, sin, keys, values, key_mask, heads, scale):
+    return torch.ops.fastppo.decode_attention(qkv, cos, sin, keys, values, key_mask, heads, scale)
 
 
 # ----------------------------------------------------------------------------------------------

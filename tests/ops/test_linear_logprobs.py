@@ -88,6 +88,17 @@ def test_matches_reference(backend, dtype, lead_shape, H, V, with_bias, temperat
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_tokens(backend):
+    """N = 0 (a micro-batch whose responses are all empty): empty outputs, and zero gradients, not unwritten ones."""
+    hidden, weight, _, tokens = make_inputs((0,), 8, 300, torch.float32, False)
+    hidden, weight = hidden.requires_grad_(True), weight.requires_grad_(True)
+    logprobs, entropy = run_with(backend, ops.linear_token_logprobs, hidden, weight, tokens, with_entropy=True)
+    assert logprobs.shape == entropy.shape == (0,)
+    run_with(backend, lambda: (logprobs.sum() + entropy.sum()).backward())
+    assert hidden.grad.shape == (0, 8) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_logprobs_only_and_frozen_weight(backend):
     """with_entropy=False returns one tensor; a frozen LM head gets no gradient while hidden still does."""
     hidden, weight, _, tokens = make_inputs((4, 6), 8, 97, torch.float32, False, seed=3)
