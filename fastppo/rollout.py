@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from fastppo import ops
-from fastppo.lean_decode import LeanDecoder
+from fastppo.lean_decode import DecodeLinear, LeanDecoder
 from fastppo.models import backbone_of, model_logits, plain_linear, position_ids_for, unwrap
 
 
@@ -132,21 +132,18 @@ def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
 
 
 @contextlib.contextmanager
-def decode_layout(lm):
-    """CPU only: nn.Linear layers multiply by a contiguous (in, out) copy of their weight while decoding. A decode
-    step multiplies a few rows by every weight, and MKL packs the transposed (out, in) operand of F.linear on every
-    such call, one more pass over each weight per step (bench/README.md's phase table shows the decode against a
-    memory copy). The copies live for one rollout, as big as the linear weights (the trainer frees the gradients
-    before it, which are as big). The same products up to float32 rounding: only the operand's layout differs."""
+def decode_layout(lm, rows: int):
+    """CPU only: while decoding, nn.Linear layers multiply their `rows`-row inputs by a copy of their weight
+    prepared once for it (`DecodeLinear`: packed for MKL's GEMM, which otherwise repacks every weight on every
+    step). The copies live for one rollout, about as big as the linear weights (the trainer frees the gradients
+    before it, which are as big). The same products up to float32 rounding."""
     if next(lm.parameters()).device.type != "cpu":
         yield
         return
     patched = []
     for module in lm.modules():
         if plain_linear(module):
-            weight_t, bias = module.weight.detach().t().contiguous(), module.bias
-            module.forward = lambda x, w=weight_t, b=bias: torch.matmul(x, w) if b is None else torch.addmm(
-                b, x.reshape(-1, w.shape[0]), w).view(*x.shape[:-1], w.shape[1])  # fmt: skip
+            module.forward = DecodeLinear(module.weight, module.bias, rows)
             patched.append(module)
     try:
         yield
@@ -238,9 +235,9 @@ def generate(
     backbone = backbone_of(lm)
     cache_name = _cache_name(backbone)
     cache = {cache_name: static_cache(lm, P + max_new_tokens)}
-    lean = LeanDecoder.build(lm, cache[cache_name])  # Llama-family on a CPU: steps without transformers' machinery
+    lean = LeanDecoder.build(lm, cache[cache_name], B)  # Llama-family on a CPU: steps without transformers' machinery
     steps = 0
-    with decode_layout(lm if lean is None else unwrap(lm).get_output_embeddings()):
+    with decode_layout(lm if lean is None else unwrap(lm).get_output_embeddings(), B):
         out = backbone(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True,
                        **cache)  # fmt: skip
         hidden = out.last_hidden_state[:, -1]  # (B, H): predicts the next token
