@@ -7,9 +7,9 @@ arithmetic in fewer, larger ops: q, k and v in one matmul against their concaten
 another, each weight prepared once per rollout for the step's row count (`DecodeLinear`), RMSNorm as one
 `F.rms_norm`, and one native op (`ops.decode_attention`: a dozen small ops took ~0.5 ms a layer) for the rotary
 embedding, the key and value written in place into the static cache that transformers' prefill filled, and the
-attention over its filled prefix. The embedding, the rotary frequencies and the
-final norm are the model's own modules; its apply_rotary_pos_emb is checked to be the rotate-half embedding that
-op applies. Numerics match the model's forward up to float32 rounding (tests/trainer/test_lean_decode.py).
+attention over its filled prefix. The embedding, the rotary frequencies and the final norm are the model's own
+modules; its apply_rotary_pos_emb is checked to be the rotate-half embedding that op applies. Numerics match the
+model's forward up to float32 rounding (tests/trainer/test_lean_decode.py).
 
     decoder = LeanDecoder.build(lm, cache, rows)   # None: not a supported model, or not plain float32 layers
     hidden = decoder.step(token, position_ids, attention_mask)   # (B, H) for the next token's logits

@@ -58,6 +58,18 @@ def test_other_models_keep_the_transformers_path(tiny_models, tmp_path):
     assert LeanDecoder.build(lora, static_cache(lora, 16), 3) is None  # adapters are not plain layers
 
 
+def test_a_rotary_embedding_other_than_rotate_half_keeps_the_transformers_path(tiny_models, monkeypatch):
+    """decode_attention applies the rotate-half embedding: a model module whose apply_rotary_pos_emb computes
+    anything else (a future transformers, a remote-code model) must not be decoded with it."""
+    import transformers.models.llama.modeling_llama as llama
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
+    assert LeanDecoder.build(lm, static_cache(lm, 16), 3) is not None
+    interleaved = lambda q, k, cos, sin: (q * cos[:, None] + q.flip(-1) * sin[:, None], k)  # noqa: E731
+    monkeypatch.setattr(llama, "apply_rotary_pos_emb", interleaved)
+    assert LeanDecoder.build(lm, static_cache(lm, 16), 3) is None
+
+
 @pytest.mark.parametrize("mkl", [True, False], ids=["mkl-packed", "transposed-copy"])
 def test_decode_linear_is_the_linear_layer(monkeypatch, mkl):
     """DecodeLinear against the float64 product: its own row count (the packed path), another (the prefill: the
