@@ -73,7 +73,8 @@ def test_a_rotary_embedding_other_than_rotate_half_keeps_the_transformers_path(t
 @pytest.mark.parametrize("mkl", [True, False], ids=["mkl-packed", "transposed-copy"])
 def test_decode_linear_is_the_linear_layer(monkeypatch, mkl):
     """DecodeLinear against the float64 product: its own row count (the packed path), another (the prefill: the
-    weight itself), 3D inputs, a bias, a residual; with MKL's prepacking and without it."""
+    weight itself), 3D inputs, strided ones (the prefill's last position), a bias, a residual; with MKL's prepacking
+    and without it."""
     if mkl and not lean_decode._mkl_prepacking():
         pytest.skip("this torch has no MKL prepacking")
     monkeypatch.setattr(lean_decode, "_mkl_prepacking", lambda: mkl)
@@ -88,3 +89,6 @@ def test_decode_linear_is_the_linear_layer(monkeypatch, mkl):
             expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
             torch.testing.assert_close(linear(x).double(), expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(linear(x, residual).double(), expected + residual, atol=1e-5, rtol=1e-5)
+        for x in (torch.randn(5, 4, 19, generator=g)[:, -1], torch.randn(19, 5, generator=g).t()):  # not contiguous
+            expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+            torch.testing.assert_close(linear(x).double(), expected, atol=1e-5, rtol=1e-5)
