@@ -83,12 +83,10 @@ def test_decode_linear_is_the_linear_layer(monkeypatch, mkl):
     for b in (None, bias):
         linear = DecodeLinear(weight, b, rows=5)
         assert (linear.packed is not None) == mkl
-        for shape in ((5, 19), (5, 1, 19), (11, 19), (2, 3, 19), (1, 19)):
-            x = torch.randn(*shape, generator=g)
-            residual = torch.randn(*shape[:-1], 37, generator=g)
+        inputs = [torch.randn(*shape, generator=g) for shape in ((5, 19), (5, 1, 19), (11, 19), (2, 3, 19), (1, 19))]
+        inputs += [torch.randn(5, 4, 19, generator=g)[:, -1], torch.randn(19, 5, generator=g).t()]  # not contiguous
+        for x in inputs:
+            residual = torch.randn(*x.shape[:-1], 37, generator=g)
             expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
             torch.testing.assert_close(linear(x).double(), expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(linear(x, residual).double(), expected + residual, atol=1e-5, rtol=1e-5)
-        for x in (torch.randn(5, 4, 19, generator=g)[:, -1], torch.randn(19, 5, generator=g).t()):  # not contiguous
-            expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-            torch.testing.assert_close(linear(x).double(), expected, atol=1e-5, rtol=1e-5)
