@@ -204,6 +204,9 @@ RUNNERS = {
     "fastppo": run_fastppo,
     # the same run recomputing each layer's activations in the backward: memory traded for a forward's time
     "fastppo, gradient_checkpointing": lambda cfg, directory: run_fastppo(cfg, directory, gradient_checkpointing=True),
+    # bf16 autocast for every forward and backward (decode stays float32 on a CPU): faster only on CPUs with AMX /
+    # AVX-512 BF16 (`fastppo doctor`); elsewhere it measures what emulated bf16 costs
+    "fastppo, precision bf16": lambda cfg, directory: run_fastppo(cfg, directory, precision="bf16"),
 }
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from fastppo.errors import InputError
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from fastppo.precision import PRECISIONS
 from fastppo.validation import (
     FRACTION,
     NON_NEGATIVE,
@@ -60,7 +61,12 @@ class PPOConfig:
     )
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward: less memory, ~30% more time.")
     fused_logprobs: bool = _f(True, "Compute log-probs from hidden states without materializing the logits.")
-    device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'. bf16 autocast on CUDA, fp32 on CPU.")
+    device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'.")
+    precision: str = _f(
+        "auto",
+        "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
+        "'auto': bf16 on CUDA, float32 on a CPU (bf16 pays only on CPUs with AMX / AVX-512 BF16: `fastppo doctor`).",
+    )
     parallel: str = _f(
         "ddp",
         "Under torchrun: 'ddp' replicates the policy, 'fsdp' shards it (FSDP2); 'none' refuses several "
@@ -239,6 +245,7 @@ class PPOConfig:
             "loss_agg": LOSS_AGGREGATIONS,
             "lr_scheduler": ("constant", "linear", "cosine"),
             "device": ("auto", "cpu", "cuda"),
+            "precision": PRECISIONS,
             "parallel": ("none", "ddp", "fsdp"),
             "save_dtype": ("auto", "float32", "bfloat16", "float16"),
             "rollout_engine": ("hf", "vllm"),

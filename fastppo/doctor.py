@@ -22,7 +22,17 @@ def versions() -> dict[str, str]:
         info["triton"] = f"not importable ({error})"
     info["native"] = native_extension()
     info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    info["cpu bf16"] = cpu_bf16()
     return info
+
+
+def cpu_bf16() -> str:
+    """Whether `precision: bf16` pays on this CPU (see fastppo.precision)."""
+    from fastppo.precision import cpu_multiplies_bf16
+
+    if cpu_multiplies_bf16():
+        return "native (AMX / AVX-512 BF16): precision: bf16 computes faster than float32"
+    return "emulated (no AMX / AVX-512 BF16): keep precision float32 ('auto') on this CPU"
 
 
 def native_extension() -> str:

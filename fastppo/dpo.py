@@ -34,6 +34,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from fastppo import precision
 from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
 from fastppo.data import tokenize_prompts
 from fastppo.dpo_config import DPOConfig
@@ -162,6 +163,7 @@ class DPOTrainer:
         self._check_output_dir()
         pairs = read_pairs(config.data)  # every input check before the model loads
         self.device = resolve_device(config.device)
+        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         torch.manual_seed(config.seed)
         source = tokenizer or config.tokenizer or (config.model if isinstance(config.model, str) else None)
         if source is None:
@@ -227,9 +229,7 @@ class DPOTrainer:
         return types.SimpleNamespace(lm=self.lm)  # checkpoint.py's model: an `.lm`, and no critic
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return precision.autocast(self.device, self.autocast_dtype)
 
     # --- log-probs --------------------------------------------------------------------------------------------
 
@@ -360,9 +360,10 @@ class DPOTrainer:
                 chunk = prompts[start : start + 2 * self.config.batch_size]
                 prompt_ids, prompt_mask = tokenize_prompts(chunk, self.tokenizer, self.config.max_length)
                 prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-                with self._autocast():
+                with precision.decode_autocast(self.device, self.autocast_dtype):
                     response_ids, response_mask, *_ = generate(self.lm, self.tokenizer, prompt_ids, prompt_mask,
                                                               self.config.max_new_tokens, 1.0)  # fmt: skip
+                with self._autocast():
                     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
                     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
                     args = (input_ids, attention_mask, response_mask, prompt_ids.shape[1], self.config.fused_logprobs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from fastppo.config import _check_path, _check_type, _f
 from fastppo.errors import InputError
+from fastppo.precision import PRECISIONS
 
 DPO_LOSSES = ("sigmoid", "ipo", "label_smoothing")
 
@@ -29,7 +30,12 @@ class DPOConfig:
     lora_alpha: float = _f(16.0, "LoRA scaling numerator (effective scale lora_alpha / lora_rank).")
     save_merged_lora: bool = _f(True, "Save LoRA merged into the weights (True) or as an adapter (False).")
     fused_logprobs: bool = _f(True, "Compute log-probs from hidden states without materializing the logits.")
-    device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'. bf16 autocast on CUDA, fp32 on CPU.")
+    device: str = _f("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'.")
+    precision: str = _f(
+        "auto",
+        "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
+        "'auto': bf16 on CUDA, float32 on a CPU (bf16 pays only on CPUs with AMX / AVX-512 BF16: `fastppo doctor`).",
+    )
     # --- data -------------------------------------------------------------------------------------------------
     data: typing.Any = _f(None, 'JSONL of {"prompt", "chosen", "rejected"} lines, or a list of such dicts.')
     max_length: int = _f(512, "Tokens of prompt + response; longer responses are cut at the end (pairs whose "
@@ -80,7 +86,7 @@ class DPOConfig:
 
     def _check_choices(self) -> None:
         choices = {"loss": DPO_LOSSES, "reference_quantization": ("none", "8bit", "4bit"),
-                   "device": ("auto", "cpu", "cuda")}  # fmt: skip
+                   "device": ("auto", "cpu", "cuda"), "precision": PRECISIONS}  # fmt: skip
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")

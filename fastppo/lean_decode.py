@@ -127,8 +127,8 @@ class LeanDecoder:
         if cache is None or config.model_type not in SUPPORTED or config.hidden_act != "silu":
             return None
         backbone = backbone_of(lm)
-        if next(backbone.parameters()).device.type != "cpu":
-            return None
+        if next(backbone.parameters()).device.type != "cpu" or torch.is_autocast_enabled("cpu"):
+            return None  # its kernels are float32 CPU ones: under autocast the prefill fills the cache in bf16
         layers = list(backbone.layers)
         if len(cache.layers) != len(layers) or any(not hasattr(c, "filled") for c in cache.layers):
             return None  # a sliding-window layer (or another cache): transformers' path

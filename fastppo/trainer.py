@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-from fastppo import distributed, groups, ops, vllm_engine
+from fastppo import distributed, groups, ops, precision, vllm_engine
 from fastppo.advantages import advantages_and_returns, shaped_rewards, uses_critic
 from fastppo.checkpoint import check_output_dir, find_resumable, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
@@ -57,6 +57,7 @@ class PPOTrainer:
         check_output_dir(config.output_dir, config.resume_from or config.overwrite_output_dir)
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
+        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         seed_everything(config.seed)  # the same seed on every rank: the same initial weights
 
         policy = policy if policy is not None else config.policy_model
@@ -74,7 +75,7 @@ class PPOTrainer:
         self.model = self._build_policy(lm)
         # The decode's own log-probs and values serve as the old ones (see config.old_logprobs): not with a
         # separate critic, whose values need its own backbone's forward.
-        wanted = config.old_logprobs == "rollout" or (config.old_logprobs == "auto" and self.device.type == "cpu")
+        wanted = config.old_logprobs == "rollout" or (config.old_logprobs == "auto" and self.autocast_dtype is None)
         self.old_logprobs_from_rollout = wanted and config.rollout_engine == "hf" and self.model.critic_backbone is None
         resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
         # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
@@ -123,7 +124,7 @@ class PPOTrainer:
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
         ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, min(self.config.max_prompt_length, 32))
-        tolerance = 1e-3 if self.device.type == "cpu" else 5e-2  # float32 vs bf16 autocast rounding
+        tolerance = 1e-3 if self.autocast_dtype is None else 5e-2  # float32 vs bf16 autocast rounding
         was_training = lm.training
         lm.eval()
         with self._autocast():
@@ -216,7 +217,8 @@ class PPOTrainer:
             )  # fmt: skip
         else:
             self.model.eval()
-            with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
+            decode_autocast = precision.decode_autocast(self.device, self.autocast_dtype)
+            with torch.no_grad(), decode_autocast, self.parallel.full_params(self.model):
                 generation = generate(
                     self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, temperature,
                     cfg.top_k, cfg.top_p, tuple(cfg.stop_strings), self.end_ids,
@@ -501,9 +503,7 @@ class PPOTrainer:
         return self.step_count
 
     def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast("cpu", enabled=False)
+        return precision.autocast(self.device, self.autocast_dtype)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from fastppo import distributed
+from fastppo import distributed, precision
 from fastppo.errors import InputError
 from fastppo.rng import rng_state, set_rng_state
 
@@ -98,11 +98,13 @@ def _HostGuard():
 
 class VLLMEngine:
     """One in-process vLLM engine for this rank. `generate` mirrors `fastppo.rollout.generate`; `sync_weights`
-    pushes (name, tensor) pairs named as transformers writes them."""
+    pushes (name, tensor) pairs named as transformers writes them. `dtype`: the trainer's autocast dtype (None:
+    float32), which the engine computes in."""
 
     def __init__(self, model_path: str, tokenizer_path: str | None, device: torch.device, *, seed: int,
                  max_model_len: int, gpu_memory_utilization: float = 0.3, enable_sleep_mode: bool = False,
-                 kv_cache_bytes: int | None = None, tensor_parallel_size: int = 1, world_size: int = 1):  # fmt: skip
+                 kv_cache_bytes: int | None = None, tensor_parallel_size: int = 1, world_size: int = 1,
+                 dtype: torch.dtype | None = None):  # fmt: skip
         check_available()
         from vllm import LLM
 
@@ -112,8 +114,8 @@ class VLLMEngine:
         kwargs = dict(
             model=model_path,
             tokenizer=tokenizer_path or model_path,
-            # The trainer's log-probs are float32 on CPU and bf16-autocast on CUDA: the engine matches each.
-            dtype="float32" if not on_cuda else "bfloat16",
+            # The engine computes in the trainer's autocast dtype (None: float32), so their log-probs match.
+            dtype="bfloat16" if dtype == torch.bfloat16 else "float32",
             seed=seed,
             max_model_len=max_model_len,
             tensor_parallel_size=tensor_parallel_size,
@@ -254,7 +256,7 @@ def build_engine(policy, config, device: torch.device) -> VLLMEngine:
             max_model_len=cfg.vllm_max_model_len or cfg.max_prompt_length + cfg.max_new_tokens + 8,
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, enable_sleep_mode=cfg.vllm_enable_sleep_mode,
             kv_cache_bytes=cfg.vllm_kv_cache_bytes, tensor_parallel_size=cfg.vllm_tensor_parallel_size,
-            world_size=distributed.world_size(),
+            world_size=distributed.world_size(), dtype=precision.autocast_dtype(cfg.precision, device),
         )  # fmt: skip
     finally:
         set_rng_state(rng)

@@ -126,6 +126,19 @@ def test_training_raises_the_margin_and_saves_a_hugging_face_checkpoint(tmp_path
         torch.testing.assert_close(saved.state_dict()[name], p, msg=name)
 
 
+def test_bf16_precision_autocasts_the_log_probs(tmp_path, base_model):
+    """precision: bf16 on a CPU: the cached reference log-probs are bf16-autocast forwards (close to float32's, not
+    equal), and the policy's first step, under the same autocast on the same weights, equals them: loss log 2. The
+    sampled KL decodes in float32 (a CPU's fast path) and scores under autocast: 0 before any update."""
+    plain = DPOTrainer(config(tmp_path / "float32", base_model, kl_samples=0)).reference_logps["train"]
+    trainer = DPOTrainer(config(tmp_path / "bf16", base_model, precision="bf16"))
+    assert trainer.autocast_dtype == torch.bfloat16
+    autocast = trainer.reference_logps["train"]
+    assert 0 < (autocast - plain).abs().max() < 0.01 * plain.abs().max()  # sums of ~30 tokens' bf16 rounding
+    assert trainer.evaluate()["eval/kl"] == 0.0
+    assert trainer.step()["policy/loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
 def test_reference_runs_only_before_training_when_kl_is_off(tmp_path, base_model):
     trainer = DPOTrainer(config(tmp_path, base_model, kl_samples=0))
     assert trainer.reference is None  # its log-probs are cached: the copy is freed

@@ -21,6 +21,7 @@ from fastppo.errors import InputError
         ({"top_p": 0.0}, "top_p"),
         ({"dual_clip": 0.5}, "dual_clip"),
         ({"whiten_advantages": "yes"}, "whiten_advantages"),
+        ({"precision": "fp16"}, "precision"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

@@ -2,6 +2,7 @@
 BOS, logit transforms) train the way a user expects: each test here failed before fastppo handled that property."""
 
 import json
+import math
 import os
 from types import SimpleNamespace
 
@@ -114,12 +115,42 @@ def test_the_decodes_logprobs_and_values_are_the_forwards(released, tiny_models,
 
 def test_old_logprobs_auto_reuses_the_decode_only_where_it_is_the_trainers_forward(released, tmp_path):
     policy, reward = released["llama"]
-    for overrides, expected in [({}, True), ({"critic": "separate"}, False), ({"old_logprobs": "recompute"}, False)]:
+    cases = [
+        ({}, True),
+        ({"critic": "separate"}, False),
+        ({"old_logprobs": "recompute"}, False),
+        ({"precision": "bf16"}, False),
+    ]  # the float32 decode is not a bf16 forward
+    for overrides, expected in cases:
         config = small_config(tmp_path, policy_model=policy, reward_model=reward, **overrides)
         trainer = PPOTrainer(config, prompts=prompt_list())
         assert trainer.old_logprobs_from_rollout is expected, overrides
         batch = trainer.rollout(prompt_list()[:2])  # neither log-probs nor values computed for nobody
         assert (batch.sampler_values is not None) is expected and (batch.sampler_logprobs is not None) is expected
+
+
+def test_bf16_precision_on_a_cpu_autocasts_the_forwards_and_recomputes_the_old_logprobs(released, tmp_path):
+    """precision: bf16 on a CPU (fast only with AMX / AVX-512 BF16, but correct anywhere): the decode stays float32,
+    the old log-probs, the reference's and the update's are bf16-autocast forwards, so the first minibatch's ratio
+    is 1 up to their own rounding, and the log-probs are float32's to bf16 precision."""
+    policy, reward = released["llama"]
+    config = small_config(tmp_path, policy_model=policy, reward_model=reward, steps=1, rollout_batch_size=8,
+                          mini_batch_size=8, precision="bf16")  # fmt: skip
+    trainer = PPOTrainer(config, prompts=prompt_list())
+    assert trainer.autocast_dtype == torch.bfloat16 and not trainer.old_logprobs_from_rollout
+    batch = trainer.rollout(prompt_list()[:8])
+    valid = batch.response_mask.bool()
+    with torch.no_grad():
+        plain = trainer.model(batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1], 1.0)[0]
+        with trainer._autocast():
+            autocast = trainer.model(batch.input_ids, batch.attention_mask, batch.prompt_ids.shape[1], 1.0)[0]
+    assert autocast.dtype == torch.float32
+    difference = (autocast - plain)[valid].abs().max()
+    assert 0 < difference < 5e-2, difference  # bf16 matmuls ran (not float32), within bf16's rounding
+
+    metrics = trainer.step()
+    assert abs(metrics["policy/ratio_max"] - 1.0) < 1e-3 and metrics["policy/clip_frac"] == 0.0
+    assert abs(metrics["policy/kl"]) < 1e-2 and math.isfinite(metrics["value/loss"])
 
 
 def test_functional_dropout_attributes_are_zeroed(released):
