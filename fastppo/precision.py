@@ -1,10 +1,11 @@
 """Which dtype the forward and backward passes compute in: the `precision` field of PPOConfig and DPOConfig.
 
 Weights, optimizer state and the PPO math (advantages, KL, losses) stay float32 whatever this says; `bf16` runs the
-models' matmuls under bf16 autocast. On CUDA that is what every peer does. On a CPU it pays only where the cores
-multiply bf16 natively (AMX or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an AVX-512 CPU without
-them converts each bf16 operand to float32 and runs 2-4x slower than float32 (measured, bench/README.md), so 'auto'
-picks float32 on every CPU and `fastppo doctor` says whether this one has the instructions.
+models' matmuls under bf16 autocast. On CUDA that is the usual setting (TRL's and OpenRLHF's bf16). On a CPU it pays
+only where the cores multiply bf16 natively (AMX or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an
+AVX-512 CPU without them converts each bf16 operand to float32: its products ran 3-4x and a PPO iteration 1.6x slower
+than float32's (measured, bench/README.md). So 'auto' picks float32 on every CPU, and `fastppo doctor` says whether this
+one has the instructions.
 """
 
 from __future__ import annotations
