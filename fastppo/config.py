@@ -96,7 +96,7 @@ class PPOConfig:
         "Where the old policy's log-probs (and a shared critic's values) come from: 'rollout' keeps those the hf "
         "engine's decode computed for the tokens it sampled (no second pass over the batch; they differ from a "
         "full forward's by float32 rounding, ~1e-6); 'recompute' runs the policy over the batch again; 'auto' = "
-        "rollout with the hf engine in float32 (CPU), recompute under bf16 autocast (CUDA) and with vLLM.",
+        "rollout with the hf engine in float32, recompute under bf16 autocast (`precision`) and with vLLM.",
     )
     vllm_gpu_memory_utilization: float = _f(0.3, "CUDA: the fraction of GPU memory vLLM may take (weights + KV).")
     vllm_max_model_len: int | None = _f(None, "vLLM's context length; None = max_prompt_length + max_new_tokens.")
