@@ -45,3 +45,14 @@ def test_doctor_says_whether_bf16_pays_on_this_cpu(capsys):
     assert main(["doctor", "--device", "cpu"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("cpu bf16"))
     assert ("native" in line) is precision.cpu_multiplies_bf16(), line
+
+
+@pytest.mark.parametrize("choice, expected", [("auto", None), ("float32", None), ("bf16", torch.bfloat16)])
+def test_the_vllm_engine_computes_in_the_trainers_dtype(monkeypatch, choice, expected):
+    from fastppo import vllm_engine
+    from fastppo.config import PPOConfig
+
+    seen = {}
+    monkeypatch.setattr(vllm_engine, "VLLMEngine", lambda *args, **kwargs: seen.update(kwargs))
+    vllm_engine.build_engine("/some/policy", PPOConfig(precision=choice), CPU)
+    assert seen["dtype"] is expected
