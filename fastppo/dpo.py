@@ -360,10 +360,9 @@ class DPOTrainer:
                 chunk = prompts[start : start + 2 * self.config.batch_size]
                 prompt_ids, prompt_mask = tokenize_prompts(chunk, self.tokenizer, self.config.max_length)
                 prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
-                with precision.decode_autocast(self.device, self.autocast_dtype):
+                with self._autocast():
                     response_ids, response_mask, *_ = generate(self.lm, self.tokenizer, prompt_ids, prompt_mask,
                                                               self.config.max_new_tokens, 1.0)  # fmt: skip
-                with self._autocast():
                     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
                     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
                     args = (input_ids, attention_mask, response_mask, prompt_ids.shape[1], self.config.fused_logprobs)

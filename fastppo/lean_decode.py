@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fastppo import ops
 from fastppo.models import backbone_of, plain_linear, unwrap
+from fastppo.ops.reference import rotate_half_embedding
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -108,12 +109,8 @@ def _rotate_half_rotary(attn) -> bool:
         q_model, k_model = rotate(q, k, cos, sin)
     except Exception:  # another signature: not the embedding we know
         return False
-
-    def rotate_half(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos[:, None] + torch.cat((-x2, x1), dim=-1) * sin[:, None]
-
-    return torch.allclose(q_model, rotate_half(q)) and torch.allclose(k_model, rotate_half(k))
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D) against (B, heads, 1, D)
+    return all(torch.allclose(mine, rotate_half_embedding(x, cos, sin)) for mine, x in ((q_model, q), (k_model, k)))
 
 
 class LeanDecoder:
@@ -127,8 +124,8 @@ class LeanDecoder:
         if cache is None or config.model_type not in SUPPORTED or config.hidden_act != "silu":
             return None
         backbone = backbone_of(lm)
-        if next(backbone.parameters()).device.type != "cpu" or torch.is_autocast_enabled("cpu"):
-            return None  # its kernels are float32 CPU ones: under autocast the prefill fills the cache in bf16
+        if next(backbone.parameters()).device.type != "cpu":
+            return None
         layers = list(backbone.layers)
         if len(cache.layers) != len(layers) or any(not hasattr(c, "filled") for c in cache.layers):
             return None  # a sliding-window layer (or another cache): transformers' path

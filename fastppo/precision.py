@@ -41,10 +41,3 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=dtype)
-
-
-def decode_autocast(device: torch.device, dtype: torch.dtype | None):
-    """The context sampling runs in: `autocast`'s on CUDA, float32 on a CPU whatever `precision` says. A CPU's
-    decode is memory-bound and its fast path (fastppo.lean_decode's kernels, prepacked matmuls) is float32; the
-    trainer recomputes the old log-probs under autocast."""
-    return autocast(device, dtype) if device.type == "cuda" else contextlib.nullcontext()

@@ -202,6 +202,10 @@ class Generation(NamedTuple):
     values: torch.Tensor | None  # (B, T) float32 value_head of the hidden states, None without a value head
 
 
+# A CPU decodes in float32 under any autocast the caller runs (precision: bf16): the decode is memory-bound, and its
+# fast path (fastppo.lean_decode's native kernels, weights prepacked for float32 GEMMs) is float32. CUDA autocast
+# is left as the caller set it. The trainer then recomputes the old log-probs under its autocast.
+@torch.autocast("cpu", enabled=False)
 @torch.no_grad()
 def generate(
     lm,

@@ -217,8 +217,7 @@ class PPOTrainer:
             )  # fmt: skip
         else:
             self.model.eval()
-            decode_autocast = precision.decode_autocast(self.device, self.autocast_dtype)
-            with torch.no_grad(), decode_autocast, self.parallel.full_params(self.model):
+            with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
                 generation = generate(
                     self.model.lm, self.tokenizer, prompt_ids, prompt_mask, cfg.max_new_tokens, temperature,
                     cfg.top_k, cfg.top_p, tuple(cfg.stop_strings), self.end_ids,

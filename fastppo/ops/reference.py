@@ -92,26 +92,28 @@ def linear_token_logprobs(
     return (logp, entropy) if with_entropy else logp
 
 
+def rotate_half_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The rotary embedding in the rotate-half layout (Llama, Mistral, Qwen2): x cos + cat(-x2, x1) sin for the halves
+    x1, x2 of x's last dimension; cos and sin broadcast against x."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 def decode_attention(qkv, cos, sin, keys, values, key_mask, heads: int, scale: float) -> torch.Tensor:
     """One decode step of rotary attention over a KV cache: each row's new token attends over its cached positions.
 
     qkv (B, (heads + 2 G) D): the new token's query, key and value projections, concatenated, before the rotary
     embedding (G = keys.shape[1] key/value heads, D = keys.shape[3]). cos, sin (B, D): the rotary embedding at each
-    row's position, in the rotate-half layout (Llama, Mistral, Qwen2): x' = x cos + cat(-x2, x1) sin for halves
-    x1, x2. keys, values (B, G, L, D): the cache, n <= L positions in use with n = key_mask.shape[1]; the rotated
-    key and the value are written at position n - 1, in place. key_mask (B, n) bool: the positions each row attends
-    to. Returns (B, heads D) in qkv's dtype: head h reads key/value head h // (heads / G) (grouped-query attention),
-    softmax(q k^T scale) v over the unmasked positions; a row with none gets zeros.
+    row's position, in the rotate-half layout (`rotate_half_embedding`). keys, values (B, G, L, D): the cache, n <=
+    L positions in use with n = key_mask.shape[1]; the rotated key and the value are written at position n - 1, in
+    place. key_mask (B, n) bool: the positions each row attends to. Returns (B, heads D) in qkv's dtype: head h
+    reads key/value head h // (heads / G) (grouped-query attention), softmax(q k^T scale) v over the unmasked
+    positions; a row with none gets zeros.
     """
     B, G, D, n = qkv.shape[0], keys.shape[1], keys.shape[3], key_mask.shape[1]
     q, k, v = qkv.double().split([heads * D, G * D, G * D], dim=-1)
     cos, sin = cos.double()[:, None], sin.double()[:, None]  # (B, 1, D)
-
-    def rotate(x):  # (B, heads or G, D)
-        x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-    q, k = rotate(q.view(B, heads, D)), rotate(k.view(B, G, D))
+    q, k = rotate_half_embedding(q.view(B, heads, D), cos, sin), rotate_half_embedding(k.view(B, G, D), cos, sin)
     keys[:, :, n - 1] = k.to(keys.dtype)
     values[:, :, n - 1] = v.view(B, G, D).to(values.dtype)
     past_k = keys[:, :, :n].double().repeat_interleave(heads // G, dim=1)  # (B, heads, n, D)
