@@ -51,9 +51,10 @@ def _files(directory: str) -> list[str]:
 
 
 def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state: dict, merge_lora: bool,
-                    dtype: torch.dtype = torch.float32) -> str:  # fmt: skip
+                    dtype: torch.dtype = torch.float32, settings: dict | None = None) -> str:  # fmt: skip
     """Write checkpoint-<step> atomically: the policy in the Hugging Face layout in `dtype` (the user's checkpoint
-    dtype), plus what resuming needs bit for bit (the float32 master weights when `dtype` rounds them)."""
+    dtype), plus what resuming needs bit for bit (the float32 master weights when `dtype` rounds them). `settings`
+    (`resume_settings`) go into the manifest, for `check_resume_settings`."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -82,6 +83,8 @@ def save_checkpoint(output_dir: str, step: int, model, tokenizer, trainer_state:
         save_file(state, f"{tmp}/critic.safetensors")
     torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
     manifest = {"step": step, "files": {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}}
+    if settings is not None:
+        manifest["settings"] = settings
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
     if os.path.exists(final):  # saving the same step again: move the old one aside first, then drop it
@@ -124,17 +127,41 @@ def verify(checkpoint: str) -> str | None:
     return None
 
 
-def check_output_dir(output_dir: str, continuing: bool) -> None:
-    """A fresh run (not `continuing`: resuming or overwrite_output_dir) refuses an output_dir holding a previous
-    run's checkpoints or metrics.jsonl (with overwrite_output_dir checkpoints are replaced step by step, and
-    metrics.jsonl at the first step)."""
-    if continuing:
+def check_output_dir(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse an output_dir holding a previous run's checkpoints or metrics.jsonl, unless this run continues it
+    (resume_from is output_dir or one of its checkpoints) or overwrite_output_dir starts over (`clear_previous_run`
+    then removes its checkpoints, once everything has loaded). Resuming another run's checkpoint is a new run: it
+    needs an output_dir of its own (or overwrite), or it would write over the run that is there."""
+    if overwrite or continues_run(resume_from, output_dir):
         return
     found = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
     what = "checkpoints" if found else "a previous run's metrics"
     found += ["metrics.jsonl"] if os.path.isfile(os.path.join(output_dir, "metrics.jsonl")) else []
-    how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
+    if resume_from is None:
+        how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
+    else:
+        how = f"resume_from ({resume_from}) is another run's, so this is a new run: set overwrite_output_dir: true"
     refuse_to_overwrite("output_dir", output_dir, what, found, how)
+
+
+def continues_run(resume_from: str | None, output_dir: str) -> bool:
+    """Whether resuming from `resume_from` continues the run in `output_dir` (its directory or a checkpoint of it)."""
+    if resume_from is None:
+        return False
+    here, there = os.path.realpath(output_dir), os.path.realpath(resume_from)
+    return there == here or os.path.dirname(there) == here
+
+
+def clear_previous_run(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
+    """overwrite_output_dir, starting over: remove the previous run's checkpoints, or a later resume would find its
+    newer ones (metrics.jsonl is rewritten by the new run's first step)."""
+    if not overwrite or continues_run(resume_from, output_dir):
+        return
+    old = list_checkpoints(output_dir)
+    for _, path in old:
+        shutil.rmtree(path)
+    if old:
+        print(f"fastppo: overwrite_output_dir: removed the previous run's {len(old)} checkpoint(s) in {output_dir}")
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -161,13 +188,54 @@ def find_resumable(path: str) -> str:
     raise InputError(f"resume_from: no valid checkpoint in {path}")
 
 
+# What a PPO checkpoint's weights and optimizer state were made with: a resumed run must build the same model.
+RESUME_FIXED = ("critic", "lora_rank")
+# Restored from the checkpoint's optimizer state whatever the config says now.
+RESUME_RESTORED = ("learning_rate", "weight_decay")
+
+
+def resume_settings(config) -> dict:
+    """The PPO settings `check_resume_settings` compares (JSON values)."""
+    from fastppo.advantages import uses_critic
+
+    policy = config.policy_model
+    return {
+        "critic": config.critic if uses_critic(config.advantage_estimator) else "none",
+        "lora_rank": config.lora_rank,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "policy_model": os.path.abspath(policy) if isinstance(policy, str) else None,
+    }
+
+
+def check_resume_settings(checkpoint: str, settings: dict) -> None:
+    """Before any model loads: a changed RESUME_FIXED setting is refused (the checkpoint holds another model's
+    weights or optimizer state); a changed RESUME_RESTORED one or policy_model gets a warning. Checkpoints saved
+    before settings were recorded are not checked."""
+    with open(os.path.join(checkpoint, MANIFEST), encoding="utf-8") as f:
+        saved = json.load(f).get("settings") or {}
+    changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
+    fixed = [k for k in RESUME_FIXED if k in changed]
+    if fixed:
+        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
+        raise InputError(f"resume_from: {checkpoint} was trained with other settings ({listed}); its weights and "
+                         "optimizer state fit only those: resume with them, or start a new run")  # fmt: skip
+    for k in RESUME_RESTORED:
+        if k in changed:
+            warnings.warn(f"{k}: {changed[k][1]!r} has no effect on resume; the optimizer state of {checkpoint} "
+                          f"keeps {changed[k][0]!r}", stacklevel=2)  # fmt: skip
+    if "policy_model" in changed:
+        warnings.warn(f"policy_model: {checkpoint} was trained from {changed['policy_model'][0]}; its weights load "
+                      "into policy_model's model, which must have the same architecture", stacklevel=2)  # fmt: skip
+
+
 def load_checkpoint(checkpoint: str, model, state_keys: tuple = STATE_KEYS) -> dict:
     """Load the weights of `checkpoint` into `model` (in place) and return the trainer state, which must hold
     `state_keys` (PPO's by default). A file that does not load (damaged despite its checksum, or weights of another
     model's sizes) stops the run naming it."""
     try:
         _load_weights(checkpoint, model)
-    except LOAD_ERRORS as error:
+    except (*LOAD_ERRORS, KeyError) as error:  # KeyError: a parameter the checkpoint lacks (another architecture)
         raise InputError(f"resume_from: cannot load the weights of {checkpoint} ({clip(error)})") from None
     path = os.path.join(checkpoint, STATE_FILE)
     try:

@@ -75,7 +75,8 @@ class PPOConfig:
     # --- data and rollout -------------------------------------------------------------------------------------
     prompts: typing.Any = _f(None, "JSONL of {'prompt': ...} or {'messages': [...]} lines, or a list of strings.")
     max_prompt_length: int = _f(256, "Prompt tokens kept; longer prompts are cut from the left (see below).")
-    truncate_long_prompts: bool = _f(True, "Left-truncate prompts over max_prompt_length with a warning (else error).")
+    truncate_long_prompts: bool = _f(True, "Cut prompts over max_prompt_length from the left, with a warning; "
+                                     "false: refuse at load, naming the first one's file:line.")  # fmt: skip
     rollout_batch_size: int = _f(16, "Sequences per PPO iteration: rollout_batch_size / samples_per_prompt prompts.")
     max_new_tokens: int = _f(64, "Response length limit, in tokens.")
     temperature: float = _f(1.0, "Sampling temperature; the log-probs PPO uses are taken at the same temperature.")
@@ -160,7 +161,11 @@ class PPOConfig:
         1, "Responses per prompt (the group size; >= 2 for the group estimators). rollout_batch_size counts sequences."
     )
     kl_in_reward: bool = _f(True, "Penalize -kl_coef * KL per token in the reward (the classic RLHF shaping).")
-    kl_loss_coef: float = _f(0.0, "Weight of the KL to the reference as a policy-loss term (GRPO style); 0 = off.")
+    kl_loss_coef: float = _f(
+        0.0,
+        "Weight of the KL to the reference as a policy-loss term (GRPO style); 0 = off. "
+        "The reward's KL stays unless kl_in_reward: false.",
+    )
     kl_loss_estimator: str = _f("k3", "KL estimator of the loss term: k3 is unbiased and never negative.")
     critic_lam: float | None = _f(None, "Decoupled GAE: the critic's targets use this lambda (VAPO: 1.0); None = lam.")
     lam_length_alpha: float | None = _f(
@@ -261,8 +266,17 @@ class PPOConfig:
         if self.old_logprobs == "rollout" and self.rollout_engine == "vllm":
             raise InputError("old_logprobs: 'rollout' keeps the hf engine's own log-probs; vLLM's differ from the "
                              "trainer's (use recompute, with rollout_correction for the gap)")  # fmt: skip
+        if self.kl_target is not None and not self.kl_in_reward:
+            raise InputError("kl_target adapts kl_coef, the KL penalty in the reward; with kl_in_reward: false there "
+                             "is none to adapt (kl_loss_coef stays fixed): set kl_target: null")  # fmt: skip
+        if self.kl_target is not None and self.kl_coef == 0:
+            raise InputError("kl_target scales kl_coef up and down, and kl_coef is 0: it would stay 0; set kl_coef "
+                             "> 0 (the starting coefficient) or kl_target: null")  # fmt: skip
         if self.reference == "adapter" and self.lora_rank == 0:
             raise InputError("reference: 'adapter' needs LoRA (lora_rank > 0): without adapters there is no reference")
+        if self.reference == "adapter" and self.reference_quantization != "none":
+            raise InputError("reference_quantization: the 'adapter' reference is the policy itself with its adapters "
+                             "off, nothing to quantize (use reference: copy for a quantized copy)")  # fmt: skip
 
     def _check_ranges(self, hints: dict) -> None:
         for name, interval in RANGES.items():
@@ -330,6 +344,9 @@ class PPOConfig:
                 if getattr(self, name) is not None:
                     raise InputError(f"{name} is a GAE setting; advantage_estimator {self.advantage_estimator!r} "
                                      "has no critic and no GAE")  # fmt: skip
+            if self.critic == "separate":
+                raise InputError(f"critic: 'separate' builds a second backbone for the values; advantage_estimator "
+                                 f"{self.advantage_estimator!r} has no critic")  # fmt: skip
             if self.value_warmup_steps:
                 raise InputError(f"value_warmup_steps trains a critic; advantage_estimator "
                                  f"{self.advantage_estimator!r} has none")  # fmt: skip
@@ -400,8 +417,24 @@ def _read_config(path: str) -> str:
 def _parse_yaml(text: str, where: str):
     import yaml
 
+    class Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+        def construct_mapping(self, node, deep=False):
+            """PyYAML keeps the last of two equal keys; a config that sets a field twice is refused instead."""
+            lines = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, typing.Hashable) and key in lines:
+                    line = key_node.start_mark.line + 1
+                    raise InputError(f"{where}: {short(key)} is set twice (lines {lines[key]} and {line})")
+                lines[key] = key_node.start_mark.line + 1 if isinstance(key, typing.Hashable) else None
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return yaml.load(text, Loader=Loader)
+    except InputError:
+        raise
     except (yaml.YAMLError, ValueError, TypeError, RecursionError) as error:  # the others: from PyYAML's constructors
         problem = "nested too deeply" if isinstance(error, RecursionError) else clip(error)
         raise InputError(f"{where}: not valid YAML ({problem})") from None

@@ -10,7 +10,13 @@ from fastppo.errors import InputError
 from fastppo.validation import clip, read_jsonl, require_text, short
 
 
-class ChatPrompt(str):
+class Prompt(str):
+    """A prompt read from a file; `.where` is its file:line, for errors found after loading (its length, its ids)."""
+
+    where: str
+
+
+class ChatPrompt(Prompt):
     """A prompt rendered from chat messages with the policy's template; `.messages` keeps them, so that a reward
     model with a template of its own can render the conversation its way."""
 
@@ -23,10 +29,16 @@ def chat_prompt(text: str, messages: list) -> ChatPrompt:
     return prompt
 
 
-def read_prompts(source, tokenizer=None) -> list[str]:
+def prompt_location(prompt: str, index: int, of: str = "prompts") -> str:
+    """How an error names a prompt: its file:line when read from a file, else its index in `of`."""
+    return getattr(prompt, "where", None) or (f"prompts[{index}]" if of == "prompts" else f"{of} prompt #{index}")
+
+
+def read_prompts(source, tokenizer=None, max_length: int | None = None, truncate: bool = True) -> list[str]:
     """A list of prompt strings from a list, or from a JSONL file of {"prompt": str} or {"messages": [...]} lines
     (chat messages are rendered with the tokenizer's chat template, ending with the assistant's turn). Every prompt
-    is checked here, at load, not when a step draws it: a bad one is named by its index or file:line."""
+    is checked here, at load, not when a step draws it: a bad one is named by its index or file:line. With
+    `truncate` False, that includes its length in tokens against `max_length` (truncate_long_prompts: false)."""
     if source is None:
         raise InputError('prompts: none given (a JSONL file of {"prompt": ...} lines, or a list of strings)')
     if isinstance(source, (list, tuple)):
@@ -35,8 +47,25 @@ def read_prompts(source, tokenizer=None) -> list[str]:
                 raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
         if not source:
             raise InputError("no prompts in the prompt list")
-        return list(source)
-    return [_render(source, number, prompt, tokenizer) for number, prompt in read_prompt_records(source)]
+        prompts = list(source)
+    else:
+        prompts = [_render(source, number, prompt, tokenizer) for number, prompt in read_prompt_records(source)]
+    if not truncate and max_length is not None:
+        if tokenizer is None:
+            raise ValueError("read_prompts: checking prompt lengths needs the tokenizer")
+        _check_lengths(prompts, encode_all(tokenizer, prompts), max_length)
+    return prompts
+
+
+def _check_lengths(prompts: list[str], rows: list[list[int]], max_length: int, of: str = "prompts") -> None:
+    too_long = [i for i, row in enumerate(rows) if len(row) > max_length]
+    if too_long:
+        first, more = too_long[0], f" ({len(too_long) - 1} more after it)" if len(too_long) > 1 else ""
+        raise InputError(
+            f"{prompt_location(prompts[first], first, of)}: the prompt is {len(rows[first])} tokens, "
+            f"max_prompt_length is {max_length} (truncate_long_prompts: false){more}; raise max_prompt_length, "
+            "shorten the prompt or set truncate_long_prompts: true"
+        )
 
 
 def read_prompt_records(path: str) -> list[tuple[int, str | list]]:
@@ -69,6 +98,8 @@ def _check_messages(where: str, messages) -> list:
 
 def _render(path: str, number: int, prompt: str | list, tokenizer) -> str:
     if isinstance(prompt, str):
+        prompt = Prompt(prompt)
+        prompt.where = f"{path}:{number}"
         return prompt
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise InputError(f"{path}:{number}: chat messages need a tokenizer with a chat template")
@@ -78,7 +109,9 @@ def _render(path: str, number: int, prompt: str | list, tokenizer) -> str:
         raise InputError(f"{path}:{number}: cannot render messages ({clip(error)})") from None
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{path}:{number}: the messages render to an empty prompt")
-    return chat_prompt(text, prompt)
+    rendered = chat_prompt(text, prompt)
+    rendered.where = f"{path}:{number}"
+    return rendered
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -88,19 +121,33 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
-def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, truncate: bool = True):
-    """Left-padded (input_ids, attention_mask), both (B, P): generation appends to the right of every row."""
-    rows = [encode(tokenizer, p) for p in prompts]
+def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
+    """`encode` of every text, in two batched calls (with and without special tokens) rather than one per text."""
+    bos = getattr(tokenizer, "bos_token", None)
+    rows: list = [None] * len(texts)
+    for special in (True, False):
+        chosen = [i for i, text in enumerate(texts) if special != bool(bos and text.startswith(bos))]
+        if chosen:
+            encoded = tokenizer([str(texts[i]) for i in chosen], add_special_tokens=special)["input_ids"]
+            for i, ids in zip(chosen, encoded, strict=True):
+                rows[i] = ids
+    return rows
+
+
+def tokenize_prompts(prompts: list[str], tokenizer, max_length: int, truncate: bool = True, warn: bool = True):
+    """Left-padded (input_ids, attention_mask), both (B, P): generation appends to the right of every row. Prompts
+    over `max_length` keep their last tokens, with a warning unless `warn` is False (a caller cutting them on
+    purpose, not the user's setting), or raise when `truncate` is False."""
+    rows = encode_all(tokenizer, prompts)
     too_long = [i for i, r in enumerate(rows) if len(r) > max_length]
     if too_long:
         if not truncate:
-            raise InputError(
-                f"{len(too_long)} prompt(s) exceed max_prompt_length={max_length} (first: #{too_long[0]}); "
-                "raise max_prompt_length or set truncate_long_prompts: true"
+            _check_lengths(prompts, rows, max_length, of="batch")
+        if warn:
+            warnings.warn(
+                f"{len(too_long)} prompt(s) longer than max_prompt_length={max_length}: kept the last tokens",
+                stacklevel=2,
             )
-        warnings.warn(
-            f"{len(too_long)} prompt(s) longer than max_prompt_length={max_length}: kept the last tokens", stacklevel=2
-        )
         rows = [_keep_last(r, max_length, tokenizer.bos_token_id) for r in rows]
     if any(len(r) == 0 for r in rows):
         raise InputError("a prompt tokenizes to zero tokens")
@@ -118,6 +165,34 @@ def _keep_last(row: list[int], length: int, bos_id) -> list[int]:
     if bos_id is not None and length > 1 and row[0] == bos_id:
         return [bos_id] + row[len(row) - length + 1 :]
     return row[-length:]
+
+
+def check_prompt_token_ids(prompts: list[str], tokenizer, vocab_size: int, end_ids=()) -> None:
+    """Every id the model will embed is one of its `vocab_size` rows: a token added to the tokenizer without
+    resizing the model's embeddings otherwise stops a step with torch's bare "index out of range in self" (or a
+    CUDA device-side assert). Checks the pad id (padding embeds it) and, only when the tokenizer has ids beyond
+    `vocab_size` (so most runs skip the pass), every prompt's. `end_ids` the model cannot sample get a warning."""
+    vocab_size = int(vocab_size)
+    hint = (
+        f"the tokenizer has {len(tokenizer)} tokens: resize the model's embeddings to it "
+        "(model.resize_token_embeddings(len(tokenizer)), then save) or use the tokenizer the model was trained with"
+    )
+    pad = tokenizer.pad_token_id
+    if pad is not None and not 0 <= pad < vocab_size:
+        raise InputError(f"the tokenizer's pad token {tokenizer.pad_token!r} is id {pad}, beyond the model's "
+                         f"vocab_size {vocab_size} (its input embeddings); {hint}")  # fmt: skip
+    unreachable = sorted({int(i) for i in end_ids if not 0 <= int(i) < vocab_size})
+    if unreachable:
+        warnings.warn(f"end-of-response token id(s) {unreachable} are beyond the model's vocab_size {vocab_size}: "
+                      "it can never sample them, so no response ends there", stacklevel=2)  # fmt: skip
+    if max(tokenizer.get_vocab().values(), default=-1) < vocab_size:
+        return  # no prompt can hold an id the model lacks
+    for i, row in enumerate(encode_all(tokenizer, prompts)):
+        beyond = [token for token in row if not 0 <= token < vocab_size]
+        if beyond:
+            token = tokenizer.convert_ids_to_tokens(beyond[0])
+            raise InputError(f"{prompt_location(prompts[i], i)}: token {token!r} is id {beyond[0]}, beyond the model's "
+                             f"vocab_size {vocab_size} (its input embeddings); {hint}")  # fmt: skip
 
 
 class PromptSampler:

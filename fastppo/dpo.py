@@ -35,7 +35,13 @@ import torch
 import torch.nn.functional as F
 
 from fastppo import precision
-from fastppo.checkpoint import find_resumable, list_checkpoints, load_checkpoint, save_checkpoint
+from fastppo.checkpoint import (
+    check_output_dir,
+    clear_previous_run,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fastppo.data import tokenize_prompts
 from fastppo.dpo_config import DPOConfig
 from fastppo.errors import InputError
@@ -160,7 +166,7 @@ class DPOTrainer:
         overrides = {"model": model, "data": pairs}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         self.config = config.validate()
-        self._check_output_dir()
+        check_output_dir(config.output_dir, config.resume_from, config.overwrite_output_dir)
         pairs = read_pairs(config.data)  # every input check before the model loads
         self.device = resolve_device(config.device)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
@@ -191,17 +197,12 @@ class DPOTrainer:
                                     "eval": self._reference_logps(self.eval_data)}  # fmt: skip
         if not (config.kl_samples and self.kl_prompts) and self.reference is not None:
             self.reference = None  # cached log-probs are all training needs: free the copy
+        clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
         self.metrics = MetricsLogger(config.output_dir, config.tensorboard, append=state is not None)
         if state is not None:
             self.metrics.truncate_after(self.step_count)
 
     # --- setup ----------------------------------------------------------------------------------------------------
-
-    def _check_output_dir(self) -> None:
-        out = self.config.output_dir
-        if list_checkpoints(out) and not self.config.resume_from and not self.config.overwrite_output_dir:
-            raise InputError(f"output_dir {out} already holds checkpoints: resume (--resume / resume_from) to "
-                             "continue, or overwrite_output_dir to start over")  # fmt: skip
 
     def _build_models(self, source):
         """(policy LM, frozen reference LM or None when it is the policy with its LoRA adapters disabled)."""

@@ -168,6 +168,7 @@ def run(args) -> int:
     pairs = check_command(args, ("prompt", "chosen", "rejected"))
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     check_context(args, tokenizer, [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")])
+    torch.manual_seed(args.seed)  # the new score head is drawn as the model loads: the same seed, the same run
     model = load_reward_model(args.model, tokenizer)
     summary = train_reward_model(model, tokenizer, pairs, eval_fraction=args.eval_fraction, **training_options(args))
     print(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from fastppo.demo import pipeline  # light: the demo's heavy imports happen when it runs
@@ -47,6 +48,9 @@ def run(args) -> int:
     from fastppo.trainer import PPOTrainer
 
     trainer = PPOTrainer(config)
+    if config.resume_from and trainer.step_count >= config.steps and distributed.is_main():
+        print(f"fastppo: the checkpoint is at step {trainer.step_count} and steps is {config.steps}: nothing to "
+              "train (raise steps to continue)", file=sys.stderr)  # fmt: skip
     history = trainer.train()
     if not distributed.is_main():  # rank 0 reports for the run
         return trainer.stop_request.exit_code
@@ -55,13 +59,20 @@ def run(args) -> int:
         return trainer.stop_request.exit_code
     if trainer.stop_request.requested:
         print(f"stopped by {trainer.stop_request.name} at step {trainer.step_count}, checkpoint saved; "
-              f"continue with: fastppo train --config {args.config} --resume")  # fmt: skip
+              f"continue with: {resume_command(args)}")  # fmt: skip
         return trainer.stop_request.exit_code
     if history:
         last = history[-1]
         print(f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, KL {last['policy/kl']:.4f}; "
               f"metrics in {config.output_dir}/metrics.jsonl")  # fmt: skip
     return 0
+
+
+def resume_command(args) -> str:
+    """The command that continues this run: the same config and overrides, with --resume."""
+    words = ["fastppo", "train", "--config", args.config, *(f"--set={s}" for s in args.set)]
+    words += ["--nproc", str(args.nproc)] if args.nproc else []
+    return shlex.join([*words, "--resume"])
 
 
 def check_inputs(config) -> None:

@@ -21,11 +21,12 @@ import sys
 
 import torch
 
+from fastppo import checkpoint as checkpoints
 from fastppo import distributed, groups, ops, precision, vllm_engine
 from fastppo.advantages import advantages_and_returns, shaped_rewards, uses_critic
-from fastppo.checkpoint import check_output_dir, find_resumable, load_checkpoint, save_checkpoint
+from fastppo.checkpoint import check_output_dir, clear_previous_run, find_resumable, load_checkpoint, save_checkpoint
 from fastppo.config import PPOConfig
-from fastppo.data import PromptSampler, read_prompts, tokenize_prompts
+from fastppo.data import PromptSampler, check_prompt_token_ids, read_prompts, tokenize_prompts
 from fastppo.errors import InputError
 from fastppo.metrics import MetricsLogger, PhaseTimer, explained_variance, peak_memory_mb
 from fastppo.models import (
@@ -54,8 +55,10 @@ class PPOTrainer:
         self.config = config.validate()
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
-        check_output_dir(config.output_dir, config.resume_from or config.overwrite_output_dir)
+        check_output_dir(config.output_dir, config.resume_from, config.overwrite_output_dir)
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
+        if checkpoint:
+            checkpoints.check_resume_settings(checkpoint, checkpoints.resume_settings(config))
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         seed_everything(config.seed)  # the same seed on every rank: the same initial weights
@@ -64,12 +67,14 @@ class PPOTrainer:
         if policy is None:
             raise InputError("policy_model: no policy given (a path or a model)")
         self.tokenizer = load_tokenizer(tokenizer or config.tokenizer or (policy if isinstance(policy, str) else None))
-        self.prompts = read_prompts(prompts if prompts is not None else config.prompts, self.tokenizer)
+        self.prompts = read_prompts(prompts if prompts is not None else config.prompts, self.tokenizer,
+                                    config.max_prompt_length, config.truncate_long_prompts)  # fmt: skip
         self.reward = load_reward(reward if reward is not None else config.reward_model, config, self.tokenizer,
                                   self.device)  # fmt: skip
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
         self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
+        check_prompt_token_ids(self.prompts, self.tokenizer, lm.get_input_embeddings().num_embeddings, self.end_ids)
         self._check_logprob_path(lm)
         self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
         self.model = self._build_policy(lm)
@@ -106,6 +111,8 @@ class PPOTrainer:
         self.engine = vllm_engine.build_engine(policy, config, self.device) if config.rollout_engine == "vllm" else None
         if self.engine is not None:
             self.engine.stale = checkpoint is not None
+        if distributed.is_main():
+            clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
         self.metrics = (MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
                         if distributed.is_main() else distributed.NullLogger())  # fmt: skip
         if resume_step is not None:
@@ -123,7 +130,8 @@ class PPOTrainer:
 
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
-        ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, min(self.config.max_prompt_length, 32))
+        length = min(self.config.max_prompt_length, 32)  # cut short for speed, not by the user's setting: no warning
+        ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, length, warn=False)
         tolerance = 1e-3 if self.autocast_dtype is None else 5e-2  # float32 vs bf16 autocast rounding
         was_training = lm.training
         lm.eval()
@@ -478,12 +486,16 @@ class PPOTrainer:
         with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
             saved = None if model is None else save_checkpoint(
                 path or self.config.output_dir, self.step_count, model, self.tokenizer, state,
-                self.config.save_merged_lora, self.save_dtype)  # fmt: skip
+                self.config.save_merged_lora, self.save_dtype, checkpoints.resume_settings(self.config))  # fmt: skip
         return distributed.broadcast_object(saved)
 
     def _resume(self, checkpoint: str, state: dict) -> int:
         """Restore the trainer `state` of `checkpoint`, whose weights were loaded before wrapping the model."""
-        self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        try:
+            self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as error:  # a checkpoint from before settings were recorded
+            raise InputError(f"resume_from: the optimizer state of {checkpoint} does not fit this model ({error}): "
+                             "did critic, advantage_estimator or lora_rank change?") from None  # fmt: skip
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])

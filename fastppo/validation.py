@@ -128,6 +128,12 @@ def check_output_dir(name: str, path: str) -> None:
         raise InputError(f"{name}: {existing} is not writable")
 
 
+def refuse_non_empty_dir(name: str, path: str) -> None:
+    """For commands that write a whole run directory and cannot resume: an existing one is somebody's run."""
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    refuse_to_overwrite(name, path, "a previous run", found, "remove it first")
+
+
 def refuse_to_overwrite(name: str, path: str, what: str, found: list[str], how_to_allow: str) -> None:
     """Stop when `found` (the `what` that `path` already holds) is not empty: nothing a user has is overwritten
     unasked."""

@@ -86,3 +86,18 @@ def test_score_reads_the_last_token_whatever_the_padding(base_model):
     alone = [score(model, tokenizer, [p], [r])[0] for p, r in zip(prompts, responses, strict=True)]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), atol=1e-5, rtol=1e-5)
     assert batched[0] != batched[1]
+
+
+def test_the_same_seed_trains_the_same_reward_model(tmp_path, base_model):
+    """The score head is new: it must be drawn from --seed, not from whatever the process's RNG held."""
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "prefs.jsonl", sentiment_pairs(16))
+    weights = []
+    for run in ("a", "b"):
+        torch.manual_seed(ord(run))  # a different process state before each run
+        argv = ["reward-model", "--model", base_model, "--data", data, "--output-dir", str(tmp_path / run)]
+        assert main([*argv, "--epochs", "1", "--batch-size", "8", "--seed", "3"]) == 0
+        weights.append(load_file(tmp_path / run / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -28,6 +28,7 @@ import time
 
 from fastppo.demo import compare_report, pipeline, task
 from fastppo.demo.dpo_stage import DPOSettings, run_dpo_on_demo
+from fastppo.validation import refuse_non_empty_dir
 
 # The full comparison (<= 15 min on 2 CPU cores): the demo's SFT and reward model, then half the demo's RL budget per
 # method, so that six RL runs, DPO and best-of-n fit; evaluations every 10 steps trace each method's gold-KL path.
@@ -74,6 +75,7 @@ def run(args) -> int:
     if args.best_of < 1:
         raise InputError(f"--best-of must be at least 1, got {args.best_of}")
     output_dir = args.output_dir or os.path.join("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
+    refuse_non_empty_dir("--output-dir", output_dir)
     settings, dpo_settings = (QUICK, QUICK_DPO) if args.quick else (FULL, FULL_DPO)
     summary = run_comparison(output_dir, settings, dpo_settings, args.best_of, args.seed)
     print(compare_report.summary_text(summary))

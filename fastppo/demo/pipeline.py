@@ -24,6 +24,7 @@ import statistics
 import time
 
 from fastppo.demo import report, task
+from fastppo.validation import refuse_non_empty_dir
 
 _EVALUATE_SEED = 1234  # the same sampling seed at every evaluation, so curves differ by the policy, not the dice
 
@@ -110,6 +111,7 @@ def run(args) -> int:
     quick, no_kl = bool(getattr(args, "quick", False)), bool(getattr(args, "no_kl_control", False))
     algo = getattr(args, "algo", None) or "gae"
     output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)
+    refuse_non_empty_dir("--output-dir", output_dir)  # its SFT and reward models would be retrained over
     summary = run_pipeline(output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", 0),
                            algo=algo)  # fmt: skip
     print(report.summary_text(summary))

@@ -102,3 +102,12 @@ def test_every_algorithm_is_a_valid_run_of_the_same_budget(tmp_path, algo):
     parser = argparse.ArgumentParser()
     pipeline.add_arguments(parser)
     assert parser.parse_args(["--algo", algo]).algo == algo
+
+
+@pytest.mark.parametrize("command", ["demo", "compare"])
+def test_an_existing_run_directory_is_refused_before_anything_is_retrained(quick_run, capsys, command):
+    output_dir, _ = quick_run
+    before = {p: os.stat(os.path.join(output_dir, p)).st_mtime_ns for p in os.listdir(output_dir)}
+    assert main([command, "--quick", "--output-dir", output_dir, "--seed", "3"]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert {p: os.stat(os.path.join(output_dir, p)).st_mtime_ns for p in os.listdir(output_dir)} == before

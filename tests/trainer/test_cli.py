@@ -46,3 +46,19 @@ def test_malformed_prompts_exit_2_naming_the_line(tiny_models, tmp_path):
     proc = run_cli("train", "--config", str(path))
     assert proc.returncode == 2
     assert f"{prompts}:2: not valid JSON" in proc.stderr
+
+
+def test_the_stop_message_resumes_with_the_same_overrides():
+    """Ctrl-C prints a command that continues this run: without the --set overrides it would resume the YAML's
+    output_dir, another run."""
+    import argparse
+
+    from fastppo.train_cli import resume_command
+
+    args = argparse.Namespace(config="my run.yaml", set=["output_dir=runs/a b", "steps=500"], nproc=None)
+    assert (
+        resume_command(args)
+        == "fastppo train --config 'my run.yaml' '--set=output_dir=runs/a b' --set=steps=500 --resume"
+    )
+    args.nproc = 2
+    assert resume_command(args).endswith("--set=steps=500 --nproc 2 --resume")

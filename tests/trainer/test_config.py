@@ -22,6 +22,10 @@ from fastppo.errors import InputError
         ({"dual_clip": 0.5}, "dual_clip"),
         ({"whiten_advantages": "yes"}, "whiten_advantages"),
         ({"precision": "fp16"}, "precision"),
+        ({"kl_target": 6.0, "kl_in_reward": False, "kl_loss_coef": 0.01}, "kl_target"),
+        ({"kl_target": 6.0, "kl_coef": 0.0}, "kl_target"),
+        ({"reference": "adapter", "lora_rank": 4, "reference_quantization": "8bit"}, "reference_quantization"),
+        ({"advantage_estimator": "rloo", "samples_per_prompt": 2, "critic": "separate"}, "critic"),
     ],
 )
 def test_validation_names_the_field(overrides, field):

@@ -186,16 +186,17 @@ def test_each_estimator_trains_end_to_end(tiny_models, tmp_path, name):
 
 
 def test_critic_free_estimators_hold_no_critic(tiny_models, tmp_path):
-    """`critic: separate` is a second backbone for GAE; a critic-free estimator builds neither it nor a value head:
-    the trainable parameters (and the optimizer's state) are the LM's alone."""
+    """`critic: separate` is a second backbone for GAE (refused with a critic-free estimator, see test_config); a
+    critic-free estimator builds neither it nor a value head: the trainable parameters (and the optimizer's state)
+    are the LM's alone."""
 
     def trainable(estimator, **overrides):
-        config = small_config(tmp_path / estimator, policy_model=tiny_models["llama"][0], critic="separate",
+        config = small_config(tmp_path / estimator, policy_model=tiny_models["llama"][0],
                               advantage_estimator=estimator, **overrides)  # fmt: skip
         trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
         return trainer, sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
-    gae, with_critic = trainable("gae")
+    gae, with_critic = trainable("gae", critic="separate")
     grpo, without = trainable("grpo", samples_per_prompt=2)
     lm_size = sum(p.numel() for p in grpo.model.lm.parameters())
     critic_size = sum(p.numel() for p in gae.model.critic_parameters())
@@ -280,12 +281,12 @@ def test_resume_equals_uninterrupted(tiny_models, tmp_path, name):
     """2 of 4 steps, checkpoint, resume, finish == 4 steps straight: the warm-up (3 steps, across the checkpoint),
     group sampling and dynamic sampling continue where they stopped."""
     settings = {
-        "vapo": dict(critic_lam=1.0, lam_length_alpha=0.05, value_warmup_steps=3),
+        "vapo": dict(critic_lam=1.0, lam_length_alpha=0.05, value_warmup_steps=3, kl_target=1.0),
         "grpo-filtered": dict(advantage_estimator="grpo", samples_per_prompt=2, filter_groups=True,
                               filter_groups_max_tries=2, kl_in_reward=False, kl_loss_coef=0.1),
     }[name]  # fmt: skip
     policy, reward = tiny_models["llama"]
-    common = dict(policy_model=policy, reward_model=reward, steps=4, kl_target=1.0, **settings)
+    common = dict(policy_model=policy, reward_model=reward, steps=4, **settings)
     straight = PPOTrainer(small_config(tmp_path / "a", **common), prompts=prompt_list())
     straight.train()
     interrupted = PPOTrainer(small_config(tmp_path / "b", **common), prompts=prompt_list())
