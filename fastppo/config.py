@@ -143,6 +143,8 @@ class PPOConfig:
     lr_scheduler: str = _f("constant", "'constant', 'linear' or 'cosine' decay after warmup.")
     warmup_steps: int = _f(0, "Optimizer steps of linear warmup.")
     max_grad_norm: float | None = _f(1.0, "Gradient clipping norm; None = off.")
+    target_kl: float | None = _f(None, "Stop a step's updates at the first minibatch whose approx_kl (per token, to "
+                                 "the rollout policy) exceeds this, without its update (SB3); None = off.")  # fmt: skip
     clip_range: float = _f(0.2, "PPO ratio clip epsilon (lower side; also the upper one unless clip_range_high).")
     clip_range_high: float | None = _f(None, "Upper ratio clip ('clip-higher'); None = clip_range.")
     dual_clip: float | None = _f(None, "Dual-clip constant c > 1 for negative advantages; None = off.")
@@ -382,7 +384,7 @@ RANGES: dict[str, Interval] = {
     "max_new_tokens": POSITIVE, "temperature": POSITIVE, "top_k": NON_NEGATIVE, "top_p": Interval(0, 1, low_open=True),
     "kl_coef": NON_NEGATIVE, "kl_target": POSITIVE, "kl_horizon": POSITIVE, "missing_eos_penalty": NON_NEGATIVE,
     "reward_clip": POSITIVE, "reward_timeout": POSITIVE, "gamma": FRACTION, "lam": FRACTION, "ppo_epochs": POSITIVE,
-    "mini_batch_size": POSITIVE, "micro_batch_size": POSITIVE, "learning_rate": POSITIVE,
+    "mini_batch_size": POSITIVE, "micro_batch_size": POSITIVE, "learning_rate": POSITIVE, "target_kl": POSITIVE,
     "weight_decay": NON_NEGATIVE, "warmup_steps": NON_NEGATIVE, "max_grad_norm": POSITIVE, "clip_range": POSITIVE,
     "clip_range_high": POSITIVE, "dual_clip": Interval(1, low_open=True), "clip_range_value": POSITIVE,
     "vf_coef": NON_NEGATIVE, "entropy_coef": NON_NEGATIVE, "steps": POSITIVE, "seed": NON_NEGATIVE,

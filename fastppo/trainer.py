@@ -295,7 +295,10 @@ class PPOTrainer:
         mini_batch = cfg.mini_batch_size // distributed.world_size()  # this rank's share of every minibatch
         totals: dict[str, float] = {}
         n_updates = 0
+        early_stopped = False
         for _ in range(cfg.ppo_epochs):
+            if early_stopped:
+                break
             for minibatch_rows in torch.randperm(B).split(mini_batch):
                 # Counts over the whole minibatch, every rank's share included: the losses' shared denominator.
                 n_tokens, n_sequences = distributed.global_counts(batch.response_mask[minibatch_rows.to(self.device)])
@@ -317,6 +320,10 @@ class PPOTrainer:
                         else:
                             stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
                 stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
+                if cfg.target_kl is not None and stats.get("policy/approx_kl", 0.0) > cfg.target_kl:
+                    self.optimizer.zero_grad(set_to_none=True)  # the policy has moved far enough: no more updates
+                    early_stopped = True
+                    break
                 if self.warming_up:  # the critic alone moves: drop the policy's (and a shared backbone's) gradients
                     critic = {id(p) for p in self.model.critic_parameters()}
                     for p in self.model.parameters():
@@ -325,7 +332,10 @@ class PPOTrainer:
                 for k, v in stats.items():
                     totals[k] = max(totals.get(k, -math.inf), v) if k.endswith("_max") else totals.get(k, 0.0) + v
                 n_updates += 1
-        return {k: v if k.endswith("_max") else v / n_updates for k, v in totals.items()}
+        if not n_updates:  # target_kl stopped the first minibatch: its stats stand for this step
+            totals, n_updates = stats, 1
+        averaged = {k: v if k.endswith("_max") else v / n_updates for k, v in totals.items()}
+        return averaged | ({"optim/early_stopped": float(early_stopped)} if cfg.target_kl is not None else {})
 
     def _micro_step(self, micro: RolloutBatch, P: int, denominator: float) -> dict:
         cfg = self.config

@@ -158,3 +158,26 @@ def test_the_entropy_bonus_is_aggregated_like_the_policy_loss(tiny_models, tmp_p
     (-0.5 * expected).backward()
     for got, param in zip(ours, trainer.model.lm.parameters(), strict=True):
         torch.testing.assert_close(got, param.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_target_kl_stops_the_updates_of_a_step(tiny_models, tmp_path):
+    """target_kl (SB3's early stop): a minibatch whose approx_kl exceeds it ends the step without its update; one
+    never exceeded changes nothing."""
+
+    def one_step(name, **overrides):
+        config = small_config(tmp_path / name, policy_model=tiny_models["llama"][0], steps=1, ppo_epochs=2,
+                              learning_rate=1e-2, **overrides)  # fmt: skip
+        trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        return trainer, trainer.step(), before
+
+    plain, plain_metrics, _ = one_step("plain")
+    loose, loose_metrics, _ = one_step("loose", target_kl=1e9)
+    assert loose_metrics["optim/early_stopped"] == 0.0 and "optim/early_stopped" not in plain_metrics
+    for key, value in plain.model.state_dict().items():
+        assert torch.equal(value, loose.model.state_dict()[key]), key
+    tight, tight_metrics, before = one_step("tight", target_kl=1e-30)
+    assert tight_metrics["optim/early_stopped"] == 1.0 and math.isfinite(tight_metrics["policy/approx_kl"])
+    plain_weights, tight_weights = plain.model.state_dict(), tight.model.state_dict()
+    assert any(not torch.equal(v, before[k]) for k, v in plain_weights.items())  # the full step moved the policy
+    assert any(not torch.equal(v, tight_weights[k]) for k, v in plain_weights.items())  # the stopped one did less
