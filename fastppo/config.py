@@ -426,11 +426,10 @@ def _parse_yaml(text: str, where: str):
             for key_node, _ in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: its keys may be overridden here
                     continue
-                key = self.construct_object(key_node, deep=deep)
-                if isinstance(key, typing.Hashable) and key in lines:
-                    line = key_node.start_mark.line + 1
+                key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+                if key in lines:  # an unhashable key raises TypeError here: not valid YAML, below
                     raise InputError(f"{where}: {short(key)} is set twice (lines {lines[key]} and {line})")
-                lines[key] = key_node.start_mark.line + 1 if isinstance(key, typing.Hashable) else None
+                lines[key] = line
             return super().construct_mapping(node, deep=deep)
 
     try:

@@ -114,19 +114,23 @@ def _render(path: str, number: int, prompt: str | list, tokenizer) -> str:
     return rendered
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids of `text` with the tokenizer's special tokens (BOS), unless the text already starts with BOS: a
-    rendered chat template (Llama 3 style) carries its own, and a second one is out of distribution."""
+def _adds_special_tokens(tokenizer, text: str) -> bool:
+    """The tokenizer's special tokens (BOS) go in front unless the text already starts with BOS: a rendered chat
+    template (Llama 3 style) carries its own, and a second one is out of distribution."""
     bos = getattr(tokenizer, "bos_token", None)
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+    return not (bos and text.startswith(bos))
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text`, BOS in front once (`_adds_special_tokens`)."""
+    return tokenizer(text, add_special_tokens=_adds_special_tokens(tokenizer, text))["input_ids"]
 
 
 def encode_all(tokenizer, texts: list[str]) -> list[list[int]]:
     """`encode` of every text, in two batched calls (with and without special tokens) rather than one per text."""
-    bos = getattr(tokenizer, "bos_token", None)
     rows: list = [None] * len(texts)
     for special in (True, False):
-        chosen = [i for i, text in enumerate(texts) if special != bool(bos and text.startswith(bos))]
+        chosen = [i for i, text in enumerate(texts) if _adds_special_tokens(tokenizer, text) == special]
         if chosen:
             encoded = tokenizer([str(texts[i]) for i in chosen], add_special_tokens=special)["input_ids"]
             for i, ids in zip(chosen, encoded, strict=True):

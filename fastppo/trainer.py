@@ -21,10 +21,17 @@ import sys
 
 import torch
 
-from fastppo import checkpoint as checkpoints
 from fastppo import distributed, groups, ops, precision, vllm_engine
 from fastppo.advantages import advantages_and_returns, shaped_rewards, uses_critic
-from fastppo.checkpoint import check_output_dir, clear_previous_run, find_resumable, load_checkpoint, save_checkpoint
+from fastppo.checkpoint import (
+    check_output_dir,
+    check_resume_settings,
+    clear_previous_run,
+    find_resumable,
+    load_checkpoint,
+    resume_settings,
+    save_checkpoint,
+)
 from fastppo.config import PPOConfig
 from fastppo.data import PromptSampler, check_prompt_token_ids, read_prompts, tokenize_prompts
 from fastppo.errors import InputError
@@ -58,7 +65,7 @@ class PPOTrainer:
         check_output_dir(config.output_dir, config.resume_from, config.overwrite_output_dir)
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         if checkpoint:
-            checkpoints.check_resume_settings(checkpoint, checkpoints.resume_settings(config))
+            check_resume_settings(checkpoint, resume_settings(config))
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         seed_everything(config.seed)  # the same seed on every rank: the same initial weights
@@ -496,7 +503,7 @@ class PPOTrainer:
         with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
             saved = None if model is None else save_checkpoint(
                 path or self.config.output_dir, self.step_count, model, self.tokenizer, state,
-                self.config.save_merged_lora, self.save_dtype, checkpoints.resume_settings(self.config))  # fmt: skip
+                self.config.save_merged_lora, self.save_dtype, resume_settings(self.config))  # fmt: skip
         return distributed.broadcast_object(saved)
 
     def _resume(self, checkpoint: str, state: dict) -> int:
