@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastppo.kernels import FP_FUSION
+from fastppo.kernels.launch import FP_FUSION
 
 
 @triton.jit

@@ -36,7 +36,7 @@ CPU_TOLERANCES = {
 #   x * log2(e) before ex2, 6e-8 |x| relative: 2e-6 at the |x| = 30 of the extreme log-ratio tests (float64 goes
 #   through libdevice, correctly rounded or nearly). float32 gets 5e-5, 25x that error and 2.5x the CPU's
 #   tolerance, a margin until a GPU run measures it.
-# - a * b + c is one FMA (kernels.FP_FUSION), rounded once instead of twice: well inside every tolerance.
+# - a * b + c is one FMA (kernels/launch.py: FP_FUSION), rounded once instead of twice: well inside every tolerance.
 # - a float32 value stored as bf16 by a kernel rounds to nearest on the GPU; the interpreter truncates, a whole ulp
 #   where the GPU is off by half of one (ROUNDING_ULPS).
 GPU_TOLERANCES = CPU_TOLERANCES | {torch.float32: (5e-5, 5e-5)}

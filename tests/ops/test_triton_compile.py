@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARCHS = (80, 90)
 # float64 is for the tests' exactness, not for speed: its register use is reported, its spills tolerated.
 SPILLS_ALLOWED = {"fp64"}
-# Launches that do not yet pass enable_fp_fusion (kernels.FP_FUSION): none.
+# Launches that do not yet pass enable_fp_fusion (kernels/launch.py: FP_FUSION): none.
 FP_FUSION_PENDING: set[str] = set()
 
 
@@ -72,7 +72,7 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
 
 
 def test_every_launch_states_fp_fusion(compiled):
-    """Triton 3.10 flips the default of enable_fp_fusion: every launch says what it wants (kernels.FP_FUSION)."""
+    """Triton 3.10 flips the default of enable_fp_fusion: every launch says what it wants (kernels/launch.py: FP_FUSION)."""
     unstated = sorted(
         {row["kernel"] for row in compiled[ARCHS[0]]["rows"] if not row["explicit_fp_fusion"]} - FP_FUSION_PENDING
     )

@@ -1,0 +1,18 @@
+"""Launch settings every Triton kernel in this folder passes, so a kernel's results do not depend on the Triton version.
+
+This folder installs as `fastppo.kernels`. It has no `__init__.py` on purpose: it is a namespace portion, so from the
+repository root (where pytest, `python -m bench` and `python -c` put the checkout on `sys.path`) an installed
+top-level `kernels` package, such as Hugging Face's, which transformers imports, still wins over this folder.
+tests/test_no_shadowing.py holds that rule for every folder of the checkout.
+
+One op family per file, each read top-down: the math, the @triton.jit kernel, the launcher, the autograd.Function,
+and last the functional entry point that `fastppo.ops.dispatch` calls (same name and signature as the reference).
+Modules are imported on demand by the dispatcher, so importing the package does not import Triton.
+"""
+
+# Every launch passes this as `enable_fp_fusion`: a * b + c contracted to one FMA (one rounding instead of two, and
+# faster). Triton 3.9 fuses by default but warns that 3.10 will not; saying it at each launch keeps the results
+# independent of the Triton version and leaves TRITON_DEFAULT_FP_FUSION, a process-wide setting, to the user. The
+# interpreter never fuses: tests/ops/helpers.py's GPU tolerances cover the difference, and
+# tests/ops/test_triton_compile.py checks that every launch passes this.
+FP_FUSION = True
