@@ -86,7 +86,8 @@ def test_a_plain_install_carries_the_kernels_and_sources_inside_fastppo(tmp_path
     """`pip install .` (a wheel): `kernels/` lands in fastppo/kernels/, `csrc/` in fastppo/csrc/, nothing at the top."""
     env = dict(os.environ, FASTPPO_SKIP_NATIVE="1", PIP_NO_INDEX="1")
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+        + [str(ROOT)],
         env=env,
         capture_output=True,
         text=True,
@@ -103,7 +104,7 @@ def test_a_plain_install_carries_the_kernels_and_sources_inside_fastppo(tmp_path
 
     target = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(target)  # what pip installs into site-packages, without the metadata step
-    code = "import fastppo.kernels.gae as gae, fastppo.ops.native_build as nb; print(gae.__file__); print(nb.source_dir())"
+    code = "import fastppo.kernels.gae as g, fastppo.ops.native_build as nb; print(g.__file__); print(nb.source_dir())"
     proc = subprocess.run(
         [sys.executable, "-c", code],
         cwd=tmp_path,
