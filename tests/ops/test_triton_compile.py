@@ -72,7 +72,7 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
 
 
 def test_every_launch_states_fp_fusion(compiled):
-    """Triton 3.10 flips the default of enable_fp_fusion: every launch says what it wants (kernels/launch.py: FP_FUSION)."""
+    """Triton 3.10 flips the default of enable_fp_fusion: every launch says what it wants (launch.FP_FUSION)."""
     unstated = sorted(
         {row["kernel"] for row in compiled[ARCHS[0]]["rows"] if not row["explicit_fp_fusion"]} - FP_FUSION_PENDING
     )
