@@ -16,7 +16,8 @@ from setuptools import find_packages, setup
 
 # `kernels/` (Triton) and `csrc/` (C++ sources) are source folders of their own that install as fastppo.kernels and
 # fastppo/csrc (see pyproject.toml).
-packages = find_packages(include=["fastppo", "fastppo.*"]) + ["fastppo.kernels", "fastppo.csrc"]
+# (fastppo/kernels/__init__.py only points a checkout's fastppo.kernels at kernels/; the wheel does not carry it.)
+packages = sorted(set(find_packages(include=["fastppo", "fastppo.*"])) | {"fastppo.kernels", "fastppo.csrc"})
 
 
 def native_build_settings():

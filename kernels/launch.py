@@ -1,9 +1,11 @@
 """Launch settings every Triton kernel in this folder passes, so a kernel's results do not depend on the Triton version.
 
-This folder installs as `fastppo.kernels`. It has no `__init__.py` on purpose: it is a namespace portion, so from the
-repository root (where pytest, `python -m bench` and `python -c` put the checkout on `sys.path`) an installed
-top-level `kernels` package, such as Hugging Face's, which transformers imports, still wins over this folder.
-tests/test_no_shadowing.py holds that rule for every folder of the checkout.
+This folder installs as `fastppo.kernels` (in a checkout, fastppo/kernels/__init__.py points that package here). It
+has no `__init__.py` on purpose: from the repository root, where pytest, `python -m bench`, `python -c` and
+`torchrun -m` put the checkout on `sys.path`, a regular package here would be imported in place of Hugging Face's
+`kernels`, which transformers imports. Without one, an installed `kernels` always wins, and where none is installed
+`import kernels` finds only an empty namespace, which transformers treats as not installed. tests/test_packaging.py
+holds that rule for every folder of the checkout.
 
 One op family per file, each read top-down: the math, the @triton.jit kernel, the launcher, the autograd.Function,
 and last the functional entry point that `fastppo.ops.dispatch` calls (same name and signature as the reference).
