@@ -35,8 +35,10 @@ def native_extension_args():
     try:
         from torch.utils import cpp_extension
     except ImportError:
-        print("fastppo: torch is not importable at build time; the native kernels compile on first use instead",
-              file=sys.stderr)  # fmt: skip
+        print(
+            "fastppo: torch is not importable at build time; the native kernels compile on first use instead",
+            file=sys.stderr,
+        )
         return {}
     settings = native_build_settings()
     sources = sorted(glob.glob("csrc/*.cpp"))

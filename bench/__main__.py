@@ -39,8 +39,17 @@ def run(args) -> int:
     if run_ops:
         ops_path = RESULTS / f"ops-{stamp}{suffix}.json"
         print(f"op benchmarks -> {ops_path.relative_to(ROOT)}")
-        command = [sys.executable, "-m", "pytest", "bench/bench_ops.py", "-q", "-p", "no:warnings",
-                   f"--benchmark-json={ops_path}", "--benchmark-columns=median,iqr,rounds"]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "bench/bench_ops.py",
+            "-q",
+            "-p",
+            "no:warnings",
+            f"--benchmark-json={ops_path}",
+            "--benchmark-columns=median,iqr,rounds",
+        ]
         if subprocess.call(command, cwd=ROOT, env=env) != 0:
             return 1
     if run_e2e:

@@ -2,7 +2,7 @@
 
 - log-probs: `log_softmax(logits) + gather` (most trainers) and TRL's `selective_log_softmax` (if trl is installed).
 - GAE: the one-step-per-iteration Python loop over time of TRL's PPOTrainer, OpenRLHF and veRL (it lives in
-  `fastppo.selfcheck`, which times it too on an installed package).
+  `fastppo.cli.selfcheck`, which times it too on an installed package).
 - reward shaping and the PPO losses: unfused PyTorch with autograd (fastppo's reference is exactly that).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from fastppo.cli.selfcheck import python_loop_gae
 from fastppo.ops import reference
-from fastppo.selfcheck import python_loop_gae
 
 __all__ = ["log_softmax_gather", "python_loop_gae", "trl_selective_log_softmax", "unfused_shape_rewards"]
 

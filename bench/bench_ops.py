@@ -29,8 +29,13 @@ QUICK = os.environ.get("FASTPPO_BENCH_QUICK") == "1"
 
 def sizes():
     if QUICK:
-        return {"logprobs": [(64, 1000, torch.float32)], "seq": (8, 64), "linear": (64, 32, 1000), "sample": (4, 1000),
-                "decode": (2, 4, 2, 8, 16)}  # fmt: skip
+        return {
+            "logprobs": [(64, 1000, torch.float32)],
+            "seq": (8, 64),
+            "linear": (64, 32, 1000),
+            "sample": (4, 1000),
+            "decode": (2, 4, 2, 8, 16),
+        }
     if DEVICE == "cuda":
         logprobs = [(16384, V, dtype) for V in (32000, 151936) for dtype in (torch.bfloat16, torch.float32)]
         return {"logprobs": logprobs, "seq": (64, 512), "linear": (8192, 2048, 151936), "sample": (64, 151936)}
@@ -152,9 +157,11 @@ def with_backend(backend, fn):
 SAMPLERS = {
     "torch.multinomial": lambda logits, u: torch.multinomial(logits.softmax(-1), 1).squeeze(-1),  # HF generate's
     "exponential race": lambda logits, u: (logits.softmax(-1) / torch.empty_like(logits).exponential_()).argmax(-1),
-    **{f"fastppo[{b}]": (lambda logits, u, b=b: with_backend(b, ops.sample_tokens)(logits, u))
-       for b in fastppo_backends("sample_tokens")},
-}  # fmt: skip
+    **{
+        f"fastppo[{b}]": (lambda logits, u, b=b: with_backend(b, ops.sample_tokens)(logits, u))
+        for b in fastppo_backends("sample_tokens")
+    },
+}
 
 
 @pytest.mark.parametrize("impl", list(SAMPLERS), ids=lambda s: s)
@@ -183,9 +190,12 @@ def stock_decode_attention(qkv, cos, sin, keys, values, key_mask, heads, scale):
 
 DECODE_ATTENTION = {
     "rotary+SDPA (transformers)": stock_decode_attention,
-    **{f"fastppo[{b}]": with_backend(b, ops.decode_attention) for b in fastppo_backends("decode_attention")
-       if b == "native"},  # the torch backend is the float64 specification, not an implementation to time
-}  # fmt: skip
+    **{
+        f"fastppo[{b}]": with_backend(b, ops.decode_attention)
+        for b in fastppo_backends("decode_attention")
+        if b == "native"
+    },  # the torch backend is the float64 specification, not an implementation to time
+}
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the lean decode steps (and so decode_attention) run on CPUs only")
@@ -199,8 +209,9 @@ def test_decode_attention(benchmark, impl):
     keys, values = torch.randn(B, G, 2 * n, D, generator=g), torch.randn(B, G, 2 * n, D, generator=g)
     key_mask = torch.ones(B, n, dtype=torch.bool)
     call = lambda: DECODE_ATTENTION[impl](qkv, cos, sin, keys, values, key_mask, heads, D**-0.5)  # noqa: E731
-    run_benchmark(benchmark, f"decode_attention B={B} heads={heads} n={n}", impl, call,
-                  baseline=impl.startswith("rotary"))  # fmt: skip
+    run_benchmark(
+        benchmark, f"decode_attention B={B} heads={heads} n={n}", impl, call, baseline=impl.startswith("rotary")
+    )
 
 
 # ----------------------------------------------------------------------------------------------

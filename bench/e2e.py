@@ -31,12 +31,39 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-DEFAULT = {"hidden": 256, "layers": 4, "vocab": 32000, "batch": 16, "micro_batch": 8, "prompt": 32, "response": 64,
-           "iterations": 4, "repeats": 3}  # fmt: skip
-LARGE = {"hidden": 768, "layers": 12, "vocab": 32000, "batch": 16, "micro_batch": 8, "prompt": 64, "response": 256,
-         "iterations": 2, "repeats": 1}  # fmt: skip
-QUICK = {"hidden": 32, "layers": 2, "vocab": 500, "batch": 4, "micro_batch": 2, "prompt": 8, "response": 8,
-         "iterations": 2, "repeats": 1}  # fmt: skip
+DEFAULT = {
+    "hidden": 256,
+    "layers": 4,
+    "vocab": 32000,
+    "batch": 16,
+    "micro_batch": 8,
+    "prompt": 32,
+    "response": 64,
+    "iterations": 4,
+    "repeats": 3,
+}
+LARGE = {
+    "hidden": 768,
+    "layers": 12,
+    "vocab": 32000,
+    "batch": 16,
+    "micro_batch": 8,
+    "prompt": 64,
+    "response": 256,
+    "iterations": 2,
+    "repeats": 1,
+}
+QUICK = {
+    "hidden": 32,
+    "layers": 2,
+    "vocab": 500,
+    "batch": 4,
+    "micro_batch": 2,
+    "prompt": 8,
+    "response": 8,
+    "iterations": 2,
+    "repeats": 1,
+}
 SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK}
 
 
@@ -54,13 +81,21 @@ def build_models(cfg: dict, directory: Path) -> None:
     vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(cfg["vocab"] - len(specials))])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
-                                        unk_token="<unk>")  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     config = LlamaConfig(
-        vocab_size=cfg["vocab"], hidden_size=cfg["hidden"], intermediate_size=cfg["hidden"] * 8 // 3,
-        num_hidden_layers=cfg["layers"], num_attention_heads=max(1, cfg["hidden"] // 64),
-        max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False,
-    )  # fmt: skip
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["hidden"] * 8 // 3,
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=max(1, cfg["hidden"] // 64),
+        max_position_embeddings=512,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=1,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)  # saved in bf16, as released checkpoints are
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(directory / "policy")
     config.num_labels = 1
@@ -92,21 +127,37 @@ def run_trl(cfg: dict, directory: Path) -> dict:
     prompts = json.loads((directory / "prompts.json").read_text())
     dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
     args = PPOConfig(
-        output_dir=str(directory / "runs" / "trl"), per_device_train_batch_size=cfg["micro_batch"],
-        gradient_accumulation_steps=cfg["batch"] // cfg["micro_batch"], num_mini_batches=1, num_ppo_epochs=1,
-        local_rollout_forward_batch_size=cfg["batch"], total_episodes=len(prompts), response_length=cfg["response"],
-        stop_token="eos", temperature=1.0, kl_coef=0.05, learning_rate=1e-5, report_to="none", save_strategy="no",
-        num_sample_generations=0, use_cpu=True, bf16=False, fp16=False, seed=0, logging_steps=1000,
-    )  # fmt: skip
+        output_dir=str(directory / "runs" / "trl"),
+        per_device_train_batch_size=cfg["micro_batch"],
+        gradient_accumulation_steps=cfg["batch"] // cfg["micro_batch"],
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        local_rollout_forward_batch_size=cfg["batch"],
+        total_episodes=len(prompts),
+        response_length=cfg["response"],
+        stop_token="eos",
+        temperature=1.0,
+        kl_coef=0.05,
+        learning_rate=1e-5,
+        report_to="none",
+        save_strategy="no",
+        num_sample_generations=0,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=0,
+        logging_steps=1000,
+    )
     fp32 = {"dtype": torch.float32}  # TRL computes in each model's dtype: float32 on a CPU, as fastppo does
     trainer = PPOTrainer(
-        args=args, processing_class=tokenizer,
+        args=args,
+        processing_class=tokenizer,
         model=AutoModelForCausalLM.from_pretrained(directory / "policy", **fp32),
         ref_model=AutoModelForCausalLM.from_pretrained(directory / "policy", **fp32),
         reward_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward", **fp32),
         value_model=AutoModelForSequenceClassification.from_pretrained(directory / "reward", **fp32),
         train_dataset=dataset,
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -119,12 +170,25 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
 
     prompts = json.loads((directory / "prompts.json").read_text())
     config = PPOConfig(
-        policy_model=str(directory / "policy"), reward_model=str(directory / "reward"),
-        output_dir=str(directory / "runs" / "-".join(["fastppo", *options])), steps=cfg["iterations"],
-        rollout_batch_size=cfg["batch"], mini_batch_size=cfg["batch"], micro_batch_size=cfg["micro_batch"],
-        ppo_epochs=1, max_prompt_length=cfg["prompt"], max_new_tokens=cfg["response"], kl_coef=0.05, learning_rate=1e-5,
-        temperature=1.0, seed=0, save_every=0, device="cpu", tensorboard=False, **options,
-    )  # fmt: skip
+        policy_model=str(directory / "policy"),
+        reward_model=str(directory / "reward"),
+        output_dir=str(directory / "runs" / "-".join(["fastppo", *options])),
+        steps=cfg["iterations"],
+        rollout_batch_size=cfg["batch"],
+        mini_batch_size=cfg["batch"],
+        micro_batch_size=cfg["micro_batch"],
+        ppo_epochs=1,
+        max_prompt_length=cfg["prompt"],
+        max_new_tokens=cfg["response"],
+        kl_coef=0.05,
+        learning_rate=1e-5,
+        temperature=1.0,
+        seed=0,
+        save_every=0,
+        device="cpu",
+        tensorboard=False,
+        **options,
+    )
     trainer = PPOTrainer(config, prompts=prompts)
     trainer.save = lambda *args, **kwargs: None  # the final checkpoint is not part of an iteration (TRL saves none)
     start = time.perf_counter()
@@ -215,8 +279,9 @@ def child(name: str, cfg: dict, directory: Path) -> None:
     tokens = cfg["batch"] * (cfg["prompt"] + cfg["response"])
     result.update(framework=name, tokens_per_s=tokens / result["seconds_per_iteration"], peak_memory_mb=peak_rss_mb())
     if "phase_seconds" in result:  # measured after the peak RSS: its tensors are not the framework's
-        result["hardware"] = hardware_ratios(cfg, result["phase_seconds"], result["response_tokens"],
-                                             not result["old_logprobs_from_rollout"])  # fmt: skip
+        result["hardware"] = hardware_ratios(
+            cfg, result["phase_seconds"], result["response_tokens"], not result["old_logprobs_from_rollout"]
+        )
     print("RESULT " + json.dumps(result))
 
 

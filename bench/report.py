@@ -112,16 +112,19 @@ def phase_table(run: dict, base: dict | None = None) -> str:
 
 def rollout_table(data: dict) -> str:
     """bench/rollout_engines.py: fastppo's decode loop against vLLM, tokens/s side by side, per model."""
-    lines = ["| model | engine | rollout s | tokens / s | vs hf | engine start s | weight sync s |",
-             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    lines = [
+        "| model | engine | rollout s | tokens / s | vs hf | engine start s | weight sync s |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     hf = {r["model"]: r for r in data["rows"] if r["engine"] == "hf"}
     for r in data["rows"]:
         base = hf.get(r["model"])
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
         start, sync = (f"{r[k]:.2f}" if k in r else "" for k in ("startup_s", "sync_s"))
         shape = f"{r['model']} (H {r['hidden']}, {r['layers']} layers, {r['batch']} x {r['response']} new)"
-        lines.append(f"| {shape} | {r['engine']} | {r['rollout_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | "
-                     f"{start} | {sync} |")  # fmt: skip
+        lines.append(
+            f"| {shape} | {r['engine']} | {r['rollout_s']:.2f} | {r['tokens_per_s']:.0f} | {ratio} | {start} | {sync} |"
+        )
     return "\n".join(lines)
 
 

@@ -45,8 +45,8 @@ def bench_model(name: str, cfg: dict, repeats: int) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from fastppo.data import tokenize_prompts
-    from fastppo.rollout import generate
-    from fastppo.vllm_engine import VLLMEngine, policy_weights
+    from fastppo.engines.hf import generate
+    from fastppo.engines.vllm import VLLMEngine, policy_weights
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
@@ -75,7 +75,7 @@ def bench_model(name: str, cfg: dict, repeats: int) -> list[dict]:
             "tokens_per_s": vllm_tokens / vllm_s,
             "startup_s": engine.startup_s,
             "sync_s": sync_s,
-        },  # fmt: skip
+        },
     ]
 
 
@@ -95,8 +95,7 @@ def main() -> None:
 
     from bench.machine import machine_info
 
-    result = {"machine": machine_info(), "threads": torch.get_num_threads(), "vllm": vllm.__version__,
-              "rows": rows}  # fmt: skip
+    result = {"machine": machine_info(), "threads": torch.get_num_threads(), "vllm": vllm.__version__, "rows": rows}
     out = Path(args.out or f"bench/results/rollout-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")

@@ -6,8 +6,8 @@ import warnings
 
 import torch
 
-from fastppo.errors import InputError
-from fastppo.validation import clip, read_jsonl, require_text, short
+from fastppo.runtime.errors import InputError
+from fastppo.runtime.validation import clip, read_jsonl, require_text, short
 
 
 class Prompt(str):
@@ -183,20 +183,27 @@ def check_prompt_token_ids(prompts: list[str], tokenizer, vocab_size: int, end_i
     )
     pad = tokenizer.pad_token_id
     if pad is not None and not 0 <= pad < vocab_size:
-        raise InputError(f"the tokenizer's pad token {tokenizer.pad_token!r} is id {pad}, beyond the model's "
-                         f"vocab_size {vocab_size} (its input embeddings); {hint}")  # fmt: skip
+        raise InputError(
+            f"the tokenizer's pad token {tokenizer.pad_token!r} is id {pad}, beyond the model's "
+            f"vocab_size {vocab_size} (its input embeddings); {hint}"
+        )
     unreachable = sorted({int(i) for i in end_ids if not 0 <= int(i) < vocab_size})
     if unreachable:
-        warnings.warn(f"end-of-response token id(s) {unreachable} are beyond the model's vocab_size {vocab_size}: "
-                      "it can never sample them, so no response ends there", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"end-of-response token id(s) {unreachable} are beyond the model's vocab_size {vocab_size}: "
+            "it can never sample them, so no response ends there",
+            stacklevel=2,
+        )
     if max(tokenizer.get_vocab().values(), default=-1) < vocab_size:
         return  # no prompt can hold an id the model lacks
     for i, row in enumerate(encode_all(tokenizer, prompts)):
         beyond = [token for token in row if not 0 <= token < vocab_size]
         if beyond:
             token = tokenizer.convert_ids_to_tokens(beyond[0])
-            raise InputError(f"{prompt_location(prompts[i], i)}: token {token!r} is id {beyond[0]}, beyond the model's "
-                             f"vocab_size {vocab_size} (its input embeddings); {hint}")  # fmt: skip
+            raise InputError(
+                f"{prompt_location(prompts[i], i)}: token {token!r} is id {beyond[0]}, beyond the model's "
+                f"vocab_size {vocab_size} (its input embeddings); {hint}"
+            )
 
 
 class PromptSampler:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from fastppo import ops
-from fastppo.errors import InputError
-from fastppo.library_messages import explain_bitsandbytes_messages, peft_wrapping
-from fastppo.validation import LOAD_ERRORS, clip
+from fastppo.runtime.checkpoint import save_weights
+from fastppo.runtime.errors import InputError
+from fastppo.runtime.library_messages import explain_bitsandbytes_messages, peft_wrapping
+from fastppo.runtime.validation import LOAD_ERRORS, clip
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,8 +170,7 @@ def load_trainable_lm(spec, device: torch.device):
     return lm, checkpoint_dtype
 
 
-def frozen_reference(source, lm, quantization: str, device: torch.device, checkpoint_dtype: torch.dtype,
-                     given=None):  # fmt: skip
+def frozen_reference(source, lm, quantization: str, device: torch.device, checkpoint_dtype: torch.dtype, given=None):
     """The frozen reference: `given` (a model object: quantized through a temporary checkpoint, or moved to
     `device`), else loaded from `source` when it is a path, else a copy of `lm` (the policy before any LoRA is
     added), quantized, or in `checkpoint_dtype` (read as float32 on CPU, as `load_frozen`)."""
@@ -201,23 +201,6 @@ def quantized_copy(model, auto_class, quantization: str, device: torch.device, d
     with tempfile.TemporaryDirectory() as tmp:
         save_weights(model, tmp, dtype)
         return load_frozen(auto_class, tmp, quantization, device)
-
-
-def save_weights(model, directory: str, dtype: torch.dtype) -> None:
-    """`model.save_pretrained(directory)` with the weights (and config.json's dtype) in `dtype`: a float32 master
-    copy of a bf16 checkpoint is saved back as bf16."""
-    import json
-    import os
-
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    model.save_pretrained(directory, state_dict=state)
-    config_path = os.path.join(directory, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    config.pop("torch_dtype", None)
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
 
 
 # Dropout is applied functionally by most decoder models (Llama/Qwen2 `attention_dropout`, OPT `dropout`, GPT-NeoX
@@ -296,8 +279,9 @@ def response_logprobs(lm, hidden, response_ids, temperature: float, fused: bool)
     head = unwrap(lm).get_output_embeddings()
     scale, softcap = logit_transform(lm)
     if fused and softcap is None:  # a scale folds into the temperature: softmax(s * z / t) = softmax(z / (t / s))
-        return ops.linear_token_logprobs(hidden, head.weight, response_ids, temperature / scale, head.bias,
-                                         with_entropy=True)  # fmt: skip
+        return ops.linear_token_logprobs(
+            hidden, head.weight, response_ids, temperature / scale, head.bias, with_entropy=True
+        )
     return ops.token_logprobs_and_entropy(model_logits(lm, hidden), response_ids, temperature)
 
 
@@ -318,8 +302,12 @@ def check_logprob_path(lm, input_ids, attention_mask, fused: bool, tolerance: fl
     """Compare the trainer's log-probs of `input_ids` with those of the model's own `logits` (the distribution the
     rollout samples from). A gap beyond `tolerance` nats means the architecture transforms its logits in a way
     `logit_transform` does not know: training on it would be silently off-policy, so refuse. Returns the gap."""
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask),
-             use_cache=False)  # fmt: skip
+    out = lm(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,
+    )
     targets, valid = input_ids[:, 1:], attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     own = torch.log_softmax(out.logits[:, :-1].float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     hidden = final_hidden(backbone_of(lm), input_ids, attention_mask)[:, :-1]
@@ -395,3 +383,18 @@ def add_lora(lm, rank: int, alpha: float):
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     with peft_wrapping():
         return get_peft_model(lm, config)
+
+
+def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) a one-label sequence classifier's output at each right-padded row's last attended token.
+
+    The one way fastppo reads a reward model, in training (`fastppo reward-model`) and in PPO. Hugging Face's own
+    pooling reads the last token that is not `pad_token_id`: when pad == EOS, as with most causal LMs, that skips a
+    response's EOS, so scores would depend on how the batch was padded. Differentiable: training calls it too.
+    """
+    if not hasattr(model, "score"):  # an architecture with another head name: its own pooling
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    last = attention_mask.sum(-1) - 1  # (B,)
+    return model.score(hidden[torch.arange(len(last), device=hidden.device), last])[:, 0]

@@ -169,8 +169,9 @@ def gae(
 
 
 @triton.jit
-def _length_adaptive_lam_kernel(mask_ptr, lam_ptr, B, T, stride_m_b, stride_m_t, alpha: tl.float64,
-                                BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+def _length_adaptive_lam_kernel(
+    mask_ptr, lam_ptr, B, T, stride_m_b, stride_m_t, alpha: tl.float64, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr
+):
     """lam_b = clamp(1 - 1 / (alpha * length_b), 0, 1), length_b = the row's valid tokens, counted tile by tile."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_ok = rows < B
@@ -195,7 +196,14 @@ def length_adaptive_lam(response_mask: torch.Tensor, alpha: float) -> torch.Tens
     if B > 0:
         block_b, block_t = _blocks(B, T)
         _length_adaptive_lam_kernel[(triton.cdiv(B, block_b),)](
-            response_mask, lam, B, T, *response_mask.stride(), float(alpha), BLOCK_B=block_b, BLOCK_T=block_t,
+            response_mask,
+            lam,
+            B,
+            T,
+            *response_mask.stride(),
+            float(alpha),
+            BLOCK_B=block_b,
+            BLOCK_T=block_t,
             enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+        )
     return lam

@@ -62,8 +62,15 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps:
         block_g = triton.next_power_of_2(group_size)
         block_groups = max(1, min(triton.next_power_of_2(n_groups), 1024 // block_g))
         _group_advantages_kernel[(triton.cdiv(n_groups, block_groups),)](
-            scores.detach(), out, n_groups, scores.stride(0), float(eps),
-            GROUP_SIZE=group_size, ESTIMATOR=estimator, BLOCK_GROUPS=block_groups, BLOCK_G=block_g,
+            scores.detach(),
+            out,
+            n_groups,
+            scores.stride(0),
+            float(eps),
+            GROUP_SIZE=group_size,
+            ESTIMATOR=estimator,
+            BLOCK_GROUPS=block_groups,
+            BLOCK_G=block_g,
             enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+        )
     return out

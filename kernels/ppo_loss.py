@@ -295,8 +295,22 @@ def _masked_means(partials: torch.Tensor, columns: slice) -> torch.Tensor:
 
 class _PPOPolicyLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, den,
-                ref_logprobs, kl_loss_coef, kl_estimator, token_weights):  # fmt: skip
+    def forward(
+        ctx,
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+        den,
+        ref_logprobs,
+        kl_loss_coef,
+        kl_estimator,
+        token_weights,
+    ):
         clip_high = clip_low if clip_high is None else clip_high
         # Without a reference the kernel never reads it: any (B, T) tensor fills the slot.
         ref = logprobs if ref_logprobs is None else ref_logprobs
@@ -375,9 +389,20 @@ def ppo_policy_loss(
     """PPO's clipped surrogate, plus kl_loss_coef * KL to the reference with ref_logprobs (a 0-dim loss,
     differentiable wrt logprobs), and its detached float32 stats (ref_kl among them with ref_logprobs)."""
     loss, stats = _PPOPolicyLoss.apply(
-        logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
-        ref_logprobs, kl_loss_coef, kl_estimator, token_weights,
-    )  # fmt: skip
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+        denominator,
+        ref_logprobs,
+        kl_loss_coef,
+        kl_estimator,
+        token_weights,
+    )
     return loss, named_policy_stats(stats, ref_logprobs is not None)
 
 

@@ -82,7 +82,14 @@ def sample_tokens(logits: torch.Tensor, uniform: torch.Tensor, temperature: floa
     uniform = uniform.to(device=logits.device, dtype=torch.float32).contiguous()
     BLOCK_V = min(2048, triton.next_power_of_2(V))  # 4096 spilled registers (tests/ops/test_triton_compile.py)
     _sample_kernel[(B,)](
-        logits, uniform, tokens, logprobs, V, logits.stride(0), 1.0 / temperature, BLOCK_V=BLOCK_V,
+        logits,
+        uniform,
+        tokens,
+        logprobs,
+        V,
+        logits.stride(0),
+        1.0 / temperature,
+        BLOCK_V=BLOCK_V,
         enable_fp_fusion=FP_FUSION,
-    )  # fmt: skip
+    )
     return tokens, logprobs

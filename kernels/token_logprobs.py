@@ -154,9 +154,20 @@ def _forward(logits: torch.Tensor, tokens: torch.Tensor, temperature: float):
     lse = torch.empty_like(logprobs)
     if N > 0:
         _token_logprobs_fwd_kernel[(N,)](
-            rows, flat_tokens, logprobs, entropy, lse, L1, V, stride_0, stride_1, 1.0 / temperature,
-            BLOCK_V=_block_v(V), num_warps=8, enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+            rows,
+            flat_tokens,
+            logprobs,
+            entropy,
+            lse,
+            L1,
+            V,
+            stride_0,
+            stride_1,
+            1.0 / temperature,
+            BLOCK_V=_block_v(V),
+            num_warps=8,
+            enable_fp_fusion=FP_FUSION,
+        )
     return logprobs, entropy, lse
 
 
@@ -172,11 +183,23 @@ def _backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, tempera
     grad_entropy = grad_entropy if has_grad_entropy else grad_logprobs  # unread placeholder
     if N > 0:
         _token_logprobs_bwd_kernel[(N,)](
-            rows, grad_logits, tokens.reshape(-1), lse, entropy,
-            grad_logprobs.reshape(-1).float().contiguous(), grad_entropy.reshape(-1).float().contiguous(),
-            L1, V, stride_0, stride_1, 1.0 / temperature,
-            HAS_GRAD_ENTROPY=has_grad_entropy, BLOCK_V=_block_v(V), num_warps=8, enable_fp_fusion=FP_FUSION,
-        )  # fmt: skip
+            rows,
+            grad_logits,
+            tokens.reshape(-1),
+            lse,
+            entropy,
+            grad_logprobs.reshape(-1).float().contiguous(),
+            grad_entropy.reshape(-1).float().contiguous(),
+            L1,
+            V,
+            stride_0,
+            stride_1,
+            1.0 / temperature,
+            HAS_GRAD_ENTROPY=has_grad_entropy,
+            BLOCK_V=_block_v(V),
+            num_warps=8,
+            enable_fp_fusion=FP_FUSION,
+        )
     return grad_logits
 
 

@@ -16,8 +16,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_op_benchmarks_run_and_report(tmp_path):
     out = tmp_path / "ops-quick.json"
     env = {**os.environ, "FASTPPO_BENCH_QUICK": "1"}
-    command = [sys.executable, "-m", "pytest", "bench/bench_ops.py", "-q", "-p", "no:warnings",
-               "-p", "no:cacheprovider", f"--benchmark-json={out}"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "bench/bench_ops.py",
+        "-q",
+        "-p",
+        "no:warnings",
+        "-p",
+        "no:cacheprovider",
+        f"--benchmark-json={out}",
+    ]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())

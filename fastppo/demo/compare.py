@@ -28,7 +28,7 @@ import time
 
 from fastppo.demo import compare_report, pipeline, task
 from fastppo.demo.dpo_stage import DPOSettings, run_dpo_on_demo
-from fastppo.validation import refuse_non_empty_dir
+from fastppo.runtime.validation import refuse_non_empty_dir
 
 # The full comparison (<= 15 min on 2 CPU cores): the demo's SFT and reward model, then half the demo's RL budget per
 # method, so that six RL runs, DPO and best-of-n fit; evaluations every 10 steps trace each method's gold-KL path.
@@ -70,7 +70,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from fastppo.errors import InputError
+    from fastppo.runtime.errors import InputError
 
     if args.best_of < 1:
         raise InputError(f"--best-of must be at least 1, got {args.best_of}")
@@ -105,15 +105,31 @@ def run_comparison(output_dir: str, settings, dpo_settings: DPOSettings, best_of
         rows.append(online_row(name, result, settings, seconds, peak))
         curves[name] = [(r["kl"], r["gold"]) for r in result["eval"]]
     print(f"[{len(rows) + 1}/{len(ONLINE) + 2}] DPO on the reward model's preference pairs")
-    dpo, seconds, peak = measured(lambda: run_dpo_on_demo(os.path.join(output_dir, "dpo"), os.path.join(
-        output_dir, "sft"), pairs, dpo_settings, seed, log=lambda line: print(line)))  # fmt: skip
+    dpo, seconds, peak = measured(
+        lambda: run_dpo_on_demo(
+            os.path.join(output_dir, "dpo"),
+            os.path.join(output_dir, "sft"),
+            pairs,
+            dpo_settings,
+            seed,
+            log=lambda line: print(line),
+        )
+    )
     sft_row, dpo_row = offline_rows(output_dir, dpo, seconds, peak)
     print(f"[{len(rows) + 2}/{len(ONLINE) + 2}] best-of-{best_of} sampling from the SFT policy")
     best, seconds, peak = measured(lambda: best_of_n(output_dir, settings, best_of, seed))
     rows = [sft_row, *rows, dpo_row, {**best, "seconds": seconds, "peak_mb": peak}]
-    summary = {"output_dir": output_dir, "settings": dataclasses.asdict(settings), "seed": seed,
-               "dpo_settings": dataclasses.asdict(dpo_settings), "best_of": best_of, "rows": rows, "curves": curves,
-               "shared_seconds": shared_seconds, "reward_model_accuracy": reward["eval_accuracy"]}  # fmt: skip
+    summary = {
+        "output_dir": output_dir,
+        "settings": dataclasses.asdict(settings),
+        "seed": seed,
+        "dpo_settings": dataclasses.asdict(dpo_settings),
+        "best_of": best_of,
+        "rows": rows,
+        "curves": curves,
+        "shared_seconds": shared_seconds,
+        "reward_model_accuracy": reward["eval_accuracy"],
+    }
     with open(os.path.join(output_dir, "compare.json"), "w") as f:
         json.dump(summary, f, indent=2)
     compare_report.write_table(summary, os.path.join(output_dir, "compare.md"))
@@ -129,8 +145,16 @@ def run_name(name: str) -> str:
 def online_row(name: str, result: dict, settings, seconds: float, peak_mb: float) -> dict:
     last = result["eval"][-1]
     kl = pipeline.recent_mean(result["train"], 10)["policy/kl"]  # the trainer's estimate on its last 10 batches
-    return {"method": name, "kind": "online", "gold": last["gold"], "proxy": last["proxy"], "kl": kl,
-            "length": last["length"], "seconds": seconds, "peak_mb": peak_mb}  # fmt: skip
+    return {
+        "method": name,
+        "kind": "online",
+        "gold": last["gold"],
+        "proxy": last["proxy"],
+        "kl": kl,
+        "length": last["length"],
+        "seconds": seconds,
+        "peak_mb": peak_mb,
+    }
 
 
 def offline_rows(output_dir: str, dpo: dict, seconds: float, peak_mb: float) -> tuple[dict, dict]:
@@ -138,10 +162,26 @@ def offline_rows(output_dir: str, dpo: dict, seconds: float, peak_mb: float) -> 
     proxy = proxy_scorer(output_dir)
     prompts = dpo["eval_prompts"]
     sft, after = dpo["sft"], dpo["dpo"]
-    sft_row = {"method": "SFT policy", "kind": "start", "gold": sft["gold"], "proxy": proxy(prompts, sft["responses"]),
-               "kl": 0.0, "length": sft["length"], "seconds": 0.0, "peak_mb": 0.0}  # fmt: skip
-    dpo_row = {"method": "DPO", "kind": "offline", "gold": after["gold"], "proxy": proxy(prompts, after["responses"]),
-               "kl": after["kl"], "length": after["length"], "seconds": seconds, "peak_mb": peak_mb}  # fmt: skip
+    sft_row = {
+        "method": "SFT policy",
+        "kind": "start",
+        "gold": sft["gold"],
+        "proxy": proxy(prompts, sft["responses"]),
+        "kl": 0.0,
+        "length": sft["length"],
+        "seconds": 0.0,
+        "peak_mb": 0.0,
+    }
+    dpo_row = {
+        "method": "DPO",
+        "kind": "offline",
+        "gold": after["gold"],
+        "proxy": proxy(prompts, after["responses"]),
+        "kl": after["kl"],
+        "length": after["length"],
+        "seconds": seconds,
+        "peak_mb": peak_mb,
+    }
     return sft_row, dpo_row
 
 
@@ -149,11 +189,16 @@ def best_of_n(output_dir: str, settings, n: int, seed: int) -> dict:
     """n answers per held-out prompt from the SFT policy, the one the reward model scores highest kept."""
     import math
 
-    from fastppo.trainer import PPOTrainer
+    from fastppo.ppo.trainer import PPOTrainer
 
     config = pipeline.ppo_config(output_dir, settings, True, seed, name="best-of-n")
-    trainer = PPOTrainer(config, policy=config.policy_model, tokenizer=config.policy_model,
-                         reward=config.reward_model, prompts=config.prompts)  # fmt: skip
+    trainer = PPOTrainer(
+        config,
+        policy=config.policy_model,
+        tokenizer=config.policy_model,
+        reward=config.reward_model,
+        prompts=config.prompts,
+    )
     prompts = [p for p in task.prompts()[1] for _ in range(settings.eval_samples_per_prompt)]
     candidates = pipeline.generate(trainer, [p for p in prompts for _ in range(n)], seed=pipeline._EVALUATE_SEED)
     scores = proxy_scorer(output_dir)(prompts=[p for p in prompts for _ in range(n)], responses=candidates, mean=False)
@@ -162,16 +207,20 @@ def best_of_n(output_dir: str, settings, n: int, seed: int) -> dict:
         best = max(range(i * n, (i + 1) * n), key=lambda j: scores[j])
         chosen.append(candidates[best])
         chosen_scores.append(scores[best])
-    return {"method": f"best-of-{n} (SFT + reward model)", "kind": "inference",
-            "gold": statistics.fmean(task.gold_rewards(prompts, chosen)), "proxy": statistics.fmean(chosen_scores),
-            "kl": math.log(n) - (n - 1) / n,
-            "length": statistics.fmean(len(r.split()) for r in chosen)}  # fmt: skip
+    return {
+        "method": f"best-of-{n} (SFT + reward model)",
+        "kind": "inference",
+        "gold": statistics.fmean(task.gold_rewards(prompts, chosen)),
+        "proxy": statistics.fmean(chosen_scores),
+        "kl": math.log(n) - (n - 1) / n,
+        "length": statistics.fmean(len(r.split()) for r in chosen),
+    }
 
 
 def proxy_scorer(output_dir: str):
     """score(prompts, responses, mean=True): the learned reward model's mean (or per-answer) reward."""
-    from fastppo.reward_training import load_reward_model, score
-    from fastppo.sft import load_tokenizer
+    from fastppo.stages.reward_model import load_reward_model, score
+    from fastppo.stages.sft import load_tokenizer
 
     path = os.path.join(output_dir, "reward_model")
     tokenizer = load_tokenizer(path)

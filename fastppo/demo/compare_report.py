@@ -11,8 +11,16 @@ def table(summary: dict) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * (len(COLUMNS) - 1)]
     for r in summary["rows"]:
         gap = r["proxy"] - r["gold"]
-        cells = [r["method"], f"{r['gold']:+.2f}", f"{r['proxy']:+.2f}", f"{gap:+.2f}", f"{r['kl']:.2f}",
-                 f"{r['length']:.1f}", f"{r['seconds']:.0f} s", f"{r['peak_mb']:.0f} MiB"]  # fmt: skip
+        cells = [
+            r["method"],
+            f"{r['gold']:+.2f}",
+            f"{r['proxy']:+.2f}",
+            f"{gap:+.2f}",
+            f"{r['kl']:.2f}",
+            f"{r['length']:.1f}",
+            f"{r['seconds']:.0f} s",
+            f"{r['peak_mb']:.0f} MiB",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -44,8 +44,8 @@ def run_dpo_on_demo(
     """DPO from the SFT checkpoint `sft_dir` on `pairs`, into `output_dir`. Returns {"sft": ..., "dpo": ...} (each
     {"gold", "kl", "length" in words, "responses"} on the held-out prompts), "train" (the last step's metrics),
     "eval_prompts", "seconds" (of training) and "checkpoint"."""
-    from fastppo.dpo import DPOTrainer
-    from fastppo.dpo_config import DPOConfig
+    from fastppo.stages.dpo import DPOTrainer
+    from fastppo.stages.dpo_config import DPOConfig
 
     heldout = task.prompts()[1]
     eval_prompts = [p for p in heldout for _ in range(settings.eval_samples_per_prompt)]
@@ -76,10 +76,18 @@ def run_dpo_on_demo(
     after = evaluate(trainer, eval_prompts)
     last = history[-1]
     accuracy, margin = last.get("eval/rewards_accuracy", float("nan")), last.get("eval/rewards_margin", float("nan"))
-    log(f"  DPO, {trainer.step_count} steps: gold {after['gold']:+.2f}  KL {after['kl']:.2f}  length "
-        f"{after['length']:.1f} words  held-out pairs: accuracy {accuracy:.3f}, margin {margin:.2f}")  # fmt: skip
-    return {"sft": before, "dpo": after, "train": last, "eval_prompts": eval_prompts, "seconds": seconds,
-            "checkpoint": f"{output_dir}/checkpoint-{trainer.step_count}"}  # fmt: skip
+    log(
+        f"  DPO, {trainer.step_count} steps: gold {after['gold']:+.2f}  KL {after['kl']:.2f}  length "
+        f"{after['length']:.1f} words  held-out pairs: accuracy {accuracy:.3f}, margin {margin:.2f}"
+    )
+    return {
+        "sft": before,
+        "dpo": after,
+        "train": last,
+        "eval_prompts": eval_prompts,
+        "seconds": seconds,
+        "checkpoint": f"{output_dir}/checkpoint-{trainer.step_count}",
+    }
 
 
 def evaluate(trainer, prompts: list[str]) -> dict:

@@ -24,7 +24,7 @@ import statistics
 import time
 
 from fastppo.demo import report, task
-from fastppo.validation import refuse_non_empty_dir
+from fastppo.runtime.validation import refuse_non_empty_dir
 
 _EVALUATE_SEED = 1234  # the same sampling seed at every evaluation, so curves differ by the policy, not the dice
 
@@ -100,9 +100,12 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="PPO with no KL penalty, to watch the policy over-optimize the proxy reward",
     )
-    parser.add_argument("--algo", choices=list(ALGORITHMS), default="gae",
-                        help="advantage estimator of the RL stage: gae (PPO, the default), vapo, or a critic-free "
-                        "one")  # fmt: skip
+    parser.add_argument(
+        "--algo",
+        choices=list(ALGORITHMS),
+        default="gae",
+        help="advantage estimator of the RL stage: gae (PPO, the default), vapo, or a critic-free one",
+    )
     parser.add_argument("--output-dir", help="run directory (default: runs/demo-<timestamp>)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and PPO (default 0)")
 
@@ -112,8 +115,9 @@ def run(args) -> int:
     algo = getattr(args, "algo", None) or "gae"
     output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)
     refuse_non_empty_dir("--output-dir", output_dir)  # its SFT and reward models would be retrained over
-    summary = run_pipeline(output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", 0),
-                           algo=algo)  # fmt: skip
+    summary = run_pipeline(
+        output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", 0), algo=algo
+    )
     print(report.summary_text(summary))
     return 0
 
@@ -189,7 +193,7 @@ def build_policy(tokenizer, seed: int):
 
 def train_sft_stage(output_dir: str, settings: Settings, seed: int) -> dict:
     from fastppo.demo.tokenizer import build_tokenizer
-    from fastppo.sft import train_sft
+    from fastppo.stages.sft import train_sft
 
     tokenizer = build_tokenizer()
     corpus = task.sft_corpus(settings.sft_examples, seed=seed)
@@ -211,8 +215,8 @@ def train_sft_stage(output_dir: str, settings: Settings, seed: int) -> dict:
 
 
 def train_reward_stage(output_dir: str, settings: Settings, seed: int) -> dict:
-    from fastppo.reward_training import load_reward_model, train_reward_model
-    from fastppo.supervised import load_tokenizer
+    from fastppo.stages.common import load_tokenizer
+    from fastppo.stages.reward_model import load_reward_model, train_reward_model
 
     sft_dir = os.path.join(output_dir, "sft")
     pairs = task.preference_pairs(settings.reward_pairs, seed=seed + 1)
@@ -237,7 +241,7 @@ def train_reward_stage(output_dir: str, settings: Settings, seed: int) -> dict:
 
 def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae", name: str = "ppo"):
     """The RL stage's PPOConfig; the trainer writes into `output_dir`/`name` (`fastppo compare` runs several)."""
-    from fastppo.config import PPOConfig
+    from fastppo.ppo.config import PPOConfig
 
     config = PPOConfig(
         policy_model=os.path.join(output_dir, "sft"),
@@ -264,9 +268,9 @@ def ppo_stage(
     output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae", name: str = "ppo"
 ) -> dict:
     """Drive the PPO loop step by step, evaluating the policy on held-out prompts every `eval_every` steps."""
-    from fastppo.reward_training import load_reward_model
-    from fastppo.supervised import load_tokenizer
-    from fastppo.trainer import PPOTrainer
+    from fastppo.ppo.trainer import PPOTrainer
+    from fastppo.stages.common import load_tokenizer
+    from fastppo.stages.reward_model import load_reward_model
 
     config = ppo_config(output_dir, settings, kl_control, seed, algo, name)
     trainer = PPOTrainer(
@@ -318,7 +322,7 @@ def generate(trainer, prompts: list[str], seed: int) -> list[str]:
 
 
 def evaluation_row(step: int, prompts, responses, proxy, tokenizer, train_metrics: dict) -> dict:
-    from fastppo.reward_training import score
+    from fastppo.stages.reward_model import score
 
     return {
         "step": step,

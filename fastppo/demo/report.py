@@ -17,8 +17,15 @@ def before_after(summary: dict) -> tuple[dict, dict]:
     return summary["eval"][0], summary["eval"][-1]
 
 
-ALGORITHM_NAMES = {"gae": "PPO", "vapo": "VAPO-style PPO", "grpo": "GRPO", "dr_grpo": "Dr. GRPO", "rloo": "RLOO",
-                   "reinforce++": "REINFORCE++", "reinforce++-baseline": "REINFORCE++-baseline"}  # fmt: skip
+ALGORITHM_NAMES = {
+    "gae": "PPO",
+    "vapo": "VAPO-style PPO",
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "rloo": "RLOO",
+    "reinforce++": "REINFORCE++",
+    "reinforce++-baseline": "REINFORCE++-baseline",
+}
 
 
 def title(summary: dict) -> str:

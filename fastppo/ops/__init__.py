@@ -326,8 +326,21 @@ def ppo_policy_loss(
         raise ValueError("kl_loss_coef > 0 needs ref_logprobs: the KL term is taken against the reference")
     _check_estimator(kl_estimator)
     impl = implementation("ppo_policy_loss", logprobs.device.type, logprobs.dtype)
-    return impl(logprobs, old_logprobs, advantages, response_mask, clip_low, clip_high, dual_clip, agg, denominator,
-                ref_logprobs, float(kl_loss_coef), kl_estimator, token_weights)  # fmt: skip
+    return impl(
+        logprobs,
+        old_logprobs,
+        advantages,
+        response_mask,
+        clip_low,
+        clip_high,
+        dual_clip,
+        agg,
+        denominator,
+        ref_logprobs,
+        float(kl_loss_coef),
+        kl_estimator,
+        token_weights,
+    )
 
 
 def ppo_value_loss(

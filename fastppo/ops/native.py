@@ -17,9 +17,21 @@ from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGAT
 _NATIVE = native_build.load()  # prebuilt, compiled on first use, or None: the dispatcher then falls back
 _C, IMPORT_ERROR = _NATIVE.module, None if _NATIVE.module is not None else _NATIVE.detail
 
-NATIVE_OPS = ("token_logprobs", "token_logprobs_and_entropy", "linear_token_logprobs", "sample_tokens",
-              "decode_attention", "kl_penalty", "shape_rewards", "gae", "length_adaptive_lam", "group_advantages",
-              "masked_whiten", "ppo_policy_loss", "ppo_value_loss")  # fmt: skip
+NATIVE_OPS = (
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "linear_token_logprobs",
+    "sample_tokens",
+    "decode_attention",
+    "kl_penalty",
+    "shape_rewards",
+    "gae",
+    "length_adaptive_lam",
+    "group_advantages",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+)
 # The ops whose C++ kernels take float64 inputs and compute in float64 (see dispatch.implementation).
 FLOAT64_OPS = ("kl_penalty", "masked_whiten")
 
@@ -61,9 +73,14 @@ class _TokenLogprobs(torch.autograd.Function):
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
         grad = torch.ops.fastppo.token_logprobs_backward(
-            rows, tokens, lse, entropy, grad_logprobs.reshape(-1),
-            None if grad_entropy is None else grad_entropy.reshape(-1), 1.0 / ctx.temperature,
-        )  # fmt: skip
+            rows,
+            tokens,
+            lse,
+            entropy,
+            grad_logprobs.reshape(-1),
+            None if grad_entropy is None else grad_entropy.reshape(-1),
+            1.0 / ctx.temperature,
+        )
         return grad.view(ctx.shape), None, None
 
 
@@ -81,8 +98,9 @@ def _chunk_forward(logits, tokens, temperature):
 
 
 def _chunk_backward(logits, tokens, lse, entropy, grad_logprobs, grad_entropy, temperature):
-    return torch.ops.fastppo.token_logprobs_backward(logits, tokens.long(), lse, entropy, grad_logprobs,
-                                                     grad_entropy, 1.0 / temperature)  # fmt: skip
+    return torch.ops.fastppo.token_logprobs_backward(
+        logits, tokens.long(), lse, entropy, grad_logprobs, grad_entropy, 1.0 / temperature
+    )
 
 
 # The chunked LM head + log-probs of fastppo.ops.linear_logprobs, with the native kernels on each (C, V) chunk.
@@ -125,8 +143,9 @@ def kl_penalty(logprobs, ref_logprobs, estimator="k1"):
 
 
 def shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator="k1"):
-    rewards, kl = torch.ops.fastppo.shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef,
-                                                  KL_ESTIMATORS.index(estimator))  # fmt: skip
+    rewards, kl = torch.ops.fastppo.shape_rewards(
+        scores, logprobs, ref_logprobs, response_mask, kl_coef, KL_ESTIMATORS.index(estimator)
+    )
     return rewards, kl
 
 
@@ -138,9 +157,14 @@ def shape_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estima
 def gae(rewards, values, response_mask, gamma=1.0, lam=0.95, critic_lam=None):
     per_row = isinstance(lam, torch.Tensor)
     advantages, returns = torch.ops.fastppo.gae(
-        rewards, values, response_mask, gamma, lam if per_row else None, 0.0 if per_row else float(lam),
+        rewards,
+        values,
+        response_mask,
+        gamma,
+        lam if per_row else None,
+        0.0 if per_row else float(lam),
         -1.0 if critic_lam is None else float(critic_lam),
-    )  # fmt: skip
+    )
     return advantages, returns
 
 
@@ -181,22 +205,50 @@ def _denominator(denominator):
     return -1.0 if denominator is None else float(denominator)
 
 
-def ppo_policy_loss(logprobs, old_logprobs, advantages, response_mask, clip_low=0.2, clip_high=None, dual_clip=None,
-                    agg="token-mean", denominator=None, ref_logprobs=None, kl_loss_coef=0.0, kl_estimator="k3",
-                    token_weights=None):  # fmt: skip
+def ppo_policy_loss(
+    logprobs,
+    old_logprobs,
+    advantages,
+    response_mask,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    agg="token-mean",
+    denominator=None,
+    ref_logprobs=None,
+    kl_loss_coef=0.0,
+    kl_estimator="k3",
+    token_weights=None,
+):
     clip_high = clip_low if clip_high is None else clip_high
     loss, stats = _FusedLoss.apply(
-        logprobs, torch.ops.fastppo.ppo_policy_loss, old_logprobs, advantages, response_mask, float(clip_low),
-        float(clip_high), -1.0 if dual_clip is None else float(dual_clip), LOSS_AGGREGATIONS.index(agg),
-        _denominator(denominator), ref_logprobs, float(kl_loss_coef), KL_ESTIMATORS.index(kl_estimator),
+        logprobs,
+        torch.ops.fastppo.ppo_policy_loss,
+        old_logprobs,
+        advantages,
+        response_mask,
+        float(clip_low),
+        float(clip_high),
+        -1.0 if dual_clip is None else float(dual_clip),
+        LOSS_AGGREGATIONS.index(agg),
+        _denominator(denominator),
+        ref_logprobs,
+        float(kl_loss_coef),
+        KL_ESTIMATORS.index(kl_estimator),
         None if token_weights is None else token_weights.detach(),
-    )  # fmt: skip
+    )
     return loss, named_policy_stats(stats, ref_logprobs is not None)
 
 
 def ppo_value_loss(values, old_values, returns, response_mask, clip=0.2, agg="token-mean", denominator=None):
     loss, stats = _FusedLoss.apply(
-        values, torch.ops.fastppo.ppo_value_loss, old_values, returns, response_mask,
-        -1.0 if clip is None else float(clip), LOSS_AGGREGATIONS.index(agg), _denominator(denominator),
-    )  # fmt: skip
+        values,
+        torch.ops.fastppo.ppo_value_loss,
+        old_values,
+        returns,
+        response_mask,
+        -1.0 if clip is None else float(clip),
+        LOSS_AGGREGATIONS.index(agg),
+        _denominator(denominator),
+    )
     return loss, {"value_clip_frac": stats[0]}

@@ -91,8 +91,12 @@ def _compile(directory: Path, sources: list[str]):
     _put_ninja_on_path()
     directory.mkdir(parents=True, exist_ok=True)
     if not any(directory.glob(f"{MODULE_NAME}*.so")) and not any(directory.glob(f"{MODULE_NAME}*.pyd")):
-        print(f"fastppo: compiling the native CPU kernels once for this torch into {directory} "
-              f"(a few minutes; {NO_JIT_VARIABLE}=1 skips it)", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"fastppo: compiling the native CPU kernels once for this torch into {directory} "
+            f"(a few minutes; {NO_JIT_VARIABLE}=1 skips it)",
+            file=sys.stderr,
+            flush=True,
+        )
     return cpp_extension.load(
         name=MODULE_NAME,
         sources=sources,
@@ -142,7 +146,9 @@ def load() -> NativeModule:
                 _loaded = NativeModule(module, "prebuilt", detail)
             else:
                 jit = _jit_built()
-                _loaded = jit if jit.module is not None else NativeModule(
-                    None, None, f"fastppo._C not built ({detail}); {jit.detail}"
-                )  # fmt: skip
+                _loaded = (
+                    jit
+                    if jit.module is not None
+                    else NativeModule(None, None, f"fastppo._C not built ({detail}); {jit.detail}")
+                )
         return _loaded

@@ -137,8 +137,14 @@ def assert_close(actual, expected, dtype=torch.float32, name="output", atol=None
 
 def hard_mask(B: int, T: int, seed: int = 0) -> torch.Tensor:
     """A (B, T) mask with the hard rows wherever B allows: row 1 empty, row 2 full, row 3 of length 1."""
-    return random_mask(B, T, seed, empty_rows=[r for r in (1,) if r < B], full_rows=[r for r in (2,) if r < B],
-                       one_rows=[r for r in (3,) if r < B])  # fmt: skip
+    return random_mask(
+        B,
+        T,
+        seed,
+        empty_rows=[r for r in (1,) if r < B],
+        full_rows=[r for r in (2,) if r < B],
+        one_rows=[r for r in (3,) if r < B],
+    )
 
 
 def transposed_copy(x: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,12 @@ from fastppo import ops
 from fastppo.ops import reference
 from tests.ops.helpers import FLOAT_DTYPES, assert_close, backend_params, f64, randn, run_with
 
-CASES = [(estimator, group_size) for estimator in reference.GROUP_ESTIMATORS for group_size in (1, 2, 3, 8, 64)
-         if not (estimator == "rloo" and group_size == 1)]  # fmt: skip
+CASES = [
+    (estimator, group_size)
+    for estimator in reference.GROUP_ESTIMATORS
+    for group_size in (1, 2, 3, 8, 64)
+    if not (estimator == "rloo" and group_size == 1)
+]
 
 
 def check_groups(backend, scores, group_size, estimator, dtype, eps=1e-6):
@@ -47,15 +51,20 @@ def test_group_advantages_hard_groups(backend, estimator):
 
 def test_group_advantages_by_hand():
     scores = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0], dtype=torch.float64)
-    torch.testing.assert_close(reference.group_advantages(scores, 3, "dr_grpo"),
-                               torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64))  # fmt: skip
+    torch.testing.assert_close(
+        reference.group_advantages(scores, 3, "dr_grpo"),
+        torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64),
+    )
     # std of (1, 2, 3) with Bessel's correction is 1
     grpo = reference.group_advantages(scores, 3, "grpo")  # and std 0 gives 0 / eps = 0
-    torch.testing.assert_close(grpo, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64), atol=2e-6,
-                               rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        grpo, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0], dtype=torch.float64), atol=2e-6, rtol=0
+    )
     # rloo: 1 - (2 + 3) / 2, 2 - (1 + 3) / 2, 3 - (1 + 2) / 2
-    torch.testing.assert_close(reference.group_advantages(scores, 3, "rloo"),
-                               torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0], dtype=torch.float64))  # fmt: skip
+    torch.testing.assert_close(
+        reference.group_advantages(scores, 3, "rloo"),
+        torch.tensor([-1.5, 0.0, 1.5, 0.0, 0.0, 0.0], dtype=torch.float64),
+    )
     assert (reference.group_advantages(scores, 1, "grpo") == 0).all()  # a group of one: no std, advantage 0
 
 

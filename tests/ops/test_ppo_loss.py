@@ -89,8 +89,9 @@ def check_policy(backend, dtype, inputs, **kwargs):
 
 
 def check_policy_with_kl(backend, dtype, inputs, **kwargs):
-    check_loss(backend, ops.ppo_policy_loss, reference.ppo_policy_loss, (*POLICY_STATS, "ref_kl"), dtype, inputs,
-               **kwargs)  # fmt: skip
+    check_loss(
+        backend, ops.ppo_policy_loss, reference.ppo_policy_loss, (*POLICY_STATS, "ref_kl"), dtype, inputs, **kwargs
+    )
 
 
 def check_value(backend, dtype, inputs, **kwargs):
@@ -191,8 +192,16 @@ def correction_weights(B, T, dtype, mask, seed):
 def test_policy_loss_token_weights(backend, agg, dual_clip, clip_high):
     logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=7)
     weights = correction_weights(5, 17, torch.float32, mask, seed=7)
-    check_policy(backend, torch.float32, (logprobs, old, advantages, mask), clip_high=clip_high, dual_clip=dual_clip,
-                 agg=agg, denominator=37.0, token_weights=weights)  # fmt: skip
+    check_policy(
+        backend,
+        torch.float32,
+        (logprobs, old, advantages, mask),
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        agg=agg,
+        denominator=37.0,
+        token_weights=weights,
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
@@ -208,8 +217,9 @@ def test_policy_loss_unit_token_weights_change_nothing(backend):
     logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=8)
     plain, plain_stats = run_with(backend, ops.ppo_policy_loss, logprobs, old, advantages, mask, dual_clip=3.0)
     ones = torch.ones_like(logprobs)
-    weighted, stats = run_with(backend, ops.ppo_policy_loss, logprobs, old, advantages, mask, dual_clip=3.0,
-                               token_weights=ones)  # fmt: skip
+    weighted, stats = run_with(
+        backend, ops.ppo_policy_loss, logprobs, old, advantages, mask, dual_clip=3.0, token_weights=ones
+    )
     assert torch.equal(plain, weighted)
     assert all(torch.equal(plain_stats[k], stats[k]) for k in POLICY_STATS)
 
@@ -237,8 +247,16 @@ def reference_logprobs_for(logprobs, mask, seed, extreme=False):
 def test_policy_loss_with_kl(backend, estimator, agg, dual_clip):
     logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=7)
     ref = reference_logprobs_for(logprobs, mask, seed=8)
-    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), dual_clip=dual_clip, agg=agg,
-                         ref_logprobs=ref, kl_loss_coef=0.3, kl_estimator=estimator)  # fmt: skip
+    check_policy_with_kl(
+        backend,
+        torch.float32,
+        (logprobs, old, advantages, mask),
+        dual_clip=dual_clip,
+        agg=agg,
+        ref_logprobs=ref,
+        kl_loss_coef=0.3,
+        kl_estimator=estimator,
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
@@ -246,8 +264,16 @@ def test_policy_loss_with_kl(backend, estimator, agg, dual_clip):
 def test_policy_loss_with_kl_shapes_dtypes(backend, shape, dtype):
     logprobs, old, advantages, mask = policy_inputs(*shape, dtype, seed=sum(shape) + 1)
     ref = reference_logprobs_for(logprobs, mask, seed=sum(shape))
-    check_policy_with_kl(backend, dtype, (logprobs, old, advantages, mask), clip_high=0.28, dual_clip=3.0,
-                         agg="seq-mean-token-mean", ref_logprobs=ref, kl_loss_coef=0.05)  # fmt: skip
+    check_policy_with_kl(
+        backend,
+        dtype,
+        (logprobs, old, advantages, mask),
+        clip_high=0.28,
+        dual_clip=3.0,
+        agg="seq-mean-token-mean",
+        ref_logprobs=ref,
+        kl_loss_coef=0.05,
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
@@ -257,14 +283,30 @@ def test_policy_loss_with_kl_and_token_weights(backend, estimator):
     logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=11)
     ref = reference_logprobs_for(logprobs, mask, seed=12)
     weights = correction_weights(5, 17, torch.float32, mask, seed=13)
-    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), dual_clip=3.0, ref_logprobs=ref,
-                         kl_loss_coef=0.3, kl_estimator=estimator, token_weights=weights)  # fmt: skip
+    check_policy_with_kl(
+        backend,
+        torch.float32,
+        (logprobs, old, advantages, mask),
+        dual_clip=3.0,
+        ref_logprobs=ref,
+        kl_loss_coef=0.3,
+        kl_estimator=estimator,
+        token_weights=weights,
+    )
     zero = torch.where(mask.bool(), torch.zeros_like(weights), weights)  # garbage kept at padding
-    kl_only, _ = reference.ppo_policy_loss(logprobs.double(), old.double(), advantages.double(), mask,
-                                           ref_logprobs=ref.double(), kl_loss_coef=0.3, kl_estimator=estimator,
-                                           token_weights=zero.double())  # fmt: skip
-    _, stats = reference.ppo_policy_loss(logprobs.double(), old.double(), advantages.double(), mask,
-                                         ref_logprobs=ref.double(), kl_estimator=estimator)  # fmt: skip
+    kl_only, _ = reference.ppo_policy_loss(
+        logprobs.double(),
+        old.double(),
+        advantages.double(),
+        mask,
+        ref_logprobs=ref.double(),
+        kl_loss_coef=0.3,
+        kl_estimator=estimator,
+        token_weights=zero.double(),
+    )
+    _, stats = reference.ppo_policy_loss(
+        logprobs.double(), old.double(), advantages.double(), mask, ref_logprobs=ref.double(), kl_estimator=estimator
+    )
     torch.testing.assert_close(kl_only, 0.3 * stats["ref_kl"].double(), rtol=1e-6, atol=0)  # stats are float32
 
 
@@ -274,8 +316,14 @@ def test_policy_loss_with_kl_extreme_log_ratios(backend, estimator):
     """Log-ratios of +-30 against the reference: k3 of -30 is e^30 (fits float32), its gradient too."""
     logprobs, old, advantages, mask = policy_inputs(5, 17, torch.float32, seed=9)
     ref = reference_logprobs_for(logprobs, mask, seed=10, extreme=True)
-    check_policy_with_kl(backend, torch.float32, (logprobs, old, advantages, mask), ref_logprobs=ref,
-                         kl_loss_coef=1e-3, kl_estimator=estimator)  # fmt: skip
+    check_policy_with_kl(
+        backend,
+        torch.float32,
+        (logprobs, old, advantages, mask),
+        ref_logprobs=ref,
+        kl_loss_coef=1e-3,
+        kl_estimator=estimator,
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
@@ -289,8 +337,9 @@ def test_policy_loss_kl_stat_without_coefficient_and_empty_mask(backend):
     assert torch.equal(plain, with_ref) and stats["ref_kl"] > 0
     empty = torch.zeros_like(mask)
     inputs = [with_garbage(x, empty) for x in (logprobs, old, advantages)]
-    check_policy_with_kl(backend, torch.float32, (*inputs, empty), ref_logprobs=with_garbage(ref, empty),
-                         kl_loss_coef=0.5)  # fmt: skip
+    check_policy_with_kl(
+        backend, torch.float32, (*inputs, empty), ref_logprobs=with_garbage(ref, empty), kl_loss_coef=0.5
+    )
 
 
 @pytest.mark.parametrize("backend", backend_params("ppo_policy_loss"))
@@ -298,8 +347,15 @@ def test_policy_loss_with_kl_noncontiguous(backend):
     logprobs, old, advantages, mask = policy_inputs(7, 10, torch.float32, seed=13)
     ref = reference_logprobs_for(logprobs, mask, seed=14)
     inputs = [transposed_copy(x) for x in (logprobs, old, advantages, mask.bool())]
-    check_policy_with_kl(backend, torch.float32, inputs, ref_logprobs=transposed_copy(ref), kl_loss_coef=0.2,
-                         kl_estimator="k2", agg="seq-mean-token-sum")  # fmt: skip
+    check_policy_with_kl(
+        backend,
+        torch.float32,
+        inputs,
+        ref_logprobs=transposed_copy(ref),
+        kl_loss_coef=0.2,
+        kl_estimator="k2",
+        agg="seq-mean-token-sum",
+    )
 
 
 def test_policy_loss_kl_arguments_are_checked():

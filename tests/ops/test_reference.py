@@ -56,8 +56,9 @@ def test_policy_loss_with_kl_gradcheck(estimator):
     advantages = padded(randn(4, 6, dtype=F64, seed=16), mask)
 
     def loss(lp):
-        return reference.ppo_policy_loss(lp, old, advantages, mask, 0.2, dual_clip=3.0, ref_logprobs=ref,
-                                         kl_loss_coef=0.7, kl_estimator=estimator)[0]  # fmt: skip
+        return reference.ppo_policy_loss(
+            lp, old, advantages, mask, 0.2, dual_clip=3.0, ref_logprobs=ref, kl_loss_coef=0.7, kl_estimator=estimator
+        )[0]
 
     assert gradcheck(loss, (logprobs.requires_grad_(True),))
 

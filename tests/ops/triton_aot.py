@@ -182,8 +182,14 @@ def sequence_cases():
 
     def advantages(dtype, per_row_lam, decoupled):
         lam = meta(shape[0], dtype=torch.float32) if per_row_lam else 0.95
-        gae.gae(meta(*shape, dtype=dtype), meta(*shape, dtype=dtype), meta(*shape, dtype=torch.int64), 1.0, lam,
-                1.0 if decoupled else None)  # fmt: skip
+        gae.gae(
+            meta(*shape, dtype=dtype),
+            meta(*shape, dtype=dtype),
+            meta(*shape, dtype=torch.int64),
+            1.0,
+            lam,
+            1.0 if decoupled else None,
+        )
 
     def length_adaptive_lam(dtype):
         gae.length_adaptive_lam(meta(*shape, dtype=torch.int64), 0.05)
@@ -361,8 +367,9 @@ def kernel_names() -> list[str]:
     import importlib
     import pkgutil
 
-    import fastppo.kernels
     from triton.runtime.jit import JITFunction
+
+    import fastppo.kernels
 
     names = set()
     for module_info in pkgutil.iter_modules(fastppo.kernels.__path__):

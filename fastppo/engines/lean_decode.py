@@ -1,0 +1,163 @@
+"""One decode step of a Llama-family decoder (Llama, Mistral, Qwen2) straight from its weights, on a CPU.
+
+transformers' forward serves every use: each decode step builds a 4D attention mask, calls a dozen modules per
+layer and runs three q/k/v and two gate/up matmuls. At the bench's default size (hidden 256, 4 layers) that
+overhead took longer than the step's weight reads (bench/README.md's phase tables). Here a step is the same
+arithmetic in fewer, larger ops: q, k and v in one matmul against their concatenated weight, gate and up in
+another, each weight prepared once per rollout for the step's row count (`DecodeLinear`), RMSNorm as one
+`F.rms_norm`, and one native op (`ops.decode_attention`: a dozen small ops took ~0.5 ms a layer) for the rotary
+embedding, the key and value written in place into the static cache that transformers' prefill filled, and the
+attention over its filled prefix. The embedding, the rotary frequencies and the final norm are the model's own
+modules; its apply_rotary_pos_emb is checked to be the rotate-half embedding that op applies. Numerics match the
+model's forward up to float32 rounding (tests/engines/test_lean_decode.py).
+
+    decoder = LeanDecoder.build(lm, cache, rows)   # None: not a supported model, or not plain float32 layers
+    hidden = decoder.step(token, position_ids, attention_mask)   # (B, H) for the next token's logits
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fastppo import ops
+from fastppo.models import backbone_of, plain_linear, unwrap
+from fastppo.ops.reference import rotate_half_embedding
+
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def _stackable(linears) -> bool:
+    """Plain float32 layers that either all have a bias or all have none: one matmul (+ one bias) for the group."""
+    return all(plain_linear(m) for m in linears) and len({m.bias is None for m in linears}) == 1
+
+
+def _mkl_prepacking() -> bool:
+    # torch's prepacked MKL GEMM, which inductor uses for frozen CPU weights: private ops, so checked, not assumed.
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+class DecodeLinear:
+    """x @ W^T (+ b) (+ residual) for the `rows` rows of a decode step on a CPU, W (out, in) prepared once a rollout.
+
+    MKL's GEMM packs its weight operand into its own blocked layout on every call: one more pass over each weight
+    per step, for a product that reads each weight once. Here MKL packs it once, for `rows`-row products, and every
+    step multiplies by the packed copy; a call with another row count (the prefill) multiplies by W itself. Without
+    MKL, a contiguous (in, out) copy, the layout other BLAS multiply without repacking. The same products up to
+    float32 rounding (bitwise on most shapes measured). The copy lives as long as this object."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
+        self.weight, self.bias, self.rows = weight.detach(), None if bias is None else bias.detach(), rows
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows) if _mkl_prepacking() else None
+        self.weight_t = None if self.packed is not None else self.weight.t().contiguous()
+
+    @classmethod
+    def stacked(cls, linears, rows: int) -> DecodeLinear:
+        """One product for linears applied to the same input: their outputs concatenated."""
+        if len(linears) == 1:
+            return cls(linears[0].weight, linears[0].bias, rows)
+        biases = [m.bias for m in linears]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return cls(torch.cat([m.weight.detach() for m in linears]), bias, rows)
+
+    def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.packed is not None:
+            out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            out = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+            out = out.view(*x.shape[:-1], out.shape[-1])
+        return out if residual is None else out.add_(residual)
+
+
+class _Layer:
+    def __init__(self, layer, cache_layer, rows: int):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.cache = cache_layer
+        self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv = DecodeLinear.stacked([attn.q_proj, attn.k_proj, attn.v_proj], rows)
+        self.o = DecodeLinear.stacked([attn.o_proj], rows)
+        self.gate_up = DecodeLinear.stacked([mlp.gate_proj, mlp.up_proj], rows)
+        self.down = DecodeLinear.stacked([mlp.down_proj], rows)
+        self.heads, self.scaling = attn.config.num_attention_heads, attn.scaling
+
+    def __call__(self, x, cos, sin, key_mask):  # x (B, H), cos/sin (B, 1, head_dim), key_mask (B, n) bool
+        h = F.rms_norm(x, x.shape[-1:], self.norm_in.weight, self.norm_in.variance_epsilon)
+        # Rotary embedding, the cache write at position n - 1 and the attention over the n filled positions: one op.
+        attn = ops.decode_attention(
+            self.qkv(h), cos, sin, self.cache.keys, self.cache.values, key_mask, self.heads, self.scaling
+        )
+        self.cache.filled = key_mask.shape[-1]
+        self.cache.cumulative_length.add_(1)  # as transformers' own update keeps it
+        x = self.o(attn, residual=x)
+        h = F.rms_norm(x, x.shape[-1:], self.norm_post.weight, self.norm_post.variance_epsilon)
+        gate, up = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up, residual=x)
+
+
+def _rotate_half_rotary(attn) -> bool:
+    """Whether the model's own apply_rotary_pos_emb is the rotate-half embedding `ops.decode_attention` applies:
+    checked on random numbers once per rollout, so a model whose module defines another falls back to its forward."""
+    rotate = getattr(sys.modules[type(attn).__module__], "apply_rotary_pos_emb", None)
+    if rotate is None:
+        return False
+    g = torch.Generator().manual_seed(0)
+    shapes = ((2, 3, 1, 8), (2, 1, 1, 8), (2, 1, 8), (2, 1, 8))  # q, k (B, heads, 1, D), cos, sin (B, 1, D)
+    q, k, cos, sin = (torch.randn(shape, generator=g, dtype=torch.float64) for shape in shapes)
+    try:
+        q_model, k_model = rotate(q, k, cos, sin)
+    except Exception:  # another signature: not the embedding we know
+        return False
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, 1, D) against (B, heads, 1, D)
+    return all(torch.allclose(mine, rotate_half_embedding(x, cos, sin)) for mine, x in ((q_model, q), (k_model, k)))
+
+
+class LeanDecoder:
+    """Decode steps over a transformers StaticCache whose layers are rollout's filled-prefix layers."""
+
+    @classmethod
+    def build(cls, lm, cache, rows: int) -> LeanDecoder | None:
+        """The decoder for `rows`-row steps of `lm` over `cache`, or None where the stock step must run."""
+        model = unwrap(lm)
+        config = model.config
+        if cache is None or config.model_type not in SUPPORTED or config.hidden_act != "silu":
+            return None
+        backbone = backbone_of(lm)
+        if next(backbone.parameters()).device.type != "cpu":
+            return None
+        layers = list(backbone.layers)
+        if len(cache.layers) != len(layers) or any(not hasattr(c, "filled") for c in cache.layers):
+            return None  # a sliding-window layer (or another cache): transformers' path
+        for layer in layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            groups = [
+                [attn.q_proj, attn.k_proj, attn.v_proj],
+                [attn.o_proj],
+                [mlp.gate_proj, mlp.up_proj],
+                [mlp.down_proj],
+            ]
+            if not all(_stackable(group) for group in groups):
+                return None
+        if not _rotate_half_rotary(layers[0].self_attn):
+            return None
+        return cls(backbone, cache, rows)
+
+    def __init__(self, backbone, cache, rows: int):
+        self.backbone = backbone
+        self.layers = [
+            _Layer(layer, cache_layer, rows) for layer, cache_layer in zip(backbone.layers, cache.layers, strict=True)
+        ]
+
+    @torch.no_grad()
+    def step(self, token: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """token (B,) at position_ids (B, 1), attention_mask (B, n) over the cache with it: the final hidden state
+        (B, H) that predicts the next token."""
+        x = self.backbone.embed_tokens(token[:, None])  # (B, 1, H)
+        cos, sin = self.backbone.rotary_emb(x, position_ids)
+        x = x[:, 0]
+        key_mask = attention_mask.bool()
+        for layer in self.layers:
+            x = layer(x, cos, sin, key_mask)
+        return self.backbone.norm(x)

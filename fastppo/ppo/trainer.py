@@ -1,0 +1,605 @@
+"""PPOTrainer: the PPO-for-RLHF loop, one iteration per `step()`.
+
+    1. rollout     batch = responses of the policy to sampled prompts (samples_per_prompt each; hf or vLLM)
+    2. score       batch.scores: the reward model's or reward function's, shaped (`reward_shaping`)
+    3. evaluate    batch.old_logprobs, old_values: the policy's forward; batch.ref_logprobs: the reference's
+    4. shape       batch.rewards, batch.kl: the score at the last token, -kl_coef * KL on every token
+    5. advantages  batch.advantages, batch.returns: GAE against the values, or a critic-free estimator
+    6. update      ppo_epochs x minibatches of the clipped policy + value losses, one optimizer step each
+
+`step()` runs them in this order, one method each, and times each phase (perf/<phase>_s); `advantages.py` holds
+every estimator.
+
+Every heavy step is an op of `fastppo.ops` (fused kernels where the device has them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+from fastppo import ops
+from fastppo.data import PromptSampler, check_prompt_token_ids, read_prompts, tokenize_prompts
+from fastppo.engines import vllm as vllm_engine
+from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_if_truncated_sampling
+from fastppo.models import (
+    PolicyValueModel,
+    add_lora,
+    check_logprob_path,
+    frozen_reference,
+    load_tokenizer,
+    load_trainable_lm,
+    reference_logprobs,
+    resolve_device,
+)
+from fastppo.ops.reference import loss_weights
+from fastppo.ppo import groups
+from fastppo.ppo.advantages import advantages_and_returns, shaped_rewards, uses_critic
+from fastppo.ppo.batch import RolloutBatch
+from fastppo.ppo.config import PPOConfig, resume_settings
+from fastppo.ppo.rewards import load_reward
+from fastppo.ppo.shaping import KLController, RunningMoments, shape_scores
+from fastppo.runtime import distributed, precision
+from fastppo.runtime.checkpoint import (
+    check_output_dir,
+    check_resume_settings,
+    clear_previous_run,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+)
+from fastppo.runtime.errors import InputError
+from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, explained_variance, peak_memory_mb
+from fastppo.runtime.rng import rng_state, seed_everything, set_rng_state
+from fastppo.runtime.schedule import adamw_with_schedule
+from fastppo.runtime.signals import StepInterrupted, stop_at_step_boundary
+
+_LOSS_STATS = ("policy/loss", "value/loss")
+
+
+class PPOTrainer:
+    def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
+        self.config = config.validate()
+        if config.rollout_engine == "vllm":
+            vllm_engine.check_available()  # exit 2 naming the install before any model loads
+        check_output_dir(config.output_dir, config.resume_from, config.overwrite_output_dir)
+        checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
+        if checkpoint:
+            check_resume_settings(checkpoint, resume_settings(config))
+        self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
+        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
+        seed_everything(config.seed)  # the same seed on every rank: the same initial weights
+
+        policy = policy if policy is not None else config.policy_model
+        if policy is None:
+            raise InputError("policy_model: no policy given (a path or a model)")
+        self.tokenizer = load_tokenizer(tokenizer or config.tokenizer or (policy if isinstance(policy, str) else None))
+        self.prompts = read_prompts(
+            prompts if prompts is not None else config.prompts,
+            self.tokenizer,
+            config.max_prompt_length,
+            config.truncate_long_prompts,
+        )
+        self.reward = load_reward(
+            reward if reward is not None else config.reward_model, config, self.tokenizer, self.device
+        )
+
+        lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
+        self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
+        check_prompt_token_ids(self.prompts, self.tokenizer, lm.get_input_embeddings().num_embeddings, self.end_ids)
+        self._check_logprob_path(lm)
+        self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
+        self.model = self._build_policy(lm)
+        # The decode's own log-probs and values serve as the old ones (see config.old_logprobs): not with a
+        # separate critic, whose values need its own backbone's forward.
+        wanted = config.old_logprobs == "rollout" or (config.old_logprobs == "auto" and self.autocast_dtype is None)
+        self.old_logprobs_from_rollout = wanted and config.rollout_engine == "hf" and self.model.critic_backbone is None
+        resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
+        # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
+        self.parallel = distributed.Parallel(config.parallel)
+        self.model, self.reference = self.parallel.wrap(self.model, self.reference, self.device)
+        if distributed.world_size() > 1:
+            seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
+        updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            self.model.parameters(),
+            config.learning_rate,
+            config.steps * updates_per_step,
+            config.weight_decay,
+            config.warmup_steps,
+            config.lr_scheduler,
+        )
+        self.kl_controller = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.score_moments = RunningMoments()
+        self.sampler = PromptSampler(len(self.prompts), config.seed)
+        self.step_count = 0
+        self.timer = PhaseTimer()  # the current step's phases (`step` starts a new one)
+        self.skipped_in_a_row = self.skipped_total = 0
+        self.param_groups = {"policy": [], "value": []}  # trainable parameters, for the gradient norms
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                self.param_groups["value" if "value_head" in name or "critic_backbone" in name else "policy"].append(p)
+
+        if distributed.is_main():
+            warn_if_truncated_sampling(config.top_k, config.top_p)
+        resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
+        # The vLLM engine starts from the policy's files; resumed weights are pushed before the first rollout.
+        self.engine = vllm_engine.build_engine(policy, config, self.device) if config.rollout_engine == "vllm" else None
+        if self.engine is not None:
+            self.engine.stale = checkpoint is not None
+        if distributed.is_main():
+            clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
+        self.metrics = (
+            MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
+            if distributed.is_main()
+            else distributed.NullLogger()
+        )
+        if resume_step is not None:
+            self.metrics.truncate_after(resume_step)
+
+    # --- setup ----------------------------------------------------------------------------------------------------
+
+    def _load_policy_lm(self, policy):
+        """The policy LM with float32 master weights (see `load_trainable_lm`); checkpoints are saved back in the
+        dtype it came in unless `save_dtype` says otherwise."""
+        lm, self.checkpoint_dtype = load_trainable_lm(policy, self.device)
+        self.save_dtype = (
+            self.checkpoint_dtype if self.config.save_dtype == "auto" else getattr(torch, self.config.save_dtype)
+        )
+        return lm
+
+    def _check_logprob_path(self, lm) -> None:
+        """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
+        length = min(self.config.max_prompt_length, 32)  # cut short for speed, not by the user's setting: no warning
+        ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, length, warn=False)
+        tolerance = 1e-3 if self.autocast_dtype is None else 5e-2  # float32 vs bf16 autocast rounding
+        was_training = lm.training
+        lm.eval()
+        with self._autocast():
+            check_logprob_path(lm, ids.to(self.device), mask.to(self.device), self.config.fused_logprobs, tolerance)
+        lm.train(was_training)
+
+    def _build_policy(self, lm) -> PolicyValueModel:
+        cfg = self.config
+        if cfg.gradient_checkpointing:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.lora_rank > 0:
+            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
+        critic = cfg.critic if uses_critic(cfg.advantage_estimator) else "none"  # critic-free: no value head
+        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs)
+        model.train()
+        return model
+
+    def _build_reference(self, lm, policy, reference):
+        """The frozen reference LM (see `frozen_reference`), or None when it is the policy with LoRA adapters
+        disabled. `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
+        if self.config.reference == "adapter":
+            return None
+        given = reference if reference is not None and not isinstance(reference, str) else None
+        return frozen_reference(
+            reference or policy, lm, self.config.reference_quantization, self.device, self.checkpoint_dtype, given
+        )
+
+    # --- the six steps ------------------------------------------------------------------------------------------
+
+    def step(self) -> dict:
+        """One PPO iteration; returns (and logs) its metrics. Each step below fills fields of the `RolloutBatch`."""
+        self.timer = PhaseTimer()
+        batch, sampling_stats = self.sample()  # 1-2. generate and score (dynamic sampling may redraw)
+        with self.timer("evaluate"):
+            sampler_stats = self.evaluate(batch)  # 3. old log-probs and values, reference log-probs
+        with self.timer("advantages"):
+            self.shape_rewards(batch)  # 4. the score at the last token, -kl_coef * KL on every token
+            self.estimate_advantages(batch)  # 5. GAE (or a critic-free estimator), whitened
+        with self.timer("train"):
+            update_stats = self.ppo_update(batch)  # 6. ppo_epochs over minibatches of the clipped losses
+
+        warming_up = self.warming_up
+        self.step_count += 1
+        whole = distributed.gather_batch(batch)  # every rank's share (`batch` in one process): the same KL, metrics
+        kl_per_sequence = float(whole.kl.sum(-1).mean())
+        if not warming_up:  # the policy has not moved yet: its KL says nothing about the coefficient
+            self.kl_controller.update(kl_per_sequence, self.config.rollout_batch_size)
+        metrics = self._metrics(whole, update_stats, kl_per_sequence)
+        metrics.update(sampling_stats)
+        if self.config.value_warmup_steps:
+            metrics["value/warmup"] = float(warming_up)
+        metrics.update(sampler_stats)
+        self.metrics.log(metrics)
+        return metrics
+
+    @property
+    def warming_up(self) -> bool:
+        """The first value_warmup_steps steps train the critic alone, on rollouts of the initial policy."""
+        return self.step_count < self.config.value_warmup_steps
+
+    def sample(self) -> tuple[RolloutBatch, dict]:
+        """Steps 1-2: prompts drawn samples_per_prompt times each, their responses generated (`rollout`) and scored
+        (`score`); with filter_groups, DAPO's dynamic sampling (`groups.dynamic_sampling`). (batch, its stats)"""
+        cfg, G = self.config, self.config.samples_per_prompt
+
+        def roll_out() -> RolloutBatch:
+            drawn = groups.repeat_each(self.sampler.next_indices(cfg.rollout_batch_size // G), G)
+            with self.timer("rollout"):
+                batch = self.rollout([self.prompts[i] for i in distributed.share(drawn)])  # this rank's groups
+            with self.timer("reward"):
+                batch.scores = self.score(batch)
+            return batch
+
+        if not cfg.filter_groups:
+            return roll_out(), {}
+        return groups.dynamic_sampling(roll_out, G, cfg.filter_groups_max_tries, self.tokenizer.pad_token_id)
+
+    def rollout(self, prompts: list[str], temperature: float | None = None) -> RolloutBatch:
+        """Step 1: one response per prompt from the current policy (at the config's temperature unless given)."""
+        cfg = self.config
+        prompt_ids, prompt_mask = tokenize_prompts(
+            prompts, self.tokenizer, cfg.max_prompt_length, cfg.truncate_long_prompts
+        )
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
+        temperature = cfg.temperature if temperature is None else temperature
+        if self.engine is not None:
+            self.engine.sync_from(self.model, self.parallel)  # the weights of the last optimizer step
+            sampler_values = None
+            response_ids, response_mask, ended, sampler_logprobs = self.engine.generate(
+                prompt_ids,
+                prompt_mask,
+                cfg.max_new_tokens,
+                temperature,
+                cfg.top_k,
+                cfg.top_p,
+                tuple(cfg.stop_strings),
+                self.end_ids,
+                self.tokenizer.pad_token_id,
+            )
+        else:
+            self.model.eval()
+            with torch.no_grad(), self._autocast(), self.parallel.full_params(self.model):
+                generation = generate(
+                    self.model.lm,
+                    self.tokenizer,
+                    prompt_ids,
+                    prompt_mask,
+                    cfg.max_new_tokens,
+                    temperature,
+                    cfg.top_k,
+                    cfg.top_p,
+                    tuple(cfg.stop_strings),
+                    self.end_ids,
+                    value_head=self.model.value_head if self.old_logprobs_from_rollout else None,
+                    with_logprobs=self.old_logprobs_from_rollout,  # the old log-probs, or nobody's
+                )
+            self.model.train()
+            response_ids, response_mask, ended, sampler_logprobs, sampler_values = generation
+        responses = decode_responses(self.tokenizer, response_ids, response_mask)
+        return RolloutBatch(
+            prompt_ids,
+            prompt_mask,
+            response_ids,
+            response_mask,
+            ended,
+            list(prompts),
+            responses,
+            sampler_logprobs=sampler_logprobs,
+            sampler_values=sampler_values,
+        )
+
+    def score(self, batch: RolloutBatch) -> torch.Tensor:
+        """Step 2: (B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
+        batch.raw_scores = self.reward(batch).float().to(self.device)
+        return shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
+
+    @torch.no_grad()
+    def evaluate(self, batch: RolloutBatch) -> dict:
+        """Step 3: `batch.old_logprobs` and `batch.old_values`, and `batch.ref_logprobs`. The old ones are those
+        the hf engine's decode computed (`old_logprobs`: rollout), or a forward of the policy over the batch, the
+        same as training's. With vLLM, the gap to the sampler's own log-probs and `rollout_correction`'s token
+        weights (returns the gap's stats)."""
+        cfg, P = self.config, batch.prompt_ids.shape[1]
+        from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
+        old_logprobs, old_values, ref_logprobs = [], [], []
+        for rows in torch.arange(len(batch.prompts)).split(cfg.micro_batch):
+            micro = batch.select(rows)
+            input_ids, attention_mask = micro.input_ids, micro.attention_mask
+            # FSDP: the LMs are called below without their root's forward, which would unshard the root's weights.
+            with self._autocast(), self.parallel.root_params(self.model), self.parallel.root_params(self.reference):
+                if not from_rollout:
+                    logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
+                    old_logprobs.append(logprobs)
+                    old_values.append(values)
+                if self.reference is None:
+                    with self.model.adapters_disabled() as lm:
+                        ref = reference_logprobs(lm, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
+                else:
+                    ref = reference_logprobs(
+                        self.reference, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs
+                    )
+            ref_logprobs.append(ref)
+        batch.ref_logprobs = torch.cat(ref_logprobs)
+        if from_rollout:
+            batch.old_logprobs, batch.old_values = batch.sampler_logprobs, batch.sampler_values
+            return {}
+        batch.old_logprobs = torch.cat(old_logprobs)
+        batch.old_values = None if old_values[0] is None else torch.cat(old_values)  # None: critic-free
+        if self.engine is None:
+            return {}
+        stats = vllm_engine.rollout_correction(batch, cfg)
+        stats["perf/weight_sync_s"] = self.engine.last_sync_s
+        return stats
+
+    def shape_rewards(self, batch: RolloutBatch) -> None:
+        """Step 4: `batch.rewards` and `batch.kl`, (B, T): see `advantages.shaped_rewards`."""
+        batch.rewards, batch.kl = shaped_rewards(batch, self.config, self.kl_controller.value)
+
+    def estimate_advantages(self, batch: RolloutBatch) -> None:
+        """Step 5: `batch.advantages` and `batch.returns`, (B, T): see `advantages.advantages_and_returns`."""
+        batch.advantages, batch.returns = advantages_and_returns(batch, self.config)
+
+    def ppo_update(self, batch: RolloutBatch) -> dict:
+        """ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
+        micro-batches whose losses are normalized by the whole minibatch's token (or sequence) count."""
+        cfg, P, B = self.config, batch.prompt_ids.shape[1], len(batch.prompts)
+        mini_batch = cfg.mini_batch_size // distributed.world_size()  # this rank's share of every minibatch
+        totals: dict[str, float] = {}
+        n_updates = 0
+        early_stopped = False
+        for _ in range(cfg.ppo_epochs):
+            if early_stopped:
+                break
+            for minibatch_rows in torch.randperm(B).split(mini_batch):
+                # Counts over the whole minibatch, every rank's share included: the losses' shared denominator.
+                n_tokens, n_sequences = distributed.global_counts(batch.response_mask[minibatch_rows.to(self.device)])
+                denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
+                self.optimizer.zero_grad(set_to_none=True)
+                stats: dict[str, float] = {}
+                micro_batches = minibatch_rows.split(cfg.micro_batch)
+                for i, rows in enumerate(micro_batches):
+                    micro = batch.select(rows)
+                    # The losses are already parts of the minibatch loss (shared denominator): they add up. The
+                    # other stats are token means over the micro-batch: weight them by its share of the tokens.
+                    # Maxima stay maxima.
+                    token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
+                    with self.parallel.no_sync(last=i == len(micro_batches) - 1):
+                        micro_stats = self._micro_step(micro, P, denominator)
+                    for k, v in micro_stats.items():
+                        if k.endswith("_max"):
+                            stats[k] = max(stats.get(k, -math.inf), v)
+                        else:
+                            stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
+                stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
+                if cfg.target_kl is not None and stats.get("policy/approx_kl", 0.0) > cfg.target_kl:
+                    self.optimizer.zero_grad(set_to_none=True)  # the policy has moved far enough: no more updates
+                    early_stopped = True
+                    break
+                if self.warming_up:  # the critic alone moves: drop the policy's (and a shared backbone's) gradients
+                    critic = {id(p) for p in self.model.critic_parameters()}
+                    for p in self.model.parameters():
+                        p.grad = p.grad if id(p) in critic else None
+                stats.update(self._optimizer_step())
+                for k, v in stats.items():
+                    totals[k] = max(totals.get(k, -math.inf), v) if k.endswith("_max") else totals.get(k, 0.0) + v
+                n_updates += 1
+        if not n_updates:  # target_kl stopped the first minibatch: its stats stand for this step
+            totals, n_updates = stats, 1
+        averaged = {k: v if k.endswith("_max") else v / n_updates for k, v in totals.items()}
+        return averaged | ({"optim/early_stopped": float(early_stopped)} if cfg.target_kl is not None else {})
+
+    def _micro_step(self, micro: RolloutBatch, P: int, denominator: float) -> dict:
+        cfg = self.config
+        with self._autocast():
+            logprobs, entropy, values = self.parallel.train_model(
+                micro.input_ids, micro.attention_mask, P, cfg.temperature
+            )
+        mask = micro.response_mask
+        policy_loss, policy_stats = ops.ppo_policy_loss(
+            logprobs,
+            micro.old_logprobs,
+            micro.advantages,
+            mask,
+            cfg.clip_range,
+            cfg.clip_range_high,
+            cfg.dual_clip,
+            cfg.loss_agg,
+            denominator,
+            micro.ref_logprobs if cfg.kl_loss_coef > 0 else None,
+            cfg.kl_loss_coef,
+            cfg.kl_loss_estimator,
+            micro.token_weights,
+        )
+        entropy_mean = (entropy * mask).sum() / max(float(mask.sum()), 1.0)
+        loss = policy_loss
+        if cfg.entropy_coef > 0:  # aggregated like the policy loss (loss_agg), over the same denominator
+            weights = loss_weights(mask, cfg.loss_agg, denominator, entropy.dtype)  # (B, T)
+            loss = loss - cfg.entropy_coef * (entropy * weights).sum()
+        # Warm-up: the policy's terms stay in the graph at weight 0, so that every parameter takes part in DDP's
+        # gradient all-reduce; ppo_update then drops every gradient but the critic's.
+        loss = loss * (0.0 if self.warming_up else 1.0)
+        stats = {"policy/loss": policy_loss.item(), "policy/entropy": entropy_mean.item()}
+        stats.update({f"policy/{k}": float(v) for k, v in policy_stats.items()})
+        if values is not None:  # critic-free estimators have no value head
+            value_loss, value_stats = ops.ppo_value_loss(
+                values, micro.old_values, micro.returns, mask, cfg.clip_range_value, cfg.loss_agg, denominator
+            )
+            loss = loss + cfg.vf_coef * value_loss
+            stats["value/loss"] = value_loss.item()
+            stats.update({f"value/{k.removeprefix('value_')}": float(v) for k, v in value_stats.items()})
+        self.parallel.backward(loss)
+        return stats
+
+    def _optimizer_step(self) -> dict[str, float]:
+        """Clip, check, step; returns the gradient norms. A non-finite gradient skips the step (counted); too many
+        in a row stop the run."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm is not None else float("inf")
+        norms = self._group_grad_norms()  # before clipping: what each loss asked for
+        grad_norm = float(self.parallel.full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))  # global
+        norms["optim/grad_norm"] = grad_norm
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped_in_a_row += 1
+            self.skipped_total += 1
+            if self.skipped_in_a_row >= self.config.max_skipped_steps:
+                raise FloatingPointError(
+                    f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient: stopping. "
+                    "Lower learning_rate, enable reward_normalization/reward_clip, or check the reward's scale; "
+                    f"the last checkpoint in {self.config.output_dir} is intact."
+                )
+            return norms
+        self.skipped_in_a_row = 0
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # freed until the next backward: the rollout reuses the memory
+        self.scheduler.step()
+        if self.engine is not None:
+            self.engine.stale = True  # its weights are now old: synced before the next rollout
+        return norms
+
+    def _group_grad_norms(self) -> dict[str, float]:
+        """The gradient norms of the LM's parameters and of the critic's (value head, separate backbone): with a
+        shared backbone, a fresh value head's gradient can dominate the joint norm, and clipping then shrinks the
+        policy's step. The backbone's gradient, which both losses write, counts as the policy's."""
+        norms = {}
+        for name, group in self.param_groups.items():
+            if not group:  # critic-free: no value parameters, no value metrics
+                continue
+            grads = [p.grad for p in group if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+            norms[f"{name}/grad_norm"] = float(self.parallel.full_tensor(norm))
+        return norms
+
+    # --- metrics, generation, saving ----------------------------------------------------------------------------
+
+    def _metrics(self, batch, update_stats, kl_per_sequence) -> dict:
+        seconds = self.timer.seconds
+        mask = batch.response_mask
+        lengths = mask.sum(-1).float()
+        tokens = float(mask.sum() + batch.prompt_mask.sum())
+        scores = batch.raw_scores
+        metrics = {
+            "step": self.step_count,
+            "reward/score_mean": float(scores.mean()),
+            "reward/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
+            "reward/shaped_mean": float(batch.rewards.sum(-1).mean()),
+            "policy/kl": kl_per_sequence,
+            "rollout/response_length_mean": float(lengths.mean()),
+            "rollout/response_length_max": float(lengths.max()),
+            "rollout/ended_rate": float(batch.ended.float().mean()),
+            "rollout/truncated_rate": float((~batch.ended).float().mean()),
+            "kl/coef": self.kl_controller.value if self.config.kl_in_reward else 0.0,  # in the reward
+            "kl/loss_coef": self.config.kl_loss_coef,
+            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/skipped_steps": self.skipped_total,
+            "perf/rollout_tokens_per_s": float(mask.sum()) / max(seconds["rollout"], 1e-9),
+            "perf/train_tokens_per_s": tokens * self.config.ppo_epochs / max(seconds["train"], 1e-9),
+            "perf/peak_memory_mb": peak_memory_mb(self.device),
+            "perf/step_s": sum(seconds.values()),
+        }
+        metrics.update({f"perf/{phase}_s": s for phase, s in seconds.items()})
+        if batch.old_values is not None:
+            metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
+        metrics.update(update_stats)
+        return metrics
+
+    def train(self) -> list[dict]:
+        """Run until config.steps, saving every save_every steps and at the end. SIGINT/SIGTERM stop the run at the
+        next step boundary with a checkpoint (`self.stop_request` says which signal); an exception saves nothing,
+        so the last checkpoint stays the last good one."""
+        from tqdm.auto import tqdm
+
+        cfg, history = self.config, []
+        bar = tqdm(
+            total=cfg.steps, initial=self.step_count, desc="ppo", dynamic_ncols=True, disable=not distributed.is_main()
+        )
+        with stop_at_step_boundary() as self.stop_request:
+            # Every rank must stop at the same step (a signal may reach one rank only), or the others wait forever.
+            while self.step_count < cfg.steps and not distributed.any_rank(self.stop_request.requested):
+                try:
+                    metrics = self.step()
+                except StepInterrupted as interrupted:  # a signal during a reward function: see signals.py
+                    print(f"fastppo: {interrupted}", file=sys.stderr)
+                    break
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
+                if cfg.save_every and self.step_count % cfg.save_every == 0:
+                    self.save()
+            bar.close()
+            if self.step_count > 0 and (not cfg.save_every or self.step_count % cfg.save_every):
+                self.save()
+            # The signal may have reached one rank only: every rank reports the same stop. One that came during the
+            # last step or the final save stopped nothing: the run is complete.
+            signum = distributed.max_over_ranks(self.stop_request.signum or 0)
+            self.stop_request.signum = signum if signum and self.step_count < cfg.steps else None
+        self.metrics.close()  # flushed and closed; a later step() appends
+        return history
+
+    def generate(self, prompts: list[str], temperature: float | None = None) -> list[str]:
+        """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy).
+        Under FSDP every rank calls it (the weights are gathered)."""
+        return self.rollout(prompts, temperature).responses
+
+    def save(self, path: str | None = None) -> str:
+        """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`).
+        Under torchrun every rank calls it (the weights are gathered) and rank 0 writes it."""
+        state = {
+            "step": self.step_count,
+            "optimizer": self.parallel.optimizer_state_dict(self.model, self.optimizer),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_controller.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "skipped_total": self.skipped_total,
+            "rng": rng_state(),
+        }
+        if distributed.world_size() > 1:
+            state["rng_per_rank"] = distributed.all_gather_objects(rng_state())
+        with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
+            saved = (
+                None
+                if model is None
+                else save_checkpoint(
+                    path or self.config.output_dir,
+                    self.step_count,
+                    model,
+                    self.tokenizer,
+                    state,
+                    self.config.save_merged_lora,
+                    self.save_dtype,
+                    resume_settings(self.config),
+                )
+            )
+        return distributed.broadcast_object(saved)
+
+    def _resume(self, checkpoint: str, state: dict) -> int:
+        """Restore the trainer `state` of `checkpoint`, whose weights were loaded before wrapping the model."""
+        try:
+            self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as error:  # a checkpoint from before settings were recorded
+            raise InputError(
+                f"resume_from: the optimizer state of {checkpoint} does not fit this model ({error}): "
+                "did critic, advantage_estimator or lora_rank change?"
+            ) from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_controller.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.skipped_total = state.get("skipped_total", 0)
+        set_rng_state(state["rng"])
+        if distributed.world_size() > 1:  # each rank its own stream: as saved, or new ones at a new world size
+            per_rank = state.get("rng_per_rank") or []
+            if len(per_rank) == distributed.world_size():
+                set_rng_state(per_rank[distributed.rank()])
+            else:
+                seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])
+        self.step_count = state["step"]
+        if distributed.is_main():
+            print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
+        return self.step_count
+
+    def _autocast(self):
+        return precision.autocast(self.device, self.autocast_dtype)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,290 @@
+"""Checkpoints: the policy in the Hugging Face layout, the value head, and the trainer state, written atomically.
+
+    <output_dir>/checkpoint-<step>/
+        config.json, model.safetensors, tokenizer files   the policy (LoRA merged, or adapter_* files), in save_dtype
+        master_weights.safetensors                        the float32 policy weights, when save_dtype is not float32
+        adapter/                                          the LoRA adapter (always, when training LoRA: resume)
+        value_head.safetensors (+ critic.safetensors)     the critic (PPO with a critic)
+        trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
+        manifest.json                                     sha256 of every file above; written last
+
+A checkpoint is written into a temporary directory beside it and renamed into place, so a crash never leaves a
+half-written `checkpoint-<step>`; the manifest lets a resume detect a corrupted one and fall back to the previous.
+Weights load through safetensors, the state through `torch.load(weights_only=True)`: no pickle runs on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastppo.runtime.errors import InputError
+from fastppo.runtime.validation import LOAD_ERRORS, clip, refuse_to_overwrite
+
+STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
+STATE_KEYS = ("step", "optimizer", "scheduler", "kl_controller", "score_moments", "sampler", "rng")
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    return sorted(
+        os.path.relpath(os.path.join(root, name), directory)
+        for root, _, names in os.walk(directory)
+        for name in names
+        if name != MANIFEST
+    )
+
+
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    model,
+    tokenizer,
+    trainer_state: dict,
+    merge_lora: bool,
+    dtype: torch.dtype = torch.float32,
+    settings: dict | None = None,
+) -> str:
+    """Write checkpoint-<step> atomically: the policy in the Hugging Face layout in `dtype` (the user's checkpoint
+    dtype), plus what resuming needs bit for bit (the float32 master weights when `dtype` rounds them). `settings`
+    (`resume_settings`) go into the manifest, for `check_resume_settings`."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    lm = model.lm
+    if hasattr(lm, "peft_config"):  # the adapter (float32, trained) resumes; the base weights never changed
+        lm.save_pretrained(os.path.join(tmp, "adapter"))
+        if merge_lora:
+            import copy
+
+            save_weights(copy.deepcopy(lm).merge_and_unload(), tmp, dtype)
+        else:
+            lm.save_pretrained(tmp)
+    else:
+        save_weights(lm, tmp, dtype)
+        if dtype != torch.float32:
+            # named_parameters: tied weights once; clones: gathered weights may be views of one flat buffer
+            master = {name: p.detach().clone() for name, p in lm.named_parameters()}
+            save_file(master, os.path.join(tmp, MASTER_WEIGHTS))
+    tokenizer.save_pretrained(tmp)
+    if getattr(model, "value_head", None) is not None:  # PPO's critic; DPO passes a model with `.lm` only
+        state = {k: v.contiguous() for k, v in model.value_head.state_dict().items()}
+        save_file(state, f"{tmp}/value_head.safetensors")
+    if getattr(model, "critic_backbone", None) is not None:
+        state = {k: v.contiguous() for k, v in model.critic_backbone.state_dict().items()}
+        save_file(state, f"{tmp}/critic.safetensors")
+    torch.save(trainer_state, os.path.join(tmp, STATE_FILE))
+    manifest = {"step": step, "files": {name: _sha256(os.path.join(tmp, name)) for name in _files(tmp)}}
+    if settings is not None:
+        manifest["settings"] = settings
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    if os.path.exists(final):  # saving the same step again: move the old one aside first, then drop it
+        trash = f"{final}.old-{os.getpid()}"
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def save_model(model, tokenizer, output_dir: str) -> None:
+    """A finished model as a Hugging Face directory (safetensors + tokenizer), as `fastppo sft` and
+    `fastppo reward-model` leave it; a run's resumable checkpoints are `save_checkpoint`'s."""
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)
+
+
+def verify(checkpoint: str) -> str | None:
+    """None when the checkpoint is complete and every checksum matches, else what is wrong."""
+    path = os.path.join(checkpoint, MANIFEST)
+    if not os.path.isfile(path):
+        return "no manifest (incomplete)"
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as error:
+        return f"unreadable manifest ({error})"
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict):
+        return "the manifest lists no files (damaged)"
+    for name, digest in files.items():
+        file = os.path.join(checkpoint, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if _sha256(file) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def check_output_dir(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
+    """Refuse an output_dir holding a previous run's checkpoints or metrics.jsonl, unless this run continues it
+    (resume_from is output_dir or one of its checkpoints) or overwrite_output_dir starts over (`clear_previous_run`
+    then removes its checkpoints, once everything has loaded). Resuming another run's checkpoint is a new run: it
+    needs an output_dir of its own (or overwrite), or it would write over the run that is there."""
+    if overwrite or continues_run(resume_from, output_dir):
+        return
+    found = [os.path.basename(path) for _, path in list_checkpoints(output_dir)]
+    what = "checkpoints" if found else "a previous run's metrics"
+    found += ["metrics.jsonl"] if os.path.isfile(os.path.join(output_dir, "metrics.jsonl")) else []
+    if resume_from is None:
+        how = "set resume_from (or --resume) to continue, or overwrite_output_dir: true to start over"
+    else:
+        how = f"resume_from ({resume_from}) is another run's, so this is a new run: set overwrite_output_dir: true"
+    refuse_to_overwrite("output_dir", output_dir, what, found, how)
+
+
+def continues_run(resume_from: str | None, output_dir: str) -> bool:
+    """Whether resuming from `resume_from` continues the run in `output_dir` (its directory or a checkpoint of it)."""
+    if resume_from is None:
+        return False
+    here, there = os.path.realpath(output_dir), os.path.realpath(resume_from)
+    return there == here or os.path.dirname(there) == here
+
+
+def clear_previous_run(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
+    """overwrite_output_dir, starting over: remove the previous run's checkpoints, or a later resume would find its
+    newer ones (metrics.jsonl is rewritten by the new run's first step)."""
+    if not overwrite or continues_run(resume_from, output_dir):
+        return
+    old = list_checkpoints(output_dir)
+    for _, path in old:
+        shutil.rmtree(path)
+    if old:
+        print(f"fastppo: overwrite_output_dir: removed the previous run's {len(old)} checkpoint(s) in {output_dir}")
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    found = []
+    for name in os.listdir(run_dir) if os.path.isdir(run_dir) else []:
+        match = re.fullmatch(r"checkpoint-(\d+)", name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(run_dir, name)))
+    return sorted(found)
+
+
+def find_resumable(path: str) -> str:
+    """The checkpoint to resume from: `path` itself, or the newest valid checkpoint of the run directory `path`."""
+    if os.path.isfile(os.path.join(path, MANIFEST)) or os.path.isfile(os.path.join(path, STATE_FILE)):
+        problem = verify(path)
+        if problem:
+            raise InputError(f"resume_from: checkpoint {path} is damaged: {problem}")
+        return path
+    for _step, checkpoint in reversed(list_checkpoints(path)):
+        problem = verify(checkpoint)
+        if problem is None:
+            return checkpoint
+        warnings.warn(f"skipping damaged checkpoint {checkpoint}: {problem}", stacklevel=2)
+    raise InputError(f"resume_from: no valid checkpoint in {path}")
+
+
+# What a PPO checkpoint's weights and optimizer state were made with: a resumed run must build the same model.
+RESUME_FIXED = ("critic", "lora_rank")
+# Restored from the checkpoint's optimizer state whatever the config says now.
+RESUME_RESTORED = ("learning_rate", "weight_decay")
+
+
+def check_resume_settings(checkpoint: str, settings: dict) -> None:
+    """Before any model loads: a changed RESUME_FIXED setting is refused (the checkpoint holds another model's
+    weights or optimizer state); a changed RESUME_RESTORED one or policy_model gets a warning. Checkpoints saved
+    before settings were recorded are not checked."""
+    with open(os.path.join(checkpoint, MANIFEST), encoding="utf-8") as f:
+        saved = json.load(f).get("settings") or {}
+    changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
+    fixed = [k for k in RESUME_FIXED if k in changed]
+    if fixed:
+        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
+        raise InputError(
+            f"resume_from: {checkpoint} was trained with other settings ({listed}); its weights and "
+            "optimizer state fit only those: resume with them, or start a new run"
+        )
+    for k in RESUME_RESTORED:
+        if k in changed:
+            warnings.warn(
+                f"{k}: {changed[k][1]!r} has no effect on resume; the optimizer state of {checkpoint} "
+                f"keeps {changed[k][0]!r}",
+                stacklevel=2,
+            )
+    if "policy_model" in changed:
+        warnings.warn(
+            f"policy_model: {checkpoint} was trained from {changed['policy_model'][0]}; its weights load "
+            "into policy_model's model, which must have the same architecture",
+            stacklevel=2,
+        )
+
+
+def load_checkpoint(checkpoint: str, model, state_keys: tuple = STATE_KEYS) -> dict:
+    """Load the weights of `checkpoint` into `model` (in place) and return the trainer state, which must hold
+    `state_keys` (PPO's by default). A file that does not load (damaged despite its checksum, or weights of another
+    model's sizes) stops the run naming it."""
+    try:
+        _load_weights(checkpoint, model)
+    except (*LOAD_ERRORS, KeyError) as error:  # KeyError: a parameter the checkpoint lacks (another architecture)
+        raise InputError(f"resume_from: cannot load the weights of {checkpoint} ({clip(error)})") from None
+    path = os.path.join(checkpoint, STATE_FILE)
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as error:  # noqa: BLE001 - unpickling a damaged file raises anything
+        raise InputError(f"resume_from: {path} is damaged ({type(error).__name__}: {clip(error)})") from None
+    missing = [key for key in state_keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise InputError(f"resume_from: {path} is damaged or not a fastppo trainer state (no {', '.join(missing)})")
+    return state
+
+
+def _load_weights(checkpoint: str, model) -> None:
+    from transformers import AutoModelForCausalLM
+
+    lm = model.lm
+    if hasattr(lm, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        adapter = os.path.join(checkpoint, "adapter")
+        weights = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+        set_peft_model_state_dict(lm, weights)
+    elif os.path.isfile(os.path.join(checkpoint, MASTER_WEIGHTS)):
+        master = load_file(os.path.join(checkpoint, MASTER_WEIGHTS))
+        with torch.no_grad():
+            for name, p in lm.named_parameters():
+                p.copy_(master[name])
+    else:
+        saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
+        lm.load_state_dict(saved.state_dict())
+    if getattr(model, "value_head", None) is not None:
+        model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))
+    if getattr(model, "critic_backbone", None) is not None:
+        model.critic_backbone.load_state_dict(load_file(os.path.join(checkpoint, "critic.safetensors")))
+
+
+def save_weights(model, directory: str, dtype: torch.dtype) -> None:
+    """`model.save_pretrained(directory)` with the weights (and config.json's dtype) in `dtype`: a float32 master
+    copy of a bf16 checkpoint is saved back as bf16."""
+    import json
+    import os
+
+    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    model.save_pretrained(directory, state_dict=state)
+    config_path = os.path.join(directory, "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)

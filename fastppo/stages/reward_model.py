@@ -1,0 +1,178 @@
+"""`fastppo reward-model`: train a reward model on a JSONL of {"prompt", "chosen", "rejected"}.
+
+The reward-modelling stage PPO depends on. The model is a sequence classifier with one output
+(`AutoModelForSequenceClassification`, `num_labels=1`), initialised from a local causal LM (usually the SFT
+checkpoint: its body is kept, the score head is new) or from a classifier. It is trained with the pairwise
+Bradley-Terry loss -log sigmoid(r(prompt, chosen) - r(prompt, rejected)), and its pairwise accuracy (how often
+r(chosen) > r(rejected)) is reported on a held-out split. A text is scored exactly as `fastppo sft` encodes it:
+tokenizer(prompt) + tokenizer(response) + EOS, read at the last attended token (`rewards.score_at_last_token`, as
+PPO reads it). The result is a Hugging Face checkpoint plus tokenizer, which `fastppo train` takes as `reward_model`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fastppo.models import load_model, resolve_device, score_at_last_token
+from fastppo.runtime.checkpoint import save_model
+from fastppo.runtime.schedule import adamw_with_schedule
+from fastppo.runtime.validation import Interval, check_number
+from fastppo.stages.common import (
+    check_command,
+    check_context,
+    count_steps,
+    encode_prompt_response,
+    is_report_step,
+    load_tokenizer,
+    pad_batch,
+    shuffled_batches,
+    split_pairs,
+    training_options,
+    update,
+)
+
+
+def load_reward_model(path: str, tokenizer):
+    """A one-output sequence classifier from `path` (a causal LM gets a new score head); pad id set for pooling."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_model(path, AutoModelForSequenceClassification, num_labels=1)
+    # A head without `score` pools on its own, at the last non-pad token, so it must know which token is padding.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def score_tokens(model, sequences: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Rewards (B,) of already-encoded sequences."""
+    input_ids, attention_mask = pad_batch(sequences, pad_id)
+    device = next(model.parameters()).device
+    return score_at_last_token(model, input_ids.to(device), attention_mask.to(device)).float()
+
+
+@torch.no_grad()
+def score(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64, max_length: int = 512):
+    """Rewards (B,) of `responses` to `prompts`, as a list of floats."""
+    was_training = model.training
+    model.eval()
+    rewards: list[float] = []
+    for i in range(0, len(prompts), batch_size):
+        sequences = [
+            encode_prompt_response(tokenizer, p, r, max_length)[0]
+            for p, r in zip(prompts[i : i + batch_size], responses[i : i + batch_size], strict=True)
+        ]
+        rewards += score_tokens(model, sequences, tokenizer.pad_token_id).tolist()
+    model.train(was_training)
+    return rewards
+
+
+@torch.no_grad()
+def pairwise_accuracy(model, tokenizer, pairs: list[dict[str, str]], max_length: int = 512) -> float:
+    prompts = [p["prompt"] for p in pairs]
+    chosen = score(model, tokenizer, prompts, [p["chosen"] for p in pairs], max_length=max_length)
+    rejected = score(model, tokenizer, prompts, [p["rejected"] for p in pairs], max_length=max_length)
+    return sum(c > r for c, r in zip(chosen, rejected, strict=True)) / max(1, len(pairs))
+
+
+def train_reward_model(
+    model,
+    tokenizer,
+    pairs: list[dict[str, str]],
+    *,
+    epochs: float = 1.0,
+    batch_size: int = 16,
+    learning_rate: float = 1e-5,
+    max_length: int = 512,
+    eval_fraction: float = 0.1,
+    seed: int = 0,
+    output_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Train `model` in place with the Bradley-Terry loss on `pairs`; save it and the tokenizer if `output_dir`.
+
+    Returns {"loss", "train_accuracy", "eval_accuracy" (nan with no held-out split), "pairs", "steps", "seconds"}.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    train_pairs, eval_pairs = split_pairs(pairs, eval_fraction, seed)
+    encoded = [
+        (
+            encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)[0],
+            encode_prompt_response(tokenizer, p["prompt"], p["rejected"], max_length)[0],
+        )
+        for p in train_pairs
+    ]
+    total_steps = count_steps(len(encoded), batch_size, epochs)
+
+    device = resolve_device("auto")
+    model.to(device).train()
+    optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
+    losses: list[float] = []
+    correct: list[float] = []
+    for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
+        batch = [encoded[i] for i in rows]
+        # chosen and rejected in one forward: rows [0, B) are chosen, [B, 2B) rejected.
+        rewards = score_tokens(model, [c for c, _ in batch] + [r for _, r in batch], tokenizer.pad_token_id)
+        margin = rewards[: len(batch)] - rewards[len(batch) :]  # (B,)
+        loss = -F.logsigmoid(margin).mean()
+        update(loss, model, optimizer, scheduler)
+        losses.append(loss.item())
+        correct.append((margin > 0).float().mean().item())
+        if is_report_step(step, total_steps):
+            window = slice(-20, None)
+            log(
+                f"reward-model step {step + 1}/{total_steps}  loss {sum(losses[window]) / len(losses[window]):.4f}"
+                f"  accuracy {sum(correct[window]) / len(correct[window]):.3f}"
+            )
+    model.eval()
+    tail = slice(-max(1, total_steps // 10), None)
+    summary = {
+        "loss": sum(losses[tail]) / len(losses[tail]),
+        "train_accuracy": sum(correct[tail]) / len(correct[tail]),
+        "eval_accuracy": pairwise_accuracy(model, tokenizer, eval_pairs, max_length) if eval_pairs else math.nan,
+        "pairs": len(train_pairs),
+        "steps": total_steps,
+    }
+    if output_dir is not None:
+        save_model(model, tokenizer, output_dir)
+    summary["seconds"] = time.perf_counter() - start
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="local causal-LM or sequence-classifier checkpoint directory")
+    parser.add_argument("--data", required=True, help='JSONL file, one {"prompt", "chosen", "rejected"} per line')
+    parser.add_argument("--output-dir", required=True, help="where the reward model and tokenizer go")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (default 1)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per step (default 16)")
+    parser.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW peak learning rate (default 1e-5)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per prompt + response")
+    parser.add_argument("--eval-fraction", type=float, default=0.1, help="pairs held out for accuracy (default 0.1)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace a model already in --output-dir")
+
+
+def run(args) -> int:
+    check_number("--eval-fraction", args.eval_fraction, Interval(0, 1, high_open=True))
+    pairs = check_command(args, ("prompt", "chosen", "rejected"))
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_context(args, tokenizer, [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")])
+    torch.manual_seed(args.seed)  # the new score head is drawn as the model loads: the same seed, the same run
+    model = load_reward_model(args.model, tokenizer)
+    summary = train_reward_model(model, tokenizer, pairs, eval_fraction=args.eval_fraction, **training_options(args))
+    print(
+        f"fastppo reward-model: {summary['pairs']} pairs, {summary['steps']} steps, "
+        f"held-out pairwise accuracy {summary['eval_accuracy']:.3f}, {summary['seconds']:.0f}s; "
+        f"checkpoint in {args.output_dir}"
+    )
+    return 0

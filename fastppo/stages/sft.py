@@ -1,0 +1,141 @@
+"""`fastppo sft`: supervised fine-tuning of a causal LM on a JSONL of {"prompt", "response"}.
+
+The first stage of classical RLHF: the policy PPO starts from (and the KL term pulls back to). Each example is
+encoded as `tokenizer(prompt)` (with the tokenizer's special tokens) + `tokenizer(response)` + EOS, and the loss is
+the cross-entropy of the response tokens only (the prompt is context, not a target). The result is a Hugging Face
+checkpoint (safetensors) plus the tokenizer, which `fastppo train` takes as `policy_model`.
+
+`train_sft` is the same stage as a function (the built-in demo calls it); what it shares with `fastppo reward-model`
+and `fastppo dpo` (encoding, batch schedule, update step, checks) is in `fastppo.stages.common`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from fastppo.models import load_model, resolve_device
+from fastppo.runtime.checkpoint import save_model
+from fastppo.runtime.errors import InputError
+from fastppo.runtime.schedule import adamw_with_schedule
+from fastppo.stages.common import (
+    check_command,
+    check_context,
+    count_steps,
+    encode_prompt_response,
+    is_report_step,
+    load_tokenizer,
+    pad_batch,
+    shuffled_batches,
+    training_options,
+    update,
+)
+
+# ----------------------------------------------------------------------------------------------
+# batching
+# ----------------------------------------------------------------------------------------------
+
+
+def sft_batch(batch: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels), each (B, T), from (token ids, number of prompt tokens) pairs.
+
+    labels are the input ids on response tokens (EOS included) and -100 (ignored by the loss) on prompt and padding.
+    """
+    input_ids, attention_mask = pad_batch([ids for ids, _ in batch], pad_id)
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    for row, (_, n_prompt) in enumerate(batch):
+        labels[row, :n_prompt] = -100
+    return input_ids, attention_mask, labels
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------
+
+
+def train_sft(
+    model,
+    tokenizer,
+    examples: list[dict[str, str]],
+    *,
+    epochs: float = 3.0,
+    batch_size: int = 16,
+    learning_rate: float = 5e-5,
+    max_length: int = 512,
+    seed: int = 0,
+    output_dir: str | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Fine-tune `model` in place on `examples`; save it and the tokenizer to `output_dir` if given.
+
+    Returns {"loss": mean response-token loss over the last tenth of steps, "steps", "examples", "seconds"}.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(seed)
+    encoded = []
+    for example in examples:
+        ids, n_prompt = encode_prompt_response(tokenizer, example["prompt"], example["response"], max_length)
+        if len(ids) > n_prompt:  # something of the response survived truncation
+            encoded.append((ids, n_prompt))
+    if not encoded:
+        raise InputError(f"no example has a response token within max_length={max_length}")
+    total_steps = count_steps(len(encoded), batch_size, epochs)
+
+    device = resolve_device("auto")
+    model.to(device).train()
+    optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
+    losses: list[float] = []
+    for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
+        input_ids, attention_mask, labels = sft_batch([encoded[i] for i in rows], tokenizer.pad_token_id)  # (B, T)
+        loss = model(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
+        ).loss
+        update(loss, model, optimizer, scheduler)
+        losses.append(loss.item())
+        if is_report_step(step, total_steps):
+            log(f"sft step {step + 1}/{total_steps}  loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+    model.eval()
+    if output_dir is not None:
+        save_model(model, tokenizer, output_dir)
+    tail = losses[-max(1, total_steps // 10) :]
+    return {
+        "loss": sum(tail) / len(tail),
+        "steps": total_steps,
+        "examples": len(encoded),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, help="local checkpoint directory, or a directory with a config.json")
+    parser.add_argument("--data", required=True, help='JSONL file, one {"prompt": ..., "response": ...} per line')
+    parser.add_argument("--output-dir", required=True, help="where the fine-tuned checkpoint and tokenizer go")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
+    parser.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
+    parser.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per example, prompt included")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace a model already in --output-dir")
+
+
+def run(args) -> int:
+    from transformers import AutoModelForCausalLM
+
+    examples = check_command(args, ("prompt", "response"))
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    check_context(args, tokenizer, [(e["prompt"], e["response"]) for e in examples])
+    model = load_model(args.model, AutoModelForCausalLM)
+    summary = train_sft(model, tokenizer, examples, **training_options(args))
+    print(
+        f"fastppo sft: {summary['examples']} examples, {summary['steps']} steps, final loss {summary['loss']:.4f}, "
+        f"{summary['seconds']:.0f}s; checkpoint in {args.output_dir}"
+    )
+    return 0

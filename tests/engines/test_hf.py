@@ -1,0 +1,104 @@
+import torch
+from transformers import AutoModelForCausalLM
+
+from fastppo.data import tokenize_prompts
+from fastppo.engines.hf import generate, sample_next, static_cache
+from tests.tiny_models import build_tokenizer
+
+
+def test_greedy_generation_is_independent_of_padding(tiny_models):
+    """A prompt generates the same greedy response alone and in a left-padded batch (KV cache + positions)."""
+    tokenizer = build_tokenizer()
+    for arch in ("llama", "gpt2"):
+        lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32)
+        ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)  # BOS w6: 2 tokens
+        batch_ids, batch_mask, *_ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+        alone_ids, alone_mask, *_ = generate(
+            lm, tokenizer, ids[1:, -2:], mask[1:, -2:], max_new_tokens=6, temperature=0
+        )
+        n = int(alone_mask.sum())
+        assert batch_ids[1, :n].tolist() == alone_ids[0, :n].tolist(), arch
+
+
+def test_the_static_cache_hands_attention_its_filled_prefix_only(tiny_models, monkeypatch):
+    """Each step's attention gets the keys written so far, not the preallocated buffer (whose tail the mask hid),
+    and the decode equals the one over transformers' growing DynamicCache."""
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
+    ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6"], tokenizer, max_length=8)
+    cache = static_cache(lm, ids.shape[1] + 4)
+    seen = []
+    update = type(cache.layers[0]).update
+
+    def recording_update(layer, *args, **kwargs):
+        keys, values = update(layer, *args, **kwargs)
+        seen.append(keys.shape[2])
+        return keys, values
+
+    monkeypatch.setattr(type(cache.layers[0]), "update", recording_update)  # every full-attention layer's class
+    with torch.no_grad():
+        out = lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        step = lm.model(
+            input_ids=ids[:, -1:],
+            attention_mask=torch.cat([mask, mask[:, -1:]], 1),
+            cache=cache,
+            position_ids=mask.sum(-1, keepdim=True),
+            use_cache=True,
+        )
+    assert seen[:: len(cache.layers)] == [ids.shape[1], ids.shape[1] + 1] and out.last_hidden_state.isfinite().all()
+    assert step.last_hidden_state.isfinite().all()
+
+    import fastppo.engines.hf as rollout
+
+    static = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+    monkeypatch.setattr(rollout, "static_cache", lambda *args: None)  # transformers' DynamicCache instead
+    dynamic = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
+    assert torch.equal(static.response_ids, dynamic.response_ids)
+
+
+def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
+    """Row 0 emits EOS at once, row 1 at its third token: masks cover each response through its EOS only."""
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
+    head_forward, calls = lm.lm_head.forward, []
+
+    def forward_with_eos(hidden):  # (B, H) -> logits with EOS forced where the test wants it
+        logits = head_forward(hidden)
+        calls.append(1)
+        force = torch.tensor([True, len(calls) >= 3])
+        logits[force, ..., tokenizer.eos_token_id] = 1e4
+        return logits
+
+    lm.lm_head.forward = forward_with_eos
+    ids, mask = tokenize_prompts(["w1", "w2 w3"], tokenizer, max_length=8)
+    response_ids, response_mask, ended, *_ = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=1.0)
+    assert ended.tolist() == [True, True]
+    assert response_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert response_ids[0].tolist() == [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * 2
+    assert response_ids[1, 2].item() == tokenizer.eos_token_id and tokenizer.eos_token_id not in response_ids[1, :2]
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    torch.manual_seed(0)
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(2000, 1)
+    top_k, logprobs = sample_next(logits, 1.0, top_k=2, top_p=1.0)
+    assert logprobs is None  # a truncated draw: the caller computes the full distribution's log-probs
+    assert set(top_k.tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.23, 0.09, ...: top_p 0.8 keeps the first two
+    top_p, _ = sample_next(logits, 1.0, top_k=0, top_p=0.8)
+    assert set(top_p.tolist()) == {0, 1} and probs[:2].sum() > 0.8
+    assert sample_next(logits[:1], 0.0, 0, 1.0)[0].item() == 0
+
+
+def test_sampling_follows_the_distribution():
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(4000, -1)  # 4000 rows: 4000 independent draws per call
+    torch.manual_seed(0)
+    draws = torch.cat([sample_next(logits, 1.0, 0, 1.0)[0] for _ in range(5)])
+    frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert frequencies[1] == 0  # probability 0 is never drawn
+    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)  # 4.5 sigma at n = 20000
+    hot, logprobs = sample_next(torch.tensor([[0.0, 2.0, 0.0]]).expand(20000, -1), 0.5, 0, 1.0)  # sharpened
+    expected = torch.tensor([0.0, 4.0, 0.0]).softmax(-1)[1]
+    assert abs((hot == 1).float().mean() - expected) < 0.01
+    torch.testing.assert_close(logprobs, torch.tensor([0.0, 4.0, 0.0]).log_softmax(-1)[hot])  # at the temperature
