@@ -194,7 +194,7 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
     start = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - start
-    phases = ("rollout", "reward", "evaluate", "advantages", "train")
+    phases = ("rollout", "reward", "logprobs", "advantages", "train")
     phase_s = {p: sum(m.get(f"perf/{p}_s", 0.0) for m in history) / len(history) for p in phases}
     return {
         "seconds_per_iteration": seconds / len(history),
@@ -236,7 +236,7 @@ def hardware_ratios(cfg: dict, phase_s: dict, response_tokens: float, recomputed
     flops = {
         "rollout": forward,  # prefill + decode: the same tokens, one at a time
         "reward": reward,
-        "evaluate": forward * (2 if recomputed else 1),  # the reference (+ the policy when recomputed)
+        "logprobs": forward * (2 if recomputed else 1),  # the reference (+ the policy when recomputed)
         "train": 3 * forward + 2 * H * V * head_tokens,
     }
     rows = cfg["micro_batch"] * cfg["response"]

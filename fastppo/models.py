@@ -34,8 +34,9 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_tokenizer(spec):
-    """A tokenizer from a path (or the object itself), with a pad token: the EOS token when it has none."""
+def load_tokenizer(spec, need_eos: bool = False):
+    """A tokenizer from a path (or the object itself), with a pad token: the EOS token when it has none. `need_eos`
+    refuses one without EOS (the supervised stages train every response to end with it)."""
     if isinstance(spec, str):
         from transformers import AutoTokenizer
 
@@ -51,6 +52,9 @@ def load_tokenizer(spec):
             raise InputError(f"cannot load a tokenizer from {spec}: {clip(error)}") from None
     else:
         tokenizer = spec
+    if need_eos and tokenizer.eos_token_id is None:
+        where = spec if isinstance(spec, str) else "tokenizer"
+        raise InputError(f"{where}: the tokenizer has no eos token, so a response's end cannot be learned")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise InputError("the tokenizer has neither a pad nor an EOS token")

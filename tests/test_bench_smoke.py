@@ -46,5 +46,5 @@ def test_e2e_harness_runs(tmp_path):
     fastppo = next(r for r in data["runs"] if r["framework"] == "fastppo")
     assert "error" not in fastppo, fastppo
     assert fastppo["seconds_per_iteration"] > 0 and fastppo["peak_memory_mb"] > 0
-    assert set(fastppo["phase_seconds"]) == {"rollout", "reward", "evaluate", "advantages", "train"}
+    assert set(fastppo["phase_seconds"]) == {"rollout", "reward", "logprobs", "advantages", "train"}
     assert "of the matmul" in render(None, [path])

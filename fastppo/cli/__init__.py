@@ -1,7 +1,7 @@
 """`fastppo <command>`: the command-line entry point.
 
-Each command lives in its own module, which defines `add_arguments(parser)` and `run(args) -> int`; modules are
-imported only when their command runs, so `fastppo doctor` does not pay for importing transformers.
+Each command is a module (or an object, "module:attribute") with `add_arguments(parser)` and `run(args) -> int`;
+it is imported only when its command runs, so `fastppo doctor` does not pay for importing transformers.
 With no command, `fastppo` runs the built-in demo (the same as `fastppo train` with no config). The benchmark suite is
 not a command: it lives in the repository (`python -m bench` from a checkout), not in the installed package.
 """
@@ -20,13 +20,23 @@ MAX_MESSAGE = 2000  # characters: an error names the culprit, it does not quote 
 COMMANDS = {
     "train": ("fastppo.cli.train", "run PPO from a YAML config (no config: the built-in demo)"),
     "demo": ("fastppo.demo.pipeline", "the built-in offline RLHF pipeline: SFT, reward model, PPO, evaluation"),
-    "sft": ("fastppo.stages.sft", "supervised fine-tuning on a JSONL of {prompt, response}"),
-    "reward-model": ("fastppo.stages.reward_model", "train a reward model on a JSONL of {prompt, chosen, rejected}"),
-    "dpo": ("fastppo.stages.dpo", "Direct Preference Optimization on a JSONL of {prompt, chosen, rejected}"),
+    "sft": ("fastppo.cli.stages:SFT", "supervised fine-tuning on a JSONL of {prompt, response}"),
+    "reward-model": (
+        "fastppo.cli.stages:REWARD_MODEL",
+        "train a reward model on a JSONL of {prompt, chosen, rejected}",
+    ),
+    "dpo": ("fastppo.cli.stages:DPO", "Direct Preference Optimization on a JSONL of {prompt, chosen, rejected}"),
     "compare": ("fastppo.demo.compare", "PPO, VAPO, GRPO, RLOO, REINFORCE++, DPO and best-of-n on the demo task"),
     "doctor": ("fastppo.cli.doctor", "which backend each op uses on this machine, and why"),
     "selfcheck": ("fastppo.cli.selfcheck", "check every op against its reference here and time it"),
 }
+
+
+def command(spec: str):
+    """A command's module, or "module:attribute" for an object with the same `add_arguments` and `run`."""
+    module, _, attribute = spec.partition(":")
+    loaded = importlib.import_module(module)
+    return getattr(loaded, attribute) if attribute else loaded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         command_parser = sub.add_parser(name, help=help_text, description=help_text)
         command_parser.set_defaults(module=module_name)
         if argv[0] == name:  # only the chosen command's module is imported
-            importlib.import_module(module_name).add_arguments(command_parser)
+            command(module_name).add_arguments(command_parser)
     args = parser.parse_args(argv)
     try:
-        return int(importlib.import_module(args.module).run(args) or 0)
+        return int(command(args.module).run(args) or 0)
     except InputError as error:  # bad input, found before (or, for a reward, at) the step that needed it
         print(f"fastppo {args.command}: error: {clip(error, MAX_MESSAGE)}", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""`fastppo train`: PPO from a YAML config; with no config, the built-in offline demo."""
+"""`fastppo train`: PPO from a YAML config, `--set` overrides and flags; with neither a config nor a policy, the
+built-in offline demo."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ import shlex
 import sys
 
 from fastppo.demo import pipeline  # light: the demo's heavy imports happen when it runs
+from fastppo.ppo.config import PPOConfig
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.validation import check_model_dir, context_length
 
+DEMO_FIELDS = ("seed", "output_dir")  # PPOConfig flags the built-in demo takes too
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file whose keys mirror PPOConfig (see examples/ppo.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    PPOConfig.add_arguments(parser)  # --config, --set, and a flag per field
     parser.add_argument("--resume", action="store_true", help="continue from the last valid checkpoint of output_dir")
     parser.add_argument(
         "--nproc",
@@ -24,18 +27,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="N processes on this machine (one per GPU), started by torchrun: the same as "
         "`torchrun --standalone --nproc_per_node N -m fastppo train ...`",
     )
-    pipeline.add_arguments(parser.add_argument_group("without --config: the built-in demo"))  # the same flags
+    demo = parser.add_argument_group("without --config or --policy-model: the built-in demo (`fastppo demo`)")
+    pipeline.add_demo_arguments(demo)
 
 
 def run(args) -> int:
-    if args.config is None:
-        if args.set or args.resume or args.nproc:
-            raise InputError("--set, --resume and --nproc need --config")
-        return pipeline.run(args)
-
-    from fastppo.ppo.config import PPOConfig
-
-    config = PPOConfig.from_yaml(args.config, args.set)
+    flags = PPOConfig.flags_given(args)
+    if args.config is None and not args.set and "policy_model" not in flags:
+        return run_demo(args, flags)
+    demo_only = [name for name in pipeline.DEMO_FLAGS if getattr(args, name, None)]
+    if demo_only:
+        raise InputError(f"--{demo_only[0].replace('_', '-')} is a flag of the built-in demo, not of a PPO run")
+    config = PPOConfig.from_args(args)
     if args.resume and config.resume_from is None:
         config.resume_from = config.output_dir
     if args.nproc is not None and args.nproc < 1:
@@ -47,8 +50,7 @@ def run(args) -> int:
     from fastppo.runtime import distributed
 
     if nproc and nproc > 1:  # this process becomes torchrun, whose processes run the rest of this function
-        resume = ["--resume"] if args.resume else []
-        distributed.launch(args.nproc, ["train", "--config", args.config, *(f"--set={s}" for s in args.set), *resume])
+        distributed.launch(args.nproc, ["train", *settings_arguments(args), *(["--resume"] if args.resume else [])])
 
     from fastppo.ppo.trainer import PPOTrainer
 
@@ -80,9 +82,33 @@ def run(args) -> int:
     return 0
 
 
+def run_demo(args, flags: dict) -> int:
+    """`fastppo train` with neither a config nor a policy: the built-in demo, which takes only its own flags."""
+    other = (
+        sorted(set(flags) - set(DEMO_FIELDS)) + (["resume"] if args.resume else []) + (["nproc"] if args.nproc else [])
+    )
+    if other:
+        raise InputError(
+            f"--{other[0].replace('_', '-')}: a PPO run needs --config or --policy-model; without them `fastppo "
+            "train` runs the built-in demo, which takes --quick, --algo, --no-kl-control, --seed and --output-dir"
+        )
+    print("fastppo train: no --config: running the built-in demo (`fastppo demo --help` for its options)")
+    return pipeline.run(
+        argparse.Namespace(**{name: getattr(args, name, None) for name in pipeline.DEMO_FLAGS}, **flags)
+    )
+
+
+def settings_arguments(args) -> list[str]:
+    """This run's settings as command-line arguments: the config file, the overrides and the flags, as given."""
+    words = ["--config", args.config] if args.config else []
+    words += [f"--set={s}" for s in args.set]
+    words += [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in PPOConfig.flags_given(args)]
+    return words
+
+
 def resume_command(args) -> str:
-    """The command that continues this run: the same config and overrides, with --resume."""
-    words = ["fastppo", "train", "--config", args.config, *(f"--set={s}" for s in args.set)]
+    """The command that continues this run: the same settings, with --resume."""
+    words = ["fastppo", "train", *settings_arguments(args)]
     words += ["--nproc", str(args.nproc)] if args.nproc else []
     return shlex.join([*words, "--resume"])
 
@@ -92,8 +118,8 @@ def check_inputs(config) -> None:
     whole safetensors files) and whether a prompt plus its response fits their context, the reward function's
     module (imported), and every line of the prompts file."""
     from fastppo.data import read_prompt_records
-    from fastppo.ppo.config import _is_callable_spec
     from fastppo.ppo.rewards import load_function
+    from fastppo.runtime.validation import is_callable_spec
 
     for name, what in (
         ("policy_model", "a checkpoint directory"),
@@ -103,7 +129,7 @@ def check_inputs(config) -> None:
         if getattr(config, name) is None:
             raise InputError(f"{name}: missing from the config ({what})")
     _check_context("policy_model", check_model_dir("policy_model", config.policy_model), config)
-    if _is_callable_spec(config.reward_model):
+    if is_callable_spec(config.reward_model):
         load_function(config.reward_model)
     else:
         _check_context("reward_model", check_model_dir("reward_model", config.reward_model), config)

@@ -219,11 +219,11 @@ def best_of_n(output_dir: str, settings, n: int, seed: int) -> dict:
 
 def proxy_scorer(output_dir: str):
     """score(prompts, responses, mean=True): the learned reward model's mean (or per-answer) reward."""
+    from fastppo.models import load_tokenizer
     from fastppo.stages.reward_model import load_reward_model, score
-    from fastppo.stages.sft import load_tokenizer
 
     path = os.path.join(output_dir, "reward_model")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path, need_eos=True)
     model = pipeline.quiet_load(load_reward_model, path, tokenizer)
 
     def scorer(prompts, responses, mean: bool = True):

@@ -30,7 +30,8 @@ def notes(summary: dict) -> str:
     return (
         f"Same SFT model and reward model (held-out pair accuracy {summary['reward_model_accuracy']:.3f}; built once "
         f"in {summary['shared_seconds']:.0f} s). Online rows: {s['ppo_steps']} steps of {s['rollout_batch_size']} "
-        f"sequences of at most {s['max_new_tokens']} tokens, adaptive KL penalty (target {s['kl_target']:g} nats) "
+        f"sequences of at most {s['max_new_tokens']} tokens, adaptive KL penalty "
+        f"(target {s['adaptive_kl_target']:g} nats) "
         f"except the no-KL row; KL is the trainer's estimate on its last 10 batches. DPO: "
         f"{summary['dpo_settings']['epochs']:g} epoch(s) over the reward model's {s['reward_pairs']} pairs, KL "
         f"sampled on the held-out answers. Best-of-{summary['best_of']}: KL is the analytic log n - (n - 1) / n. "

@@ -45,7 +45,7 @@ class Settings:
     ppo_epochs: int = 4
     ppo_learning_rate: float = 3e-4
     kl_coef: float = 0.05
-    kl_target: float = 4.0  # nats per answer: enough to reach three good clauses, far from gibberish
+    adaptive_kl_target: float = 4.0  # nats per answer: enough to reach three good clauses, far from gibberish
     kl_horizon: int = 2000
     max_new_tokens: int = 32  # twice the length gold starts to penalize, so length blow-up is visible
     eval_every: int = 10
@@ -93,7 +93,17 @@ QUICK = Settings(
 # ----------------------------------------------------------------------------------------------
 
 
+DEMO_FLAGS = ("quick", "no_kl_control", "algo")  # the demo's own flags; --seed and --output-dir are shared
+
+
 def add_arguments(parser) -> None:
+    add_demo_arguments(parser)
+    parser.add_argument("--output-dir", help="run directory (default: runs/demo-<timestamp>)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and PPO (default 0)")
+
+
+def add_demo_arguments(parser) -> None:
+    """The flags only the demo has (`fastppo train` adds them beside PPOConfig's own --seed and --output-dir)."""
     parser.add_argument("--quick", action="store_true", help="a smaller run (under a minute) for tests and CI")
     parser.add_argument(
         "--no-kl-control",
@@ -103,11 +113,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--algo",
         choices=list(ALGORITHMS),
-        default="gae",
+        default=None,
         help="advantage estimator of the RL stage: gae (PPO, the default), vapo, or a critic-free one",
     )
-    parser.add_argument("--output-dir", help="run directory (default: runs/demo-<timestamp>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus, the models and PPO (default 0)")
 
 
 def run(args) -> int:
@@ -116,7 +124,7 @@ def run(args) -> int:
     output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)
     refuse_non_empty_dir("--output-dir", output_dir)  # its SFT and reward models would be retrained over
     summary = run_pipeline(
-        output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", 0), algo=algo
+        output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", None) or 0, algo=algo
     )
     print(report.summary_text(summary))
     return 0
@@ -156,7 +164,7 @@ def run_pipeline(
     seconds["reward_model"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    kl_text = f"adaptive KL control, target {settings.kl_target} nats" if kl_control else "NO KL control"
+    kl_text = f"adaptive KL control, target {settings.adaptive_kl_target} nats" if kl_control else "NO KL control"
     print(f"[3/4] RL ({algo}) against the reward model ({kl_text}); [4/4] gold evaluation on held-out prompts")
     summary.update(ppo_stage(output_dir, settings, kl_control, seed, algo))
     seconds["ppo_and_evaluation"] = time.perf_counter() - start
@@ -215,13 +223,13 @@ def train_sft_stage(output_dir: str, settings: Settings, seed: int) -> dict:
 
 
 def train_reward_stage(output_dir: str, settings: Settings, seed: int) -> dict:
-    from fastppo.stages.common import load_tokenizer
+    from fastppo.models import load_tokenizer
     from fastppo.stages.reward_model import load_reward_model, train_reward_model
 
     sft_dir = os.path.join(output_dir, "sft")
     pairs = task.preference_pairs(settings.reward_pairs, seed=seed + 1)
     write_jsonl(os.path.join(output_dir, "data", "preferences.jsonl"), pairs)
-    tokenizer = load_tokenizer(sft_dir)
+    tokenizer = load_tokenizer(sft_dir, need_eos=True)
     result = train_reward_model(
         quiet_load(load_reward_model, sft_dir, tokenizer),
         tokenizer,
@@ -255,7 +263,7 @@ def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int,
         max_new_tokens=settings.max_new_tokens,
         learning_rate=settings.ppo_learning_rate,
         kl_coef=settings.kl_coef if kl_control else 0.0,
-        kl_target=settings.kl_target if kl_control else None,
+        adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
         kl_horizon=settings.kl_horizon,
         seed=seed,
         **algorithm_overrides(algo, settings),
@@ -268,8 +276,8 @@ def ppo_stage(
     output_dir: str, settings: Settings, kl_control: bool, seed: int, algo: str = "gae", name: str = "ppo"
 ) -> dict:
     """Drive the PPO loop step by step, evaluating the policy on held-out prompts every `eval_every` steps."""
+    from fastppo.models import load_tokenizer
     from fastppo.ppo.trainer import PPOTrainer
-    from fastppo.stages.common import load_tokenizer
     from fastppo.stages.reward_model import load_reward_model
 
     config = ppo_config(output_dir, settings, kl_control, seed, algo, name)
@@ -280,7 +288,7 @@ def ppo_stage(
         reward=config.reward_model,
         prompts=config.prompts,
     )
-    tokenizer = load_tokenizer(config.reward_model)
+    tokenizer = load_tokenizer(config.reward_model, need_eos=True)
     proxy = quiet_load(load_reward_model, config.reward_model, tokenizer)
     heldout = task.prompts()[1]
     eval_prompts = [p for p in heldout for _ in range(settings.eval_samples_per_prompt)]

@@ -31,7 +31,7 @@ ALGORITHM_NAMES = {
 def title(summary: dict) -> str:
     name = ALGORITHM_NAMES[summary.get("algo", "gae")]
     if summary["kl_control"]:
-        return f"{name} with adaptive KL control (target {summary['settings']['kl_target']:g} nats)"
+        return f"{name} with adaptive KL control (target {summary['settings']['adaptive_kl_target']:g} nats)"
     return f"{name} without KL control"
 
 
@@ -42,7 +42,7 @@ def verdict(summary: dict) -> str:
         return (
             f"Gold reward went from {before['gold']:+.2f} to {after['gold']:+.2f} ({gold:+.2f}) and the proxy from "
             f"{before['proxy']:+.2f} to {after['proxy']:+.2f}, at a KL of {after['kl']:.2f} nats from the SFT policy "
-            f"(target {summary['settings']['kl_target']:g})."
+            f"(target {summary['settings']['adaptive_kl_target']:g})."
         )
     return (
         f"With no KL penalty the proxy went from {before['proxy']:+.2f} to {after['proxy']:+.2f} ({proxy:+.2f}) while "
@@ -81,7 +81,7 @@ def plot_curves(summary: dict, path: str) -> None:
     if train and "policy/kl" in train[0]:
         kl_ax.plot(train_steps, [r["policy/kl"] for r in train], color="tab:red", label="KL(policy || SFT)")
     if summary["kl_control"]:
-        kl_ax.axhline(summary["settings"]["kl_target"], color="gray", ls="--", label="target")
+        kl_ax.axhline(summary["settings"]["adaptive_kl_target"], color="gray", ls="--", label="target")
     kl_ax.set_title("KL to the SFT policy (nats per answer)")
     kl_ax.set_xlabel("PPO step")
     kl_ax.legend(loc="best", fontsize=8)

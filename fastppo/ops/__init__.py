@@ -11,11 +11,11 @@ import torch
 
 from fastppo.ops import reference
 from fastppo.ops.dispatch import BACKENDS, OPS, get_backend, implementation, report, select, set_backend, use_backend
-from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, masked_mean
+from fastppo.ops.reference import GROUP_ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, masked_mean
 
 __all__ = [
     "BACKENDS",
-    "GROUP_ESTIMATORS",
+    "GROUP_ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
     "OPS",
@@ -259,8 +259,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps:
     _check_float("scores", scores)
     if scores.dim() != 1:
         raise ValueError(f"scores must be (B,), got shape {tuple(scores.shape)}")
-    if estimator not in GROUP_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
+    if estimator not in GROUP_ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {GROUP_ADVANTAGE_ESTIMATORS}, got {estimator!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"group_size must be a positive int, got {group_size!r}")
     if scores.shape[0] % group_size:
@@ -298,6 +298,7 @@ def ppo_policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
     clip_low: float = 0.2,
     clip_high: float | None = None,
     dual_clip: float | None = None,
@@ -348,6 +349,7 @@ def ppo_value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     response_mask: torch.Tensor,
+    *,
     clip: float | None = 0.2,
     agg: str = "token-mean",
     denominator: float | None = None,

@@ -12,7 +12,7 @@ import torch
 
 from fastppo.ops import native_build
 from fastppo.ops.linear_logprobs import ChunkKernels, linear_token_logprobs_with
-from fastppo.ops.reference import GROUP_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, named_policy_stats
+from fastppo.ops.reference import GROUP_ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, named_policy_stats
 
 _NATIVE = native_build.load()  # prebuilt, compiled on first use, or None: the dispatcher then falls back
 _C, IMPORT_ERROR = _NATIVE.module, None if _NATIVE.module is not None else _NATIVE.detail
@@ -173,7 +173,9 @@ def length_adaptive_lam(response_mask, alpha):
 
 
 def group_advantages(scores, group_size, estimator, eps=1e-6):
-    return torch.ops.fastppo.group_advantages(scores, group_size, GROUP_ESTIMATORS.index(estimator), float(eps))
+    return torch.ops.fastppo.group_advantages(
+        scores, group_size, GROUP_ADVANTAGE_ESTIMATORS.index(estimator), float(eps)
+    )
 
 
 def masked_whiten(x, mask, shift_mean=True, eps=1e-8):

@@ -244,7 +244,7 @@ def length_adaptive_lam(response_mask: torch.Tensor, alpha: float, dtype: torch.
     return (1.0 - 1.0 / (alpha * length)).clamp(0.0, 1.0).to(dtype)
 
 
-GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+GROUP_ADVANTAGE_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # what `group_advantages` computes
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> torch.Tensor:
@@ -259,8 +259,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, estimator: str, eps:
     scores: (B,) float. Computed in float64 (B numbers: a float32 mean would lose the spread of scores with a large
     common offset); returns float32 (float64 for float64 scores).
     """
-    if estimator not in GROUP_ESTIMATORS:
-        raise ValueError(f"estimator must be one of {GROUP_ESTIMATORS}, got {estimator!r}")
+    if estimator not in GROUP_ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {GROUP_ADVANTAGE_ESTIMATORS}, got {estimator!r}")
     if estimator == "rloo" and group_size < 2:
         raise ValueError("rloo needs group_size >= 2: a group of one has no other responses for its baseline")
     out_dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32

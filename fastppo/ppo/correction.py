@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from fastppo.runtime import distributed
+from fastppo.runtime.metrics import Stats
 
 
 def log_prob_gap(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, response_mask: torch.Tensor) -> dict:
@@ -66,5 +67,6 @@ def rollout_correction(batch, config) -> dict:
         distributed.all_gather_rows(x) for x in (batch.sampler_logprobs, batch.old_logprobs, batch.response_mask)
     )
     stats = log_prob_gap(sampler, old, mask)
-    stats["rollout/corrected_frac"] = distributed.reduce_stats({"c": corrected})["c"] / distributed.world_size()
+    corrected_over_ranks = distributed.reduce_stats(Stats({"c": corrected}, Stats.SUM)).totals["c"]
+    stats["rollout/corrected_frac"] = corrected_over_ranks / distributed.world_size()
     return stats

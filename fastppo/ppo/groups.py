@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from fastppo.ppo.batch import RolloutBatch
 from fastppo.runtime import distributed
+from fastppo.runtime.metrics import Stats
 
 
 def repeat_each(indices: list[int], group_size: int) -> list[int]:
@@ -79,7 +80,6 @@ def dynamic_sampling(
         if tries == max_tries or not distributed.any_rank(n_kept < need):
             break
     batch = take_groups(concat(kept + spare, pad_token_id), torch.arange(need), group_size)
-    stats = distributed.reduce_stats(
-        {"rollout/filtered_groups": float(dropped), "rollout/filler_groups": float(max(need - n_kept, 0))}
-    )
+    counts = {"rollout/filtered_groups": float(dropped), "rollout/filler_groups": float(max(need - n_kept, 0))}
+    stats = distributed.reduce_stats(Stats(counts, Stats.SUM)).as_dict()
     return batch, {**stats, "rollout/filter_rollouts": float(tries)}

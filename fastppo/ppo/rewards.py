@@ -170,11 +170,11 @@ def load_function(spec: str):
 
 def load_reward(spec, config, policy_tokenizer, device):
     """A reward from a path, a 'module:function' string, a callable, or a loaded sequence-classification model."""
-    from fastppo.ppo.config import _is_callable_spec
+    from fastppo.runtime.validation import is_callable_spec
 
     if spec is None:
         raise InputError("reward_model: no reward given (a model path, 'module:function' or a callable)")
-    if isinstance(spec, str) and _is_callable_spec(spec):
+    if isinstance(spec, str) and is_callable_spec(spec):
         return FunctionReward(load_function(spec), name=spec, timeout=config.reward_timeout)
     if isinstance(spec, str):
         from transformers import AutoModelForSequenceClassification

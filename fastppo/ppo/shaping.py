@@ -1,8 +1,10 @@
-"""From the reward's scores to the scores PPO optimizes, and the KL coefficient that weighs them against the KL.
+"""Steps 2 and 4: from the reward's scores to the per-token rewards PPO optimizes.
 
-A score is penalized when its response was truncated (`missing_eos_penalty`) or ran into DAPO's overlong buffer,
-then optionally normalized by running moments and clipped. The per-token KL penalty itself is applied by
-`ops.shape_rewards` (see `advantages.estimate_advantages`) with the coefficient `KLController` holds.
+step 2  `shape_scores`: a score is penalized when its response was truncated (`missing_eos_penalty`) or ran
+        into DAPO's overlong buffer, then optionally normalized by running moments and clipped.
+step 4  `shape_rewards`: the sequence's score (against its group's, for the group estimators) at its last token,
+        and -kl_coef * KL(policy || reference) on every token (`ops.shape_rewards`), with the coefficient
+        `KLController` holds.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 
 import torch
 
-from fastppo.ppo.advantages import overlong_penalties
+from fastppo import ops
 from fastppo.runtime import distributed
 
 
@@ -74,3 +76,32 @@ def shape_scores(scores: torch.Tensor, batch, config, moments: RunningMoments) -
     if config.reward_clip is not None:
         scores = scores.clamp(-config.reward_clip, config.reward_clip)
     return scores
+
+
+def overlong_penalties(response_mask: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float) -> torch.Tensor:
+    """(B,) DAPO's soft overlong punishment, to subtract from the scores: 0 up to max_new_tokens - buffer tokens,
+    then rising linearly to `penalty` at max_new_tokens."""
+    lengths = response_mask.sum(-1).float()
+    if buffer == 0:
+        return torch.zeros_like(lengths)
+    return penalty * ((lengths - (max_new_tokens - buffer)) / buffer).clamp(0.0, 1.0)
+
+
+def sequence_scores(scores: torch.Tensor, estimator: str, group_size: int) -> torch.Tensor:
+    """(B,) the score each sequence is shaped with: its group advantage for the group estimators, the group mean
+    subtracted for reinforce++-baseline, the score itself for gae and reinforce++."""
+    if estimator in ops.GROUP_ADVANTAGE_ESTIMATORS:
+        return ops.group_advantages(scores, group_size, estimator)
+    if estimator == "reinforce++-baseline":
+        return ops.group_advantages(scores, group_size, "dr_grpo")
+    return scores
+
+
+def shape_rewards(batch, config, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rewards, kl), each (B, T) float32: the sequence score (see `sequence_scores`) at the last valid token and,
+    with kl_in_reward, -kl_coef * KL(policy || reference) on every token."""
+    cfg, mask = config, batch.response_mask
+    scores = sequence_scores(batch.scores.to(mask.device), cfg.advantage_estimator, cfg.samples_per_prompt)
+    return ops.shape_rewards(
+        scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef if cfg.kl_in_reward else 0.0, cfg.kl_estimator
+    )

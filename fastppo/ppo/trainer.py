@@ -1,14 +1,14 @@
 """PPOTrainer: the PPO-for-RLHF loop, one iteration per `step()`.
 
-    1. rollout     batch = responses of the policy to sampled prompts (samples_per_prompt each; hf or vLLM)
-    2. score       batch.scores: the reward model's or reward function's, shaped (`reward_shaping`)
-    3. evaluate    batch.old_logprobs, old_values: the policy's forward; batch.ref_logprobs: the reference's
-    4. shape       batch.rewards, batch.kl: the score at the last token, -kl_coef * KL on every token
-    5. advantages  batch.advantages, batch.returns: GAE against the values, or a critic-free estimator
-    6. update      ppo_epochs x minibatches of the clipped policy + value losses, one optimizer step each
+    1. rollout              batch = responses of the policy to sampled prompts (samples_per_prompt each; hf or vLLM)
+    2. score                batch.scores: the reward model's or reward function's, shaped (`shaping.shape_scores`)
+    3. compute_logprobs     batch.old_logprobs, old_values: the policy's; batch.ref_logprobs: the reference's
+    4. shape_rewards        batch.rewards, batch.kl: the score at the last token, -kl_coef * KL on every token
+    5. estimate_advantages  batch.advantages, batch.returns: GAE against the values, or a critic-free estimator
+    6. ppo_update           ppo_epochs x minibatches of the clipped policy + value losses, one optimizer step each
 
-`step()` runs them in this order, one method each, and times each phase (perf/<phase>_s); `advantages.py` holds
-every estimator.
+`step()` runs them in this order, one method each, and times each phase (perf/<phase>_s). Every step after the
+rollout has one contract: it fills fields of the batch and returns its statistics (a dict, maybe empty).
 
 Every heavy step is an op of `fastppo.ops` (fused kernels where the device has them).
 """
@@ -37,27 +37,30 @@ from fastppo.models import (
 )
 from fastppo.ops.reference import loss_weights
 from fastppo.ppo import groups
-from fastppo.ppo.advantages import advantages_and_returns, shaped_rewards, uses_critic
+from fastppo.ppo.advantages import estimate_advantages, uses_critic
 from fastppo.ppo.batch import RolloutBatch
 from fastppo.ppo.config import PPOConfig, resume_settings
 from fastppo.ppo.rewards import load_reward
-from fastppo.ppo.shaping import KLController, RunningMoments, shape_scores
+from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
 from fastppo.runtime import distributed, precision
 from fastppo.runtime.checkpoint import (
-    check_output_dir,
     check_resume_settings,
     clear_previous_run,
     find_resumable,
     load_checkpoint,
+    refuse_mixing_runs,
     save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, explained_variance, peak_memory_mb
+from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, Stats, explained_variance, peak_memory_mb
 from fastppo.runtime.rng import rng_state, seed_everything, set_rng_state
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.runtime.signals import StepInterrupted, stop_at_step_boundary
 
-_LOSS_STATS = ("policy/loss", "value/loss")
+# The per-token statistics the ops return that are maxima over the tokens, not means (see ops.ppo_policy_loss).
+MAX_STATS = ("ratio_max",)
+# What the metrics read of a step's batch, gathered from every rank (the KL controller reads kl too).
+METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", "old_values", "returns", "ended")
 
 
 class PPOTrainer:
@@ -65,7 +68,7 @@ class PPOTrainer:
         self.config = config.validate()
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
-        check_output_dir(config.output_dir, config.resume_from, config.overwrite_output_dir)
+        refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
         checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
         if checkpoint:
             check_resume_settings(checkpoint, resume_settings(config))
@@ -112,7 +115,7 @@ class PPOTrainer:
             config.warmup_steps,
             config.lr_scheduler,
         )
-        self.kl_controller = KLController(config.kl_coef, config.kl_target, config.kl_horizon)
+        self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.kl_horizon)
         self.score_moments = RunningMoments()
         self.sampler = PromptSampler(len(self.prompts), config.seed)
         self.step_count = 0
@@ -188,26 +191,24 @@ class PPOTrainer:
     def step(self) -> dict:
         """One PPO iteration; returns (and logs) its metrics. Each step below fills fields of the `RolloutBatch`."""
         self.timer = PhaseTimer()
-        batch, sampling_stats = self.sample()  # 1-2. generate and score (dynamic sampling may redraw)
-        with self.timer("evaluate"):
-            sampler_stats = self.evaluate(batch)  # 3. old log-probs and values, reference log-probs
+        batch, stats = self.sample()  # 1-2. generate and score (dynamic sampling may redraw)
+        with self.timer("logprobs"):
+            stats |= self.compute_logprobs(batch)  # 3. old log-probs and values, reference log-probs
         with self.timer("advantages"):
-            self.shape_rewards(batch)  # 4. the score at the last token, -kl_coef * KL on every token
-            self.estimate_advantages(batch)  # 5. GAE (or a critic-free estimator), whitened
+            stats |= self.shape_rewards(batch)  # 4. the score at the last token, -kl_coef * KL on every token
+            stats |= self.estimate_advantages(batch)  # 5. GAE (or a critic-free estimator), whitened
         with self.timer("train"):
-            update_stats = self.ppo_update(batch)  # 6. ppo_epochs over minibatches of the clipped losses
+            stats |= self.ppo_update(batch)  # 6. ppo_epochs over minibatches of the clipped losses
 
         warming_up = self.warming_up
         self.step_count += 1
-        whole = distributed.gather_batch(batch)  # every rank's share (`batch` in one process): the same KL, metrics
+        whole = distributed.gather_fields(batch, METRIC_FIELDS)  # every rank's rows: the same KL and metrics
         kl_per_sequence = float(whole.kl.sum(-1).mean())
         if not warming_up:  # the policy has not moved yet: its KL says nothing about the coefficient
             self.kl_controller.update(kl_per_sequence, self.config.rollout_batch_size)
-        metrics = self._metrics(whole, update_stats, kl_per_sequence)
-        metrics.update(sampling_stats)
+        metrics = self._metrics(whole, kl_per_sequence) | stats
         if self.config.value_warmup_steps:
             metrics["value/warmup"] = float(warming_up)
-        metrics.update(sampler_stats)
         self.metrics.log(metrics)
         return metrics
 
@@ -221,17 +222,22 @@ class PPOTrainer:
         (`score`); with filter_groups, DAPO's dynamic sampling (`groups.dynamic_sampling`). (batch, its stats)"""
         cfg, G = self.config, self.config.samples_per_prompt
 
+        score_stats = {}
+
         def roll_out() -> RolloutBatch:
             drawn = groups.repeat_each(self.sampler.next_indices(cfg.rollout_batch_size // G), G)
             with self.timer("rollout"):
                 batch = self.rollout([self.prompts[i] for i in distributed.share(drawn)])  # this rank's groups
             with self.timer("reward"):
-                batch.scores = self.score(batch)
+                score_stats.update(self.score(batch))
             return batch
 
         if not cfg.filter_groups:
-            return roll_out(), {}
-        return groups.dynamic_sampling(roll_out, G, cfg.filter_groups_max_tries, self.tokenizer.pad_token_id)
+            return roll_out(), score_stats
+        batch, sampling_stats = groups.dynamic_sampling(
+            roll_out, G, cfg.filter_groups_max_tries, self.tokenizer.pad_token_id
+        )
+        return batch, score_stats | sampling_stats
 
     def rollout(self, prompts: list[str], temperature: float | None = None) -> RolloutBatch:
         """Step 1: one response per prompt from the current policy (at the config's temperature unless given)."""
@@ -287,13 +293,15 @@ class PPOTrainer:
             sampler_values=sampler_values,
         )
 
-    def score(self, batch: RolloutBatch) -> torch.Tensor:
-        """Step 2: (B,) scores PPO optimizes: the reward's (kept as `batch.raw_scores`), shaped by `shape_scores`."""
+    def score(self, batch: RolloutBatch) -> dict:
+        """Step 2: `batch.raw_scores`, (B,) what the reward returned, and `batch.scores`, the scores PPO optimizes
+        (`shape_scores`: penalties, normalization, clipping)."""
         batch.raw_scores = self.reward(batch).float().to(self.device)
-        return shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
+        batch.scores = shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
+        return {}
 
     @torch.no_grad()
-    def evaluate(self, batch: RolloutBatch) -> dict:
+    def compute_logprobs(self, batch: RolloutBatch) -> dict:
         """Step 3: `batch.old_logprobs` and `batch.old_values`, and `batch.ref_logprobs`. The old ones are those
         the hf engine's decode computed (`old_logprobs`: rollout), or a forward of the policy over the batch, the
         same as training's. With vLLM, the gap to the sampler's own log-probs and `rollout_correction`'s token
@@ -330,22 +338,23 @@ class PPOTrainer:
         stats["perf/weight_sync_s"] = self.engine.last_sync_s
         return stats
 
-    def shape_rewards(self, batch: RolloutBatch) -> None:
-        """Step 4: `batch.rewards` and `batch.kl`, (B, T): see `advantages.shaped_rewards`."""
-        batch.rewards, batch.kl = shaped_rewards(batch, self.config, self.kl_controller.value)
+    def shape_rewards(self, batch: RolloutBatch) -> dict:
+        """Step 4: `batch.rewards` and `batch.kl`, (B, T): see `shaping.shape_rewards`."""
+        batch.rewards, batch.kl = shape_rewards(batch, self.config, self.kl_controller.value)
+        return {}
 
-    def estimate_advantages(self, batch: RolloutBatch) -> None:
-        """Step 5: `batch.advantages` and `batch.returns`, (B, T): see `advantages.advantages_and_returns`."""
-        batch.advantages, batch.returns = advantages_and_returns(batch, self.config)
+    def estimate_advantages(self, batch: RolloutBatch) -> dict:
+        """Step 5: `batch.advantages` and `batch.returns`, (B, T): see `advantages.estimate_advantages`."""
+        batch.advantages, batch.returns = estimate_advantages(batch, self.config)
+        return {}
 
     def ppo_update(self, batch: RolloutBatch) -> dict:
-        """ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
-        micro-batches whose losses are normalized by the whole minibatch's token (or sequence) count."""
+        """Step 6: ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
+        micro-batches whose losses are normalized by the whole minibatch's token (or sequence) count. Returns the
+        statistics averaged over the optimizer steps (maxima: the largest)."""
         cfg, P, B = self.config, batch.prompt_ids.shape[1], len(batch.prompts)
         mini_batch = cfg.mini_batch_size // distributed.world_size()  # this rank's share of every minibatch
-        totals: dict[str, float] = {}
-        n_updates = 0
-        early_stopped = False
+        step_stats, n_updates, early_stopped = Stats(), 0, False
         for _ in range(cfg.ppo_epochs):
             if early_stopped:
                 break
@@ -354,23 +363,15 @@ class PPOTrainer:
                 n_tokens, n_sequences = distributed.global_counts(batch.response_mask[minibatch_rows.to(self.device)])
                 denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
-                stats: dict[str, float] = {}
+                stats = Stats()
                 micro_batches = minibatch_rows.split(cfg.micro_batch)
                 for i, rows in enumerate(micro_batches):
                     micro = batch.select(rows)
-                    # The losses are already parts of the minibatch loss (shared denominator): they add up. The
-                    # other stats are token means over the micro-batch: weight them by its share of the tokens.
-                    # Maxima stay maxima.
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
                     with self.parallel.no_sync(last=i == len(micro_batches) - 1):
-                        micro_stats = self._micro_step(micro, P, denominator)
-                    for k, v in micro_stats.items():
-                        if k.endswith("_max"):
-                            stats[k] = max(stats.get(k, -math.inf), v)
-                        else:
-                            stats[k] = stats.get(k, 0.0) + (v if k in _LOSS_STATS else v * token_share)
+                        self._micro_step(micro, P, denominator, token_share, stats)
                 stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
-                if cfg.target_kl is not None and stats.get("policy/approx_kl", 0.0) > cfg.target_kl:
+                if cfg.target_kl is not None and stats.totals.get("policy/approx_kl", 0.0) > cfg.target_kl:
                     self.optimizer.zero_grad(set_to_none=True)  # the policy has moved far enough: no more updates
                     early_stopped = True
                     break
@@ -378,16 +379,19 @@ class PPOTrainer:
                     critic = {id(p) for p in self.model.critic_parameters()}
                     for p in self.model.parameters():
                         p.grad = p.grad if id(p) in critic else None
-                stats.update(self._optimizer_step())
-                for k, v in stats.items():
-                    totals[k] = max(totals.get(k, -math.inf), v) if k.endswith("_max") else totals.get(k, 0.0) + v
+                for name, norm in self._optimizer_step().items():
+                    stats.add(name, norm, Stats.MEAN)
+                step_stats.update(stats)
                 n_updates += 1
         if not n_updates:  # target_kl stopped the first minibatch: its stats stand for this step
-            totals, n_updates = stats, 1
-        averaged = {k: v if k.endswith("_max") else v / n_updates for k, v in totals.items()}
+            step_stats, n_updates = stats, 1
+        averaged = step_stats.averaged(n_updates)
         return averaged | ({"optim/early_stopped": float(early_stopped)} if cfg.target_kl is not None else {})
 
-    def _micro_step(self, micro: RolloutBatch, P: int, denominator: float) -> dict:
+    def _micro_step(self, micro: RolloutBatch, P: int, denominator: float, token_share: float, stats: Stats) -> None:
+        """Forward and backward of one micro-batch; its statistics go into `stats`: the losses are already parts
+        of the minibatch's loss (the shared denominator) and add up, the others are token means over the micro-batch
+        and count by its share of the minibatch's tokens, maxima stay maxima."""
         cfg = self.config
         with self._autocast():
             logprobs, entropy, values = self.parallel.train_model(
@@ -399,15 +403,15 @@ class PPOTrainer:
             micro.old_logprobs,
             micro.advantages,
             mask,
-            cfg.clip_range,
-            cfg.clip_range_high,
-            cfg.dual_clip,
-            cfg.loss_agg,
-            denominator,
-            micro.ref_logprobs if cfg.kl_loss_coef > 0 else None,
-            cfg.kl_loss_coef,
-            cfg.kl_loss_estimator,
-            micro.token_weights,
+            clip_low=cfg.clip_range,
+            clip_high=cfg.clip_range_high,
+            dual_clip=cfg.dual_clip,
+            agg=cfg.loss_agg,
+            denominator=denominator,
+            ref_logprobs=micro.ref_logprobs if cfg.kl_loss_coef > 0 else None,
+            kl_loss_coef=cfg.kl_loss_coef,
+            kl_estimator=cfg.kl_loss_estimator,
+            token_weights=micro.token_weights,
         )
         entropy_mean = (entropy * mask).sum() / max(float(mask.sum()), 1.0)
         loss = policy_loss
@@ -417,17 +421,25 @@ class PPOTrainer:
         # Warm-up: the policy's terms stay in the graph at weight 0, so that every parameter takes part in DDP's
         # gradient all-reduce; ppo_update then drops every gradient but the critic's.
         loss = loss * (0.0 if self.warming_up else 1.0)
-        stats = {"policy/loss": policy_loss.item(), "policy/entropy": entropy_mean.item()}
-        stats.update({f"policy/{k}": float(v) for k, v in policy_stats.items()})
+        stats.add("policy/loss", policy_loss.item(), Stats.SUM)
+        stats.add("policy/entropy", entropy_mean.item(), Stats.MEAN, token_share)
+        for name, value in policy_stats.items():
+            stats.add(f"policy/{name}", float(value), Stats.MAX if name in MAX_STATS else Stats.MEAN, token_share)
         if values is not None:  # critic-free estimators have no value head
             value_loss, value_stats = ops.ppo_value_loss(
-                values, micro.old_values, micro.returns, mask, cfg.clip_range_value, cfg.loss_agg, denominator
+                values,
+                micro.old_values,
+                micro.returns,
+                mask,
+                clip=cfg.clip_range_value,
+                agg=cfg.loss_agg,
+                denominator=denominator,
             )
             loss = loss + cfg.vf_coef * value_loss
-            stats["value/loss"] = value_loss.item()
-            stats.update({f"value/{k.removeprefix('value_')}": float(v) for k, v in value_stats.items()})
+            stats.add("value/loss", value_loss.item(), Stats.SUM)
+            for name, value in value_stats.items():
+                stats.add(f"value/{name.removeprefix('value_')}", float(value), Stats.MEAN, token_share)
         self.parallel.backward(loss)
-        return stats
 
     def _optimizer_step(self) -> dict[str, float]:
         """Clip, check, step; returns the gradient norms. A non-finite gradient skips the step (counted); too many
@@ -471,7 +483,7 @@ class PPOTrainer:
 
     # --- metrics, generation, saving ----------------------------------------------------------------------------
 
-    def _metrics(self, batch, update_stats, kl_per_sequence) -> dict:
+    def _metrics(self, batch, kl_per_sequence) -> dict:
         seconds = self.timer.seconds
         mask = batch.response_mask
         lengths = mask.sum(-1).float()
@@ -499,7 +511,6 @@ class PPOTrainer:
         metrics.update({f"perf/{phase}_s": s for phase, s in seconds.items()})
         if batch.old_values is not None:
             metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
-        metrics.update(update_stats)
         return metrics
 
     def train(self) -> list[dict]:

@@ -134,7 +134,7 @@ def verify(checkpoint: str) -> str | None:
     return None
 
 
-def check_output_dir(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
+def refuse_mixing_runs(output_dir: str, resume_from: str | None, overwrite: bool) -> None:
     """Refuse an output_dir holding a previous run's checkpoints or metrics.jsonl, unless this run continues it
     (resume_from is output_dir or one of its checkpoints) or overwrite_output_dir starts over (`clear_previous_run`
     then removes its checkpoints, once everything has loaded). Resuming another run's checkpoint is a new run: it

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastppo import ops
+from fastppo.runtime.metrics import Stats
 
 # --- who am I ---------------------------------------------------------------------------------------------------
 
@@ -95,22 +96,23 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
     return out.to(x.device)
 
 
-def reduce_stats(stats: dict[str, float]) -> dict[str, float]:
-    """Each value summed over ranks, or the largest for a key ending in `_max` (every rank holds the same keys)."""
+def reduce_stats(stats: Stats) -> Stats:
+    """Every rank's `stats` combined as each kind says: sums and weighted means add up (each rank holds its share),
+    maxima take the largest. Every rank holds the same names. `stats` itself in one process."""
     if world_size() == 1:
         return stats
-    sums, maxima = sorted(k for k in stats if not k.endswith("_max")), sorted(k for k in stats if k.endswith("_max"))
-    out = dict(
-        zip(sums, all_reduce_sum(torch.tensor([stats[k] for k in sums], dtype=torch.float64)).tolist(), strict=True)
-    )
-    if maxima:
-        out.update(
-            zip(
-                maxima,
-                _all_reduce_max(torch.tensor([stats[k] for k in maxima], dtype=torch.float64)).tolist(),
-                strict=True,
-            )
-        )
+    names = sorted(stats.totals)
+    summed = [n for n in names if stats.kinds[n] != Stats.MAX]
+    largest = [n for n in names if stats.kinds[n] == Stats.MAX]
+    out = Stats()
+    if summed:
+        totals = all_reduce_sum(torch.tensor([stats.totals[n] for n in summed], dtype=torch.float64)).tolist()
+        for name, value in zip(summed, totals, strict=True):
+            out.add(name, value, stats.kinds[name])
+    if largest:
+        maxima = _all_reduce_max(torch.tensor([stats.totals[n] for n in largest], dtype=torch.float64)).tolist()
+        for name, value in zip(largest, maxima, strict=True):
+            out.add(name, value, Stats.MAX)
     return out
 
 
@@ -162,16 +164,13 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, 
     return torch.where(valid, whitened, zero).to(out_dtype)
 
 
-_METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", "old_values", "returns", "ended")
-
-
-def gather_batch(batch):
-    """The global batch's per-sequence and per-token tensors that the KL controller and the metrics read, gathered
-    from every rank (padding has mask 0 and value 0, so sums and masked statistics are unchanged). `batch` itself
-    in one process."""
+def gather_fields(batch, names: tuple[str, ...]):
+    """The named per-sequence and per-token tensors of `batch`, gathered from every rank (padding has mask 0 and
+    value 0, so sums and masked statistics are unchanged); a field that is None stays None. `batch` itself in one
+    process."""
     if world_size() == 1:
         return batch
-    fields = {name: getattr(batch, name) for name in _METRIC_FIELDS}  # old_values, returns: None without a critic
+    fields = {name: getattr(batch, name) for name in names}
     return types.SimpleNamespace(**{name: None if x is None else all_gather_rows(x) for name, x in fields.items()})
 
 

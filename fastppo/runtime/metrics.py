@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import resource
 import time
@@ -34,6 +35,48 @@ class PhaseTimer:
             yield
         finally:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+class Stats:
+    """Statistics gathered from the parts of a step (micro-batches, minibatches, ranks), each combined as its kind
+    says:
+
+        SUM   the parts add up (a loss already divided by the whole minibatch's token count)
+        MEAN  each part's value weighted by its share (of the tokens, of the updates): the shares sum to 1
+        MAX   the largest part
+
+    stats = Stats()
+    stats.add("policy/clip_frac", 0.25, Stats.MEAN, weight=0.5)  # this micro-batch holds half the tokens
+    stats.add("policy/ratio_max", 1.3, Stats.MAX)
+    """
+
+    SUM, MEAN, MAX = "sum", "mean", "max"
+
+    def __init__(self, values: dict[str, float] | None = None, kind: str = SUM):
+        self.totals: dict[str, float] = {}
+        self.kinds: dict[str, str] = {}
+        for name, value in (values or {}).items():
+            self.add(name, value, kind)
+
+    def add(self, name: str, value: float, kind: str, weight: float = 1.0) -> None:
+        if self.kinds.setdefault(name, kind) != kind:
+            raise ValueError(f"{name} is a {self.kinds[name]} statistic, added as a {kind} one")
+        if kind == self.MAX:
+            self.totals[name] = max(self.totals.get(name, -math.inf), value)
+        else:
+            self.totals[name] = self.totals.get(name, 0.0) + value * (weight if kind == self.MEAN else 1.0)
+
+    def update(self, other: Stats) -> None:
+        for name, value in other.totals.items():
+            self.add(name, value, other.kinds[name])
+
+    def averaged(self, count: int) -> dict[str, float]:
+        """The totals of `count` parts of equal weight (the optimizer steps of a PPO step) as their mean; maxima
+        stay the largest."""
+        return {name: v if self.kinds[name] == self.MAX else v / count for name, v in self.totals.items()}
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.totals)
 
 
 def peak_memory_mb(device: torch.device) -> float:

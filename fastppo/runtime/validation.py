@@ -100,6 +100,12 @@ def check_number(name: str, value, interval: Interval, integer: bool = False) ->
     check_range(name, value, interval)
 
 
+def is_callable_spec(spec: str) -> bool:
+    """'package.module:function' (and not a Windows-style or existing path)."""
+    module, sep, function = spec.partition(":")
+    return bool(sep) and function.isidentifier() and not os.path.exists(spec) and "/" not in module
+
+
 def parse_float(value):
     """`value` as a float when it is a string that spells one (YAML 1.1 reads `1e-5` as a string), else unchanged."""
     if isinstance(value, str):
@@ -113,7 +119,7 @@ def parse_float(value):
 # --- output directories -----------------------------------------------------------------------------------------
 
 
-def check_output_dir(name: str, path: str) -> None:
+def check_writable_dir(name: str, path: str) -> None:
     """`path` is a directory we can write into, or can be created: checked without creating anything."""
     if not isinstance(path, str) or not path.strip():
         raise InputError(f"{name} must be a directory path, got {short(path)}")

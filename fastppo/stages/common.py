@@ -18,21 +18,6 @@ from fastppo.runtime import validation
 from fastppo.runtime.errors import InputError
 
 # ----------------------------------------------------------------------------------------------
-# loading
-# ----------------------------------------------------------------------------------------------
-
-
-def load_tokenizer(path):
-    """`models.load_tokenizer` (a path or the object), refusing a tokenizer without EOS: every response is trained
-    to end with it."""
-    tokenizer = models.load_tokenizer(path)
-    if tokenizer.eos_token_id is None:
-        where = path if isinstance(path, str) else "tokenizer"
-        raise InputError(f"{where}: the tokenizer has no eos token, so a response's end cannot be learned")
-    return tokenizer
-
-
-# ----------------------------------------------------------------------------------------------
 # encoding and batching
 # ----------------------------------------------------------------------------------------------
 
@@ -95,53 +80,46 @@ def update(loss: torch.Tensor, model, optimizer, scheduler) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the commands' shared options and checks
+# the checks `sft` and `reward-model` run before anything loads
 # ----------------------------------------------------------------------------------------------
 
-
-def training_options(args) -> dict:
-    """The options `fastppo sft` and `fastppo reward-model` share, from their parsed command lines."""
-    names = ("epochs", "batch_size", "learning_rate", "max_length", "seed", "output_dir")
-    return {name: getattr(args, name) for name in names}
-
-
-# The values the options shared by `fastppo sft` and `fastppo reward-model` accept; True: an integer option.
-OPTION_RANGES = {
-    "epochs": (validation.POSITIVE, False),
-    "batch_size": (validation.POSITIVE, True),
-    "learning_rate": (validation.POSITIVE, False),
-    "max_length": (validation.POSITIVE, True),
-    "seed": (validation.NON_NEGATIVE, True),
-}
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def check_command(args, fields: Sequence[str]) -> list[dict[str, str]]:
-    """What `fastppo sft` and `fastppo reward-model` check before loading anything: every option, the output
-    directory (usable, and holding no model unless --overwrite-output-dir), the model directory, and every line of
+def training_options(config) -> dict:
+    """The options `train_sft` and `train_reward_model` share, from an SFTConfig or a RewardModelConfig."""
+    names = ("epochs", "batch_size", "learning_rate", "max_length", "seed", "output_dir")
+    return {name: getattr(config, name) for name in names}
+
+
+def check_inputs(config, fields: Sequence[str]) -> list[dict[str, str]]:
+    """What `fastppo sft` and `fastppo reward-model` check before loading anything: every field, the output
+    directory (usable, and holding no model unless overwrite_output_dir), the model directory, and every line of
     the data, which is returned."""
-    for name, (interval, integer) in OPTION_RANGES.items():
-        validation.check_number("--" + name.replace("_", "-"), getattr(args, name), interval, integer)
-    validation.check_output_dir("--output-dir", args.output_dir)
-    if not args.overwrite_output_dir and os.path.isdir(args.output_dir):
-        found = [name for name in MODEL_FILES if os.path.exists(os.path.join(args.output_dir, name))]
-        how = "pass --overwrite-output-dir to replace it"
-        validation.refuse_to_overwrite("--output-dir", args.output_dir, "a model", found, how)
-    models.require_local(args.model, "model")
-    validation.check_model_dir("--model", args.model, need_weights=False)
-    if args.tokenizer is not None:
-        models.require_local(args.tokenizer, "tokenizer")
-    return validation.read_records(args.data, fields)
+    config.validate()
+    for name in ("model", "data"):
+        if getattr(config, name) is None:
+            raise InputError(f"{name}: missing (pass --{name} or set it in --config)")
+    validation.check_writable_dir("output_dir", config.output_dir)
+    if not config.overwrite_output_dir and os.path.isdir(config.output_dir):
+        found = [name for name in MODEL_FILES if os.path.exists(os.path.join(config.output_dir, name))]
+        how = "set overwrite_output_dir (--overwrite-output-dir) to replace it"
+        validation.refuse_to_overwrite("output_dir", config.output_dir, "a model", found, how)
+    models.require_local(config.model, "model")
+    validation.check_model_dir("model", config.model, need_weights=False)
+    if config.tokenizer is not None:
+        models.require_local(config.tokenizer, "tokenizer")
+    return validation.read_records(config.data, fields)
 
 
-def check_context(args, tokenizer, texts: list[tuple[str, str]]) -> None:
-    """Refuse (prompt, response) pairs that --max-length lets run past --model's position table."""
-    context = validation.context_length(validation.read_model_config("--model", args.model))
-    if context is None or args.max_length <= context:
+def check_context(config, tokenizer, texts: list[tuple[str, str]]) -> None:
+    """Refuse (prompt, response) pairs that max_length lets run past the model's position table."""
+    context = validation.context_length(validation.read_model_config("model", config.model))
+    if context is None or config.max_length <= context:
         return
-    longest = max(len(encode_prompt_response(tokenizer, p, r, args.max_length)[0]) for p, r in texts)
+    longest = max(len(encode_prompt_response(tokenizer, p, r, config.max_length)[0]) for p, r in texts)
     if longest > context:
         raise InputError(
-            f"--max-length {args.max_length} lets an example reach {longest} tokens, beyond the "
-            f"context of --model ({context} positions): pass --max-length {context} or less"
+            f"max_length {config.max_length} lets an example reach {longest} tokens, beyond the context of model "
+            f"({context} positions): set max_length to {context} or less"
         )

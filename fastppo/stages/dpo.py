@@ -41,16 +41,17 @@ from fastppo.models import (
     backbone_of,
     final_hidden,
     frozen_reference,
+    load_tokenizer,
     load_trainable_lm,
     resolve_device,
     response_logprobs,
 )
 from fastppo.runtime import precision
 from fastppo.runtime.checkpoint import (
-    check_output_dir,
     clear_previous_run,
     find_resumable,
     load_checkpoint,
+    refuse_mixing_runs,
     save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
@@ -61,7 +62,6 @@ from fastppo.runtime.validation import read_records
 from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
-    load_tokenizer,
     shuffled_batches,
     split_pairs,
     update,
@@ -166,7 +166,7 @@ class DPOTrainer:
         overrides = {"model": model, "data": pairs}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         self.config = config.validate()
-        check_output_dir(config.output_dir, config.resume_from, config.overwrite_output_dir)
+        refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
         pairs = read_pairs(config.data)  # every input check before the model loads
         self.device = resolve_device(config.device)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
@@ -174,7 +174,7 @@ class DPOTrainer:
         source = tokenizer or config.tokenizer or (config.model if isinstance(config.model, str) else None)
         if source is None:
             raise InputError("tokenizer: a model object needs a tokenizer (a path or the object)")
-        self.tokenizer = load_tokenizer(source)  # one with an EOS: every encoded response ends with it
+        self.tokenizer = load_tokenizer(source, need_eos=True)  # one with an EOS: every encoded response ends with it
         train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
         self.train_data = encode_pairs(self.tokenizer, train_pairs, config.max_length)
         self.eval_data = encode_pairs(self.tokenizer, eval_pairs, config.max_length)
@@ -430,32 +430,9 @@ class DPOTrainer:
 # the command
 # ----------------------------------------------------------------------------------------------
 
-_REQUIRED = ("model", "data", "output_dir")
 
-
-def add_arguments(parser) -> None:
-    """One flag per DPOConfig field (--learning-rate also as --lr), plus --resume."""
-    import argparse
-
-    for f in dataclasses.fields(DPOConfig):
-        flags = [f"--{f.name.replace('_', '-')}"] + (["--lr"] if f.name == "learning_rate" else [])
-        default, help_text = f.default, f.metadata["help"].replace("%", "%%")  # argparse formats help with %
-        kwargs = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{help_text} (default {default})"}
-        if f.name in _REQUIRED:
-            kwargs.update(required=True, help=help_text)
-        elif isinstance(default, bool):
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif isinstance(default, (int, float)):
-            kwargs["type"] = type(default)
-        parser.add_argument(*flags, **kwargs)
-    parser.add_argument("--resume", action="store_true", help="continue from the last valid checkpoint of --output-dir")
-
-
-def run(args) -> int:
-    values = {k: v for k, v in vars(args).items() if k in DPOConfig.field_names()}
-    config = DPOConfig(**values)
-    if args.resume and config.resume_from is None:
-        config.resume_from = config.output_dir
+def run(config: DPOConfig) -> int:
+    """`fastppo dpo`: train, report, and say how to continue a run stopped by a signal."""
     trainer = DPOTrainer(config)  # validates the config and reads the pairs before loading the model
     history = trainer.train()
     if trainer.stop_request.requested:

@@ -18,23 +18,22 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastppo.models import load_model, resolve_device, score_at_last_token
+from fastppo.models import load_model, load_tokenizer, resolve_device, score_at_last_token
 from fastppo.runtime.checkpoint import save_model
 from fastppo.runtime.schedule import adamw_with_schedule
-from fastppo.runtime.validation import Interval, check_number
 from fastppo.stages.common import (
-    check_command,
     check_context,
+    check_inputs,
     count_steps,
     encode_prompt_response,
     is_report_step,
-    load_tokenizer,
     pad_batch,
     shuffled_batches,
     split_pairs,
     training_options,
     update,
 )
+from fastppo.stages.reward_model_config import RewardModelConfig
 
 
 def load_reward_model(path: str, tokenizer):
@@ -148,31 +147,19 @@ def train_reward_model(
 # ----------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local causal-LM or sequence-classifier checkpoint directory")
-    parser.add_argument("--data", required=True, help='JSONL file, one {"prompt", "chosen", "rejected"} per line')
-    parser.add_argument("--output-dir", required=True, help="where the reward model and tokenizer go")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the pairs (default 1)")
-    parser.add_argument("--batch-size", type=int, default=16, help="pairs per step (default 16)")
-    parser.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW peak learning rate (default 1e-5)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per prompt + response")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="pairs held out for accuracy (default 0.1)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace a model already in --output-dir")
-
-
-def run(args) -> int:
-    check_number("--eval-fraction", args.eval_fraction, Interval(0, 1, high_open=True))
-    pairs = check_command(args, ("prompt", "chosen", "rejected"))
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    check_context(args, tokenizer, [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")])
-    torch.manual_seed(args.seed)  # the new score head is drawn as the model loads: the same seed, the same run
-    model = load_reward_model(args.model, tokenizer)
-    summary = train_reward_model(model, tokenizer, pairs, eval_fraction=args.eval_fraction, **training_options(args))
+def run(config: RewardModelConfig) -> dict:
+    """`fastppo reward-model`: every input checked, then the model loaded, trained and saved to output_dir."""
+    pairs = check_inputs(config, ("prompt", "chosen", "rejected"))
+    tokenizer = load_tokenizer(config.tokenizer or config.model, need_eos=True)
+    check_context(config, tokenizer, [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")])
+    torch.manual_seed(config.seed)  # the new score head is drawn as the model loads: the same seed, the same run
+    model = load_reward_model(config.model, tokenizer)
+    summary = train_reward_model(
+        model, tokenizer, pairs, eval_fraction=config.eval_fraction, **training_options(config)
+    )
     print(
         f"fastppo reward-model: {summary['pairs']} pairs, {summary['steps']} steps, "
         f"held-out pairwise accuracy {summary['eval_accuracy']:.3f}, {summary['seconds']:.0f}s; "
-        f"checkpoint in {args.output_dir}"
+        f"checkpoint in {config.output_dir}"
     )
-    return 0
+    return summary

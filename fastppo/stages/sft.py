@@ -16,22 +16,22 @@ from collections.abc import Callable
 
 import torch
 
-from fastppo.models import load_model, resolve_device
+from fastppo.models import load_model, load_tokenizer, resolve_device
 from fastppo.runtime.checkpoint import save_model
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.stages.common import (
-    check_command,
     check_context,
+    check_inputs,
     count_steps,
     encode_prompt_response,
     is_report_step,
-    load_tokenizer,
     pad_batch,
     shuffled_batches,
     training_options,
     update,
 )
+from fastppo.stages.sft_config import SFTConfig
 
 # ----------------------------------------------------------------------------------------------
 # batching
@@ -113,29 +113,18 @@ def train_sft(
 # ----------------------------------------------------------------------------------------------
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--model", required=True, help="local checkpoint directory, or a directory with a config.json")
-    parser.add_argument("--data", required=True, help='JSONL file, one {"prompt": ..., "response": ...} per line')
-    parser.add_argument("--output-dir", required=True, help="where the fine-tuned checkpoint and tokenizer go")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: --model)")
-    parser.add_argument("--epochs", type=float, default=3.0, help="passes over the data (default 3)")
-    parser.add_argument("--batch-size", type=int, default=16, help="examples per step (default 16)")
-    parser.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
-    parser.add_argument("--max-length", type=int, default=512, help="tokens per example, prompt included")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--overwrite-output-dir", action="store_true", help="replace a model already in --output-dir")
-
-
-def run(args) -> int:
+def run(config: SFTConfig) -> dict:
+    """`fastppo sft`: every input checked, then the model loaded, fine-tuned and saved to output_dir."""
     from transformers import AutoModelForCausalLM
 
-    examples = check_command(args, ("prompt", "response"))
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
-    check_context(args, tokenizer, [(e["prompt"], e["response"]) for e in examples])
-    model = load_model(args.model, AutoModelForCausalLM)
-    summary = train_sft(model, tokenizer, examples, **training_options(args))
+    examples = check_inputs(config, ("prompt", "response"))
+    tokenizer = load_tokenizer(config.tokenizer or config.model, need_eos=True)
+    check_context(config, tokenizer, [(e["prompt"], e["response"]) for e in examples])
+    torch.manual_seed(config.seed)  # a directory with only a config.json is initialised here
+    model = load_model(config.model, AutoModelForCausalLM)
+    summary = train_sft(model, tokenizer, examples, **training_options(config))
     print(
         f"fastppo sft: {summary['examples']} examples, {summary['steps']} steps, final loss {summary['loss']:.4f}, "
-        f"{summary['seconds']:.0f}s; checkpoint in {args.output_dir}"
+        f"{summary['seconds']:.0f}s; checkpoint in {config.output_dir}"
     )
-    return 0
+    return summary

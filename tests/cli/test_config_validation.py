@@ -14,8 +14,11 @@ import pytest
 import yaml
 
 from fastppo.cli.train import check_inputs
-from fastppo.ppo.config import RANGES, PPOConfig, _options
+from fastppo.ppo.config import PPOConfig
+from fastppo.runtime.config_base import type_options
 from tests.refusal import assert_refused, previous_run, run, write_yaml
+
+RANGES = PPOConfig.RANGES
 
 HINTS = typing.get_type_hints(PPOConfig)
 FIELDS = [f.name for f in dataclasses.fields(PPOConfig)]
@@ -24,7 +27,7 @@ PATH_FIELDS = {"policy_model", "tokenizer", "reward_model", "reward_tokenizer", 
 
 
 def kinds(name: str) -> set:
-    return {typing.get_origin(o) or o for o in _options(HINTS[name])} - {type(None)}
+    return {typing.get_origin(o) or o for o in type_options(HINTS[name])} - {type(None)}
 
 
 def outside(name: str) -> list:
@@ -45,7 +48,7 @@ def outside(name: str) -> list:
 def wrong_values(name: str) -> list[tuple[str, object]]:
     """(case id, value) for one field, from its type hint."""
     hint, types = HINTS[name], kinds(name)
-    cases = [] if hint is typing.Any or type(None) in _options(hint) else [("null", None)]
+    cases = [] if hint is typing.Any or type(None) in type_options(hint) else [("null", None)]
     if types == {float}:
         cases += [
             ("text", "fast"),
@@ -168,8 +171,13 @@ def test_set_that_is_not_a_yaml_value_is_refused(override, named, base, run_dir,
 def test_numbers_written_as_yaml_1_1_strings_are_read_as_numbers(base, tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(base) + "learning_rate: 1e-5\nkl_coef: 5E-2\n")
-    config = PPOConfig.from_yaml(str(path), ["kl_target=6e0", "reward_clip=+1e1"]).validate()
-    assert (config.learning_rate, config.kl_coef, config.kl_target, config.reward_clip) == (1e-5, 0.05, 6.0, 10.0)
+    config = PPOConfig.from_yaml(str(path), ["adaptive_kl_target=6e0", "reward_clip=+1e1"]).validate()
+    assert (config.learning_rate, config.kl_coef, config.adaptive_kl_target, config.reward_clip) == (
+        1e-5,
+        0.05,
+        6.0,
+        10.0,
+    )
 
 
 def alias_bomb(levels: int = 9) -> bytes:

@@ -40,7 +40,7 @@ def test_ppo_raises_gold_reward_over_the_sft_policy(quick_run):
 @pytest.mark.slow
 def test_kl_is_finite_and_near_its_target(quick_run):
     output_dir, summary = quick_run
-    target = pipeline.QUICK.kl_target
+    target = pipeline.QUICK.adaptive_kl_target
     rows = read_jsonl(os.path.join(output_dir, "ppo", "metrics.jsonl"))
     assert len(rows) >= pipeline.QUICK.ppo_steps
     assert all(math.isfinite(r["policy/kl"]) for r in rows)
@@ -72,8 +72,8 @@ def test_no_kl_control_flag_turns_the_penalty_off(tmp_path):
         (tmp_path / stage).mkdir()
     with_kl = pipeline.ppo_config(str(tmp_path), pipeline.QUICK, kl_control=True, seed=0)
     without = pipeline.ppo_config(str(tmp_path), pipeline.QUICK, kl_control=False, seed=0)
-    assert with_kl.kl_coef > 0 and with_kl.kl_target == pipeline.QUICK.kl_target
-    assert without.kl_coef == 0 and without.kl_target is None
+    assert with_kl.kl_coef > 0 and with_kl.adaptive_kl_target == pipeline.QUICK.adaptive_kl_target
+    assert without.kl_coef == 0 and without.adaptive_kl_target is None
 
 
 def test_train_without_config_runs_the_demo_with_its_defaults(monkeypatch, tmp_path):
@@ -96,7 +96,7 @@ def test_every_algorithm_is_a_valid_run_of_the_same_budget(tmp_path, algo):
     for settings in (pipeline.FULL, pipeline.QUICK):
         config = pipeline.ppo_config(str(tmp_path), settings, True, 0, algo)
         baseline = pipeline.ppo_config(str(tmp_path), settings, True, 0, "gae")
-        budget = ("steps", "rollout_batch_size", "max_new_tokens", "kl_target", "seed")
+        budget = ("steps", "rollout_batch_size", "max_new_tokens", "adaptive_kl_target", "seed")
         assert [getattr(config, k) for k in budget] == [getattr(baseline, k) for k in budget]
         assert (config.advantage_estimator == "gae") == (algo in ("gae", "vapo"))
     parser = argparse.ArgumentParser()

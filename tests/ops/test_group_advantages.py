@@ -11,7 +11,7 @@ from tests.ops.helpers import FLOAT_DTYPES, assert_close, backend_params, f64, r
 
 CASES = [
     (estimator, group_size)
-    for estimator in reference.GROUP_ESTIMATORS
+    for estimator in reference.GROUP_ADVANTAGE_ESTIMATORS
     for group_size in (1, 2, 3, 8, 64)
     if not (estimator == "rloo" and group_size == 1)
 ]
@@ -33,7 +33,7 @@ def test_group_advantages(backend, estimator, group_size, dtype):
 
 
 @pytest.mark.parametrize("backend", backend_params("group_advantages"))
-@pytest.mark.parametrize("estimator", reference.GROUP_ESTIMATORS)
+@pytest.mark.parametrize("estimator", reference.GROUP_ADVANTAGE_ESTIMATORS)
 def test_group_advantages_hard_groups(backend, estimator):
     """Equal scores in a group (std 0: grpo gives 0, not nan), a large common offset, huge and tiny scales, a
     strided view."""

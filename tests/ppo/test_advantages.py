@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from fastppo import PPOTrainer, ops
-from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, estimate_advantages, overlong_penalties, uses_critic
+from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, estimate_advantages, uses_critic
 from fastppo.ppo.config import PPOConfig
 from fastppo.ppo.groups import concat, repeat_each, varied_groups
+from fastppo.ppo.shaping import overlong_penalties, shape_rewards
 from fastppo.runtime.errors import InputError
 from tests.tiny_models import count_w7, prompt_list, small_config
 
@@ -23,8 +24,14 @@ from tests.tiny_models import count_w7, prompt_list, small_config
 # ----------------------------------------------------------------------------------------------
 
 
+def shape_and_estimate(batch, config, kl_coef: float):
+    """Steps 4 and 5 as the trainer runs them: (rewards, kl, advantages, returns)."""
+    batch.rewards, kl = shape_rewards(batch, config, kl_coef)
+    return (batch.rewards, kl, *estimate_advantages(batch, config))
+
+
 def scored_batch(B=6, T=7, seed=0):
-    """What estimate_advantages reads: scores, masks (row 0 full, row 1 of length 1), log-probs, values."""
+    """What steps 4 and 5 read: scores, masks (row 0 full, row 1 of length 1), log-probs, values."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, T + 1, (B,), generator=g)
     lengths[0], lengths[1] = T, 1
@@ -43,7 +50,7 @@ def scored_batch(B=6, T=7, seed=0):
 def test_group_estimators_put_the_sequence_advantage_on_every_token(estimator):
     batch = scored_batch()
     config = PPOConfig(advantage_estimator=estimator, samples_per_prompt=3, kl_in_reward=False)
-    rewards, kl, advantages, returns = estimate_advantages(batch, config, kl_coef=0.3)
+    rewards, kl, advantages, returns = shape_and_estimate(batch, config, kl_coef=0.3)
     expected = ops.group_advantages(batch.scores, 3, estimator)[:, None] * batch.response_mask
     torch.testing.assert_close(advantages, expected)
     assert returns is None and (kl != 0).any()  # the KL is still measured, just not in the reward
@@ -53,7 +60,7 @@ def test_group_estimators_put_the_sequence_advantage_on_every_token(estimator):
 def test_kl_in_the_reward_adds_the_penalty_to_go():
     batch = scored_batch()
     config = PPOConfig(advantage_estimator="grpo", samples_per_prompt=3, gamma=0.9)
-    _, kl, advantages, _ = estimate_advantages(batch, config, kl_coef=0.3)
+    _, kl, advantages, _ = shape_and_estimate(batch, config, kl_coef=0.3)
     group = ops.group_advantages(batch.scores, 3, "grpo")
     for b in range(6):
         length = int(batch.response_mask[b].sum())
@@ -67,7 +74,7 @@ def test_kl_in_the_reward_adds_the_penalty_to_go():
 def test_reinforce_plus_plus_whitens_returns_of_the_shaped_rewards(estimator):
     batch = scored_batch()
     config = PPOConfig(advantage_estimator=estimator, samples_per_prompt=2, kl_estimator="k3")
-    rewards, _, advantages, _ = estimate_advantages(batch, config, kl_coef=0.1)
+    rewards, _, advantages, _ = shape_and_estimate(batch, config, kl_coef=0.1)
     scores = batch.scores
     if estimator == "reinforce++-baseline":
         scores = scores - scores.view(-1, 2).mean(-1).repeat_interleave(2)
@@ -84,7 +91,7 @@ def test_reinforce_plus_plus_whitens_returns_of_the_shaped_rewards(estimator):
 def test_vapo_gae_uses_per_sequence_lambda_and_decoupled_returns():
     batch = scored_batch()
     config = PPOConfig(critic_lam=1.0, lam_length_alpha=0.2, whiten_advantages=False)
-    rewards, _, advantages, returns = estimate_advantages(batch, config, kl_coef=0.05)
+    rewards, _, advantages, returns = shape_and_estimate(batch, config, kl_coef=0.05)
     lam = ops.length_adaptive_lam(batch.response_mask, 0.2)
     assert (lam < 1).all() and (lam > 0).any()
     expected_advantages, _ = ops.gae(rewards, batch.old_values, batch.response_mask, 1.0, lam)
@@ -323,7 +330,7 @@ def test_resume_equals_uninterrupted(tiny_models, tmp_path, name):
     """2 of 4 steps, checkpoint, resume, finish == 4 steps straight: the warm-up (3 steps, across the checkpoint),
     group sampling and dynamic sampling continue where they stopped."""
     settings = {
-        "vapo": dict(critic_lam=1.0, lam_length_alpha=0.05, value_warmup_steps=3, kl_target=1.0),
+        "vapo": dict(critic_lam=1.0, lam_length_alpha=0.05, value_warmup_steps=3, adaptive_kl_target=1.0),
         "grpo-filtered": dict(
             advantage_estimator="grpo",
             samples_per_prompt=2,

@@ -22,8 +22,8 @@ from fastppo.runtime.errors import InputError
         ({"dual_clip": 0.5}, "dual_clip"),
         ({"whiten_advantages": "yes"}, "whiten_advantages"),
         ({"precision": "fp16"}, "precision"),
-        ({"kl_target": 6.0, "kl_in_reward": False, "kl_loss_coef": 0.01}, "kl_target"),
-        ({"kl_target": 6.0, "kl_coef": 0.0}, "kl_target"),
+        ({"adaptive_kl_target": 6.0, "kl_in_reward": False, "kl_loss_coef": 0.01}, "adaptive_kl_target"),
+        ({"adaptive_kl_target": 6.0, "kl_coef": 0.0}, "adaptive_kl_target"),
         ({"reference": "adapter", "lora_rank": 4, "reference_quantization": "8bit"}, "reference_quantization"),
         ({"advantage_estimator": "rloo", "samples_per_prompt": 2, "critic": "separate"}, "critic"),
     ],
@@ -44,8 +44,8 @@ def test_defaults_are_valid_and_every_field_documented():
 def test_yaml_with_overrides(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("steps: 5\nkl_coef: 0.1\nstop_strings: ['###']\n")
-    config = PPOConfig.from_yaml(str(path), ["steps=7", "kl_target=6.0", "reward_model=my_mod:score"])
-    assert (config.steps, config.kl_coef, config.kl_target, config.stop_strings) == (7, 0.1, 6.0, ["###"])
+    config = PPOConfig.from_yaml(str(path), ["steps=7", "adaptive_kl_target=6.0", "reward_model=my_mod:score"])
+    assert (config.steps, config.kl_coef, config.adaptive_kl_target, config.stop_strings) == (7, 0.1, 6.0, ["###"])
     config.validate()  # a module:function reward is not a path
 
 
@@ -69,7 +69,7 @@ def test_example_config_names_every_required_key():
 
     keys = set(yaml.safe_load(open("examples/ppo.yaml")))
     required = """policy_model reward_model prompts output_dir steps rollout_batch_size mini_batch_size ppo_epochs
-    max_prompt_length max_new_tokens learning_rate kl_coef kl_target kl_estimator gamma lam clip_range
+    max_prompt_length max_new_tokens learning_rate kl_coef adaptive_kl_target kl_estimator gamma lam clip_range
     clip_range_value vf_coef critic reference reference_quantization reward_quantization lora_rank seed save_every
     resume_from""".split()
     assert set(required) <= keys

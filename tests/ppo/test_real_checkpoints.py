@@ -95,9 +95,9 @@ def test_no_dropout_anywhere_in_the_ppo_loop(released, tmp_path, model):
     trainer = PPOTrainer(config, prompts=prompt_list())
     batch = trainer.rollout(prompt_list()[:4])
     batch.scores = trainer.score(batch)
-    trainer.evaluate(batch)
+    trainer.compute_logprobs(batch)
     first = (batch.old_logprobs.clone(), batch.old_values.clone())
-    trainer.evaluate(batch)
+    trainer.compute_logprobs(batch)
     assert torch.equal(first[0], batch.old_logprobs) and torch.equal(first[1], batch.old_values)
 
     metrics = trainer.step()  # one minibatch: the update sees exactly the rollout-time policy
@@ -130,7 +130,7 @@ def test_the_decodes_logprobs_and_values_are_the_forwards(released, tiny_models,
     torch.testing.assert_close(batch.sampler_values[valid], values[valid], atol=1e-4, rtol=0)
 
     batch.scores = trainer.score(batch)
-    trainer.evaluate(batch)  # no second policy pass: the decode's tensors are the old ones
+    trainer.compute_logprobs(batch)  # no second policy pass: the decode's tensors are the old ones
     assert batch.old_logprobs is batch.sampler_logprobs and batch.old_values is batch.sampler_values
     metrics = trainer.step()  # the first minibatch sees the rollout-time policy, to float32 rounding
     assert abs(metrics["policy/ratio_max"] - 1.0) < 1e-4 and metrics["policy/clip_frac"] == 0.0
@@ -255,7 +255,8 @@ def test_a_stop_string_ends_a_response_it_does_not_truncate_it(released, tmp_pat
     batch = trainer.rollout(prompt_list()[:4])
     assert bool(batch.ended.all()) and not bool(batch.truncated.any())
     assert batch.response_mask.sum(-1).tolist() == [2, 2, 2, 2]
-    assert trainer.score(batch).tolist() == [1.0, 1.0, 1.0, 1.0]  # no missing-EOS penalty: the response ended
+    trainer.score(batch)
+    assert batch.scores.tolist() == [1.0, 1.0, 1.0, 1.0]  # no missing-EOS penalty: the response ended
 
 
 def test_trainer_logprobs_follow_granite_logits_scaling(released, tmp_path):

@@ -7,12 +7,13 @@ import pytest
 import torch
 
 from fastppo import PPOTrainer
+from fastppo.runtime.metrics import Stats
 from tests.tiny_models import count_w7, prompt_list, small_config
 
 EXPECTED_METRICS = """step reward/score_mean reward/score_std reward/shaped_mean policy/kl policy/entropy policy/loss
 policy/clip_frac policy/approx_kl value/loss value/clip_frac value/explained_variance rollout/response_length_mean
 rollout/response_length_max rollout/ended_rate rollout/truncated_rate perf/rollout_tokens_per_s perf/train_tokens_per_s
-perf/peak_memory_mb perf/rollout_s perf/reward_s perf/evaluate_s perf/advantages_s perf/train_s perf/step_s
+perf/peak_memory_mb perf/rollout_s perf/reward_s perf/logprobs_s perf/advantages_s perf/train_s perf/step_s
 kl/coef optim/grad_norm optim/lr optim/skipped_steps policy/grad_norm value/grad_norm policy/ratio_max""".split()
 
 
@@ -37,7 +38,7 @@ def test_objects_instead_of_paths(tiny_models, tmp_path):
 
     from tests.tiny_models import build_tokenizer
 
-    config = small_config(tmp_path, reference_quantization="8bit", critic="separate", kl_target=1.0)
+    config = small_config(tmp_path, reference_quantization="8bit", critic="separate", adaptive_kl_target=1.0)
     lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0])
     trainer = PPOTrainer(config, policy=lm, tokenizer=build_tokenizer(), reward=count_w7, prompts=prompt_list())
     metrics = trainer.step()
@@ -85,7 +86,7 @@ def test_rule_based_reward_rises_while_kl_stays_finite(tiny_models, tmp_path):
 def test_resume_equals_uninterrupted(tiny_models, tmp_path):
     """On CPU with a fixed seed: 2 of 4 steps, checkpoint, stop, resume, finish == 4 steps straight (bitwise)."""
     policy, reward = tiny_models["llama"]
-    common = dict(policy_model=policy, reward_model=reward, steps=4, lr_scheduler="linear", kl_target=1.0)
+    common = dict(policy_model=policy, reward_model=reward, steps=4, lr_scheduler="linear", adaptive_kl_target=1.0)
     straight = PPOTrainer(small_config(tmp_path / "a", **common), prompts=prompt_list())
     straight.train()
 
@@ -163,16 +164,16 @@ def test_the_entropy_bonus_is_aggregated_like_the_policy_loss(tiny_models, tmp_p
     batch = trainer.rollout(prompt_list()[:4])
     batch.response_mask[1, 2:] = 0  # responses of different lengths (5, 2, 4, 5), where the three rules differ
     batch.response_mask[2, 4:] = 0
-    batch.scores = trainer.score(batch)
-    trainer.evaluate(batch)
+    trainer.score(batch)
+    trainer.compute_logprobs(batch)
     trainer.shape_rewards(batch)
     trainer.estimate_advantages(batch)
     mask, P = batch.response_mask, batch.prompt_ids.shape[1]
-    monkeypatch.setattr(ops, "ppo_policy_loss", lambda logprobs, *args: (logprobs.sum() * 0.0, {}))
+    monkeypatch.setattr(ops, "ppo_policy_loss", lambda logprobs, *args, **kwargs: (logprobs.sum() * 0.0, {}))
     lengths = mask.sum(-1).double()
     denominator = float(lengths.sum()) if loss_agg == "token-mean" else float((lengths > 0).sum())
     trainer.optimizer.zero_grad()
-    trainer._micro_step(batch, P, denominator)
+    trainer._micro_step(batch, P, denominator, token_share=1.0, stats=Stats())
     ours = [p.grad.clone() for p in trainer.model.lm.parameters()]
 
     trainer.optimizer.zero_grad()

@@ -91,7 +91,7 @@ def config(tmp_path, policy, **overrides):
         micro_batch_size=2,
         ppo_epochs=2,
         reward_normalization=True,
-        kl_target=1.0,
+        adaptive_kl_target=1.0,
         max_new_tokens=6,
         clip_range=0.005,
         clip_range_value=0.005,
@@ -317,7 +317,7 @@ def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
     moves between world sizes are checked above."""
     import yaml
 
-    from tests.ppo.test_cli import run_cli
+    from tests.tiny_models import run_cli
 
     policy, reward = tiny_models["llama"]
     values = {
