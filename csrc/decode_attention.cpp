@@ -2,8 +2,8 @@
 //
 // A decode step on a CPU attends one new query per row and head over at most a few thousand cached positions: a
 // few MFLOP, less time than the dozen small ops that stock PyTorch needs for it (views, the rotary embedding as
-// rotate_half + cat + mul + add, two cache writes, scaled_dot_product_attention, ~0.5 ms per layer at the bench's
-// default size). Here, per row b, all in one pass:
+// rotate_half + cat + mul + add, two cache writes, scaled_dot_product_attention: bench_ops' decode_attention rows
+// compare the two). Here, per row b, all in one pass:
 //   rotate its key and write it, with its value, at cache position n - 1 of each key/value head g
 //   for each head h (g = h / (heads / G)): q' = rotate(q_h); s_j = q' . k_j scale over the unmasked positions j;
 //     out_h = sum_j exp(s_j - max s) v_j / sum_j exp(s_j - max s)

@@ -200,7 +200,7 @@ def best_of_n(output_dir: str, settings, n: int, seed: int) -> dict:
         prompts=config.prompts,
     )
     prompts = [p for p in task.prompts()[1] for _ in range(settings.eval_samples_per_prompt)]
-    candidates = pipeline.generate(trainer, [p for p in prompts for _ in range(n)], seed=pipeline._EVALUATE_SEED)
+    candidates = pipeline.generate(trainer, [p for p in prompts for _ in range(n)], seed=pipeline.EVALUATE_SEED)
     scores = proxy_scorer(output_dir)(prompts=[p for p in prompts for _ in range(n)], responses=candidates, mean=False)
     chosen, chosen_scores = [], []
     for i in range(len(prompts)):

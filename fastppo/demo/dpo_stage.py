@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from fastppo.demo import task
-from fastppo.demo.pipeline import _EVALUATE_SEED
+from fastppo.demo.pipeline import EVALUATE_SEED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +92,7 @@ def run_dpo_on_demo(
 
 def evaluate(trainer, prompts: list[str]) -> dict:
     """Gold, KL to the reference and length of the policy's answers to `prompts`, sampled with the pipeline's seed."""
-    responses, kl = trainer.sample(prompts, seed=_EVALUATE_SEED)
+    responses, kl = trainer.sample(prompts, seed=EVALUATE_SEED)
     return {
         "gold": statistics.fmean(task.gold_rewards(prompts, responses)),
         "kl": statistics.fmean(kl),

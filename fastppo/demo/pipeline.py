@@ -26,7 +26,7 @@ import time
 from fastppo.demo import report, task
 from fastppo.runtime.validation import refuse_non_empty_dir
 
-_EVALUATE_SEED = 1234  # the same sampling seed at every evaluation, so curves differ by the policy, not the dice
+EVALUATE_SEED = 1234  # the same sampling seed at every evaluation, so curves differ by the policy, not the dice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -294,7 +294,7 @@ def ppo_stage(
     eval_prompts = [p for p in heldout for _ in range(settings.eval_samples_per_prompt)]
 
     def evaluate(step: int, train_metrics: dict) -> tuple[dict, list[str]]:
-        responses = generate(trainer, eval_prompts, seed=_EVALUATE_SEED)
+        responses = generate(trainer, eval_prompts, seed=EVALUATE_SEED)
         row = evaluation_row(step, eval_prompts, responses, proxy, tokenizer, train_metrics)
         print(
             f"  step {step:4d}  gold {row['gold']:+.2f}  proxy {row['proxy']:+.2f}  KL {row['kl']:.2f}"

@@ -129,8 +129,8 @@ def _filled_prefix_layer():
     class _FilledPrefixLayer(StaticLayer):
         """A static cache layer whose attention reads the filled positions only: the stock one hands attention its
         whole buffer, and the mask hides the empty tail, so every step read the keys and values of max_length
-        positions (at the large bench size 189 MB a step, over 40% of the weights' 438 MB). Same results: the
-        tail's positions were masked out."""
+        positions: at the large bench size a large share of the step's memory traffic beside the weights'
+        (bench/README.md, the rollout rows). Same results: the tail's positions were masked out."""
 
         filled = 0  # positions written so far
 

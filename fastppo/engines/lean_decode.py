@@ -5,7 +5,7 @@ layer and runs three q/k/v and two gate/up matmuls. At the bench's default size 
 overhead took longer than the step's weight reads (bench/README.md's phase tables). Here a step is the same
 arithmetic in fewer, larger ops: q, k and v in one matmul against their concatenated weight, gate and up in
 another, each weight prepared once per rollout for the step's row count (`DecodeLinear`), RMSNorm as one
-`F.rms_norm`, and one native op (`ops.decode_attention`: a dozen small ops took ~0.5 ms a layer) for the rotary
+`F.rms_norm`, and one native op (`ops.decode_attention`, in place of a dozen small ops per layer) for the rotary
 embedding, the key and value written in place into the static cache that transformers' prefill filled, and the
 attention over its filled prefix. The embedding, the rotary frequencies and the final norm are the model's own
 modules; its apply_rotary_pos_emb is checked to be the rotate-half embedding that op applies. Numerics match the

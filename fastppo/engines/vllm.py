@@ -145,7 +145,8 @@ class VLLMEngine:
             if kv_cache_bytes is not None:
                 kwargs["kv_cache_memory_bytes"] = kv_cache_bytes
         else:
-            # No CUDA graphs and no torch.compile on CPU: a cold first generate would otherwise compile for 15-36 s.
+            # No CUDA graphs and no torch.compile on CPU: a cold first generate would otherwise spend tens of seconds
+            # compiling, longer than a tiny model's whole run (bench/README.md, the rollout engines table).
             kwargs.update(
                 enforce_eager=True,
                 compilation_config={"mode": 0},

@@ -37,8 +37,8 @@ from typing import NamedTuple
 import torch
 
 # A tile holds at most this many logits (and at most 1/TILE_FRACTION of them): 2^27 is 256 MiB in bf16. Narrower
-# slices cost per-slice overhead (small GEMMs, one reduction launch each): at 1/16 the fused forward + backward ran
-# as fast as the materialized logits on the bench's CPU shapes, at 1/32 measurably slower.
+# slices cost per-slice overhead (small GEMMs, one reduction launch each): 1/16 is where the fused forward + backward
+# kept up with the materialized logits on the bench's CPU shapes (bench_ops' linear_token_logprobs rows).
 MAX_TILE_ELEMENTS = 1 << 27
 TILE_FRACTION = 16
 

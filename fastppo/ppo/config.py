@@ -91,7 +91,9 @@ class PPOConfig(Config):
         "dtype of the saved policy weights: 'auto' (the checkpoint's own, e.g. bf16), 'float32', 'bfloat16' or "
         "'float16'. Training always updates float32 master weights.",
     )
-    gradient_checkpointing: bool = option(False, "Recompute activations in the backward: less memory, ~30% more time.")
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward: less memory, more time (bench/README.md)."
+    )
     fused_logprobs: bool = option(True, "Compute log-probs from hidden states without materializing the logits.")
     device: str = option("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'.")
     precision: str = option(

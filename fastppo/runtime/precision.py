@@ -3,9 +3,9 @@
 Weights, optimizer state and the PPO math (advantages, KL, losses) stay float32 whatever this says; `bf16` runs the
 models' matmuls under bf16 autocast. On CUDA that is the usual setting (TRL's and OpenRLHF's bf16). On a CPU it pays
 only where the cores multiply bf16 natively (AMX or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an
-AVX-512 CPU without them converts each bf16 operand to float32: its products ran 3-4x and a PPO iteration 1.6x slower
-than float32's (measured, bench/README.md). So 'auto' picks float32 on every CPU, and `fastppo doctor` says whether this
-one has the instructions.
+AVX-512 CPU without them converts each bf16 operand to float32, which makes the products and a whole PPO iteration
+slower than float32's (bench/README.md's precision rows). So 'auto' picks float32 on every CPU, and `fastppo doctor`
+says whether this one has the instructions.
 """
 
 from __future__ import annotations

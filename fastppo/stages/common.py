@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from fastppo import models
+from fastppo.data import encode
 from fastppo.runtime import validation
 from fastppo.runtime.errors import InputError
 
@@ -23,8 +24,10 @@ from fastppo.runtime.errors import InputError
 
 
 def encode_prompt_response(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], int]:
-    """(token ids of prompt + response + EOS truncated to `max_length`, number of prompt tokens)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    """(token ids of prompt + response + EOS truncated to `max_length`, number of prompt tokens). The prompt is
+    encoded as PPO encodes it (`data.encode`: BOS in front once, even when a chat template rendered one), so the
+    policy is fine-tuned on the token layout PPO then trains it on."""
+    prompt_ids = encode(tokenizer, prompt)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     return (prompt_ids + response_ids)[:max_length], len(prompt_ids)
 

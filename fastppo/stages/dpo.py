@@ -15,8 +15,8 @@ the starting model, frozen (`reference_quantization` 8bit/4bit loads a quantized
 with its adapters disabled, at no extra memory. Its log-probs are computed once per pair before training and
 cached (in the checkpoint too): the reference never runs in the training loop.
 
-A pair is encoded as `fastppo sft` encodes an example: tokenizer(prompt) + tokenizer(response) + EOS, cut at
-max_length. Log-probs come from the backbone's final hidden states through `ops.linear_token_logprobs`, so the
+A pair is encoded as `fastppo sft` encodes an example: the prompt (as PPO encodes it) + the response + EOS, cut
+at max_length. Log-probs come from the backbone's final hidden states through `ops.linear_token_logprobs`, so the
 (2B, T, V) logits are never materialized. Evaluation, every `eval_every` steps, reports the held-out pairs' loss,
 accuracy and margin, and KL(policy || reference) per sequence estimated on responses sampled from the policy for
 held-out prompts: the mean of sum_t [log pi - log ref] over the samples (unbiased; the same k1 estimate PPO logs).

@@ -5,8 +5,8 @@ The reward-modelling stage PPO depends on. The model is a sequence classifier wi
 checkpoint: its body is kept, the score head is new) or from a classifier. It is trained with the pairwise
 Bradley-Terry loss -log sigmoid(r(prompt, chosen) - r(prompt, rejected)), and its pairwise accuracy (how often
 r(chosen) > r(rejected)) is reported on a held-out split. A text is scored exactly as `fastppo sft` encodes it:
-tokenizer(prompt) + tokenizer(response) + EOS, read at the last attended token (`rewards.score_at_last_token`, as
-PPO reads it). The result is a Hugging Face checkpoint plus tokenizer, which `fastppo train` takes as `reward_model`.
+the prompt (as PPO encodes it) + the response + EOS, read at the last attended token (`models.score_at_last_token`,
+as PPO reads it). The result is a Hugging Face checkpoint plus tokenizer, which `fastppo train` takes as `reward_model`.
 """
 
 from __future__ import annotations

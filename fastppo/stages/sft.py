@@ -1,7 +1,7 @@
 """`fastppo sft`: supervised fine-tuning of a causal LM on a JSONL of {"prompt", "response"}.
 
 The first stage of classical RLHF: the policy PPO starts from (and the KL term pulls back to). Each example is
-encoded as `tokenizer(prompt)` (with the tokenizer's special tokens) + `tokenizer(response)` + EOS, and the loss is
+encoded as the prompt (BOS in front once, as PPO encodes it: `data.encode`) + the response + EOS, and the loss is
 the cross-entropy of the response tokens only (the prompt is context, not a target). The result is a Hugging Face
 checkpoint (safetensors) plus the tokenizer, which `fastppo train` takes as `policy_model`.
 

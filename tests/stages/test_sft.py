@@ -107,3 +107,19 @@ def test_cli_reports_bad_input_with_exit_code_2(tmp_path, base_model, capsys):
     good = write_lines(tmp_path / "good.jsonl", [json.dumps(EXAMPLES[0])])
     assert main(["sft", "--model", str(tmp_path / "nope"), "--data", good, "--output-dir", str(tmp_path / "o")]) == 2
     assert "nope: no such model directory" in capsys.readouterr().err
+
+
+def test_a_rendered_chat_prompt_gets_one_bos_as_ppo_encodes_it():
+    """A Llama-3-style template renders BOS itself, and the tokenizer adds BOS to plain text: the supervised stages
+    must not put a second one in front, or the policy is fine-tuned on another token layout than PPO trains on."""
+    from fastppo.data import encode
+    from tests.tiny_models import build_tokenizer as chat_tokenizer
+
+    tokenizer = chat_tokenizer()
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "w1 w2"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt.startswith(tokenizer.bos_token)
+    ids, n_prompt = encode_prompt_response(tokenizer, prompt, "w3", max_length=64)
+    assert ids[:n_prompt] == encode(tokenizer, prompt)
+    assert ids[:n_prompt].count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
