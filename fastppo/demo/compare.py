@@ -192,13 +192,7 @@ def best_of_n(output_dir: str, settings, n: int, seed: int) -> dict:
     from fastppo.ppo.trainer import PPOTrainer
 
     config = pipeline.ppo_config(output_dir, settings, True, seed, name="best-of-n")
-    trainer = PPOTrainer(
-        config,
-        policy=config.policy_model,
-        tokenizer=config.policy_model,
-        reward=config.reward_model,
-        prompts=config.prompts,
-    )
+    trainer = PPOTrainer(config)
     prompts = [p for p in task.prompts()[1] for _ in range(settings.eval_samples_per_prompt)]
     candidates = pipeline.generate(trainer, [p for p in prompts for _ in range(n)], seed=pipeline.EVALUATE_SEED)
     scores = proxy_scorer(output_dir)(prompts=[p for p in prompts for _ in range(n)], responses=candidates, mean=False)

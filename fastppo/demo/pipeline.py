@@ -281,13 +281,7 @@ def ppo_stage(
     from fastppo.stages.reward_model import load_reward_model
 
     config = ppo_config(output_dir, settings, kl_control, seed, algo, name)
-    trainer = PPOTrainer(
-        config,
-        policy=config.policy_model,
-        tokenizer=config.policy_model,
-        reward=config.reward_model,
-        prompts=config.prompts,
-    )
+    trainer = PPOTrainer(config)
     tokenizer = load_tokenizer(config.reward_model, need_eos=True)
     proxy = quiet_load(load_reward_model, config.reward_model, tokenizer)
     heldout = task.prompts()[1]

@@ -12,9 +12,10 @@ import typing
 from dataclasses import dataclass
 
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
+from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
 from fastppo.runtime.config_base import Config, check_path, option
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.precision import PRECISIONS
+from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
 from fastppo.runtime.validation import (
     FRACTION,
     NON_NEGATIVE,
@@ -96,11 +97,7 @@ class PPOConfig(Config):
     )
     fused_logprobs: bool = option(True, "Compute log-probs from hidden states without materializing the logits.")
     device: str = option("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'.")
-    precision: str = option(
-        "auto",
-        "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
-        "'auto': bf16 on CUDA, float32 on a CPU (bf16 pays only on CPUs with AMX / AVX-512 BF16: `fastppo doctor`).",
-    )
+    precision: str = option("auto", PRECISION_HELP)
     parallel: str = option(
         "ddp",
         "Under torchrun: 'ddp' replicates the policy, 'fsdp' shards it (FSDP2); 'none' refuses several "
@@ -250,6 +247,8 @@ class PPOConfig(Config):
         "reference_quantization": ("none", "8bit", "4bit"),
         "reward_quantization": ("none", "8bit", "4bit"),
         "kl_estimator": KL_ESTIMATORS,
+        "kl_loss_estimator": KL_ESTIMATORS,
+        "advantage_estimator": ADVANTAGE_ESTIMATORS,
         "loss_agg": LOSS_AGGREGATIONS,
         "lr_scheduler": ("constant", "linear", "cosine"),
         "device": ("auto", "cpu", "cuda"),
@@ -397,17 +396,6 @@ class PPOConfig(Config):
     def _check_estimator(self, world_size: int) -> None:
         """The advantage estimator's fields: groups that fit the batch (and stay on one rank), critic-only knobs only
         with a critic, DAPO's ranges."""
-        from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
-
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise InputError(
-                f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; "
-                f"got {self.advantage_estimator!r}"
-            )
-        if self.kl_loss_estimator not in KL_ESTIMATORS:
-            raise InputError(
-                f"kl_loss_estimator must be one of {', '.join(KL_ESTIMATORS)}; got {self.kl_loss_estimator!r}"
-            )
         group = self.samples_per_prompt
         per_rank = self.rollout_batch_size // max(world_size, 1)
         if per_rank % group:
@@ -470,8 +458,6 @@ class PPOConfig(Config):
 
 def resume_settings(config) -> dict:
     """The PPO settings `check_resume_settings` compares (JSON values)."""
-    from fastppo.ppo.advantages import uses_critic
-
     policy = config.policy_model
     return {
         "critic": config.critic if uses_critic(config.advantage_estimator) else "none",

@@ -24,6 +24,7 @@ import torch
 from fastppo import ops
 from fastppo.data import PromptSampler, check_prompt_token_ids, read_prompts, tokenize_prompts
 from fastppo.engines import vllm as vllm_engine
+from fastppo.ppo.correction import rollout_correction
 from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_if_truncated_sampling
 from fastppo.models import (
     PolicyValueModel,
@@ -334,7 +335,7 @@ class PPOTrainer:
         batch.old_values = None if old_values[0] is None else torch.cat(old_values)  # None: critic-free
         if self.engine is None:
             return {}
-        stats = vllm_engine.rollout_correction(batch, cfg)
+        stats = rollout_correction(batch, cfg)
         stats["perf/weight_sync_s"] = self.engine.last_sync_s
         return stats
 

@@ -16,6 +16,10 @@ import functools
 import torch
 
 PRECISIONS = ("auto", "float32", "bf16")
+PRECISION_HELP = (
+    "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
+    "'auto': bf16 on CUDA, float32 on a CPU (bf16 pays only on CPUs with AMX / AVX-512 BF16: `fastppo doctor`)."
+)
 
 
 @functools.cache

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fastppo.runtime.config_base import Config, check_path, option
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.precision import PRECISIONS
+from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
 from fastppo.runtime.validation import NON_NEGATIVE, POSITIVE, Interval
 
 DPO_LOSSES = ("sigmoid", "ipo", "label_smoothing")
@@ -33,11 +33,7 @@ class DPOConfig(Config):
     save_merged_lora: bool = option(True, "Save LoRA merged into the weights (True) or as an adapter (False).")
     fused_logprobs: bool = option(True, "Compute log-probs from hidden states without materializing the logits.")
     device: str = option("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'.")
-    precision: str = option(
-        "auto",
-        "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
-        "'auto': bf16 on CUDA, float32 on a CPU (bf16 pays only on CPUs with AMX / AVX-512 BF16: `fastppo doctor`).",
-    )
+    precision: str = option("auto", PRECISION_HELP)
     # --- data -------------------------------------------------------------------------------------------------
     data: typing.Any = option(None, 'JSONL of {"prompt", "chosen", "rejected"} lines, or a list of such dicts.')
     max_length: int = option(

@@ -1,4 +1,5 @@
-"""SFTConfig: every knob of a `fastppo sft` run (the conventions of `fastppo.runtime.config_base`)."""
+"""SFTConfig: every knob of a `fastppo sft` run (the conventions of `fastppo.runtime.config_base`); `fastppo
+reward-model`'s RewardModelConfig shares its fields."""
 
 from __future__ import annotations
 
