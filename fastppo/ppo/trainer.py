@@ -24,7 +24,6 @@ import torch
 from fastppo import ops
 from fastppo.data import PromptSampler, check_prompt_token_ids, read_prompts, tokenize_prompts
 from fastppo.engines import vllm as vllm_engine
-from fastppo.ppo.correction import rollout_correction
 from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_if_truncated_sampling
 from fastppo.models import (
     PolicyValueModel,
@@ -41,6 +40,7 @@ from fastppo.ppo import groups
 from fastppo.ppo.advantages import estimate_advantages, uses_critic
 from fastppo.ppo.batch import RolloutBatch
 from fastppo.ppo.config import PPOConfig, resume_settings
+from fastppo.ppo.correction import rollout_correction
 from fastppo.ppo.rewards import load_reward
 from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
 from fastppo.runtime import distributed, precision

@@ -1,7 +1,7 @@
 """Metrics: one JSON line per step in <output_dir>/metrics.jsonl, the same scalars in TensorBoard.
 
-Names are grouped by prefix, as CleanRL does: reward/, policy/, value/, rollout/, kl/, optim/, perf/ (the
-docs/metrics.md lists them all).
+Names are grouped by prefix, as CleanRL does: reward/, policy/, value/, rollout/, kl/, optim/, perf/
+(docs/metrics.md lists them all).
 """
 
 from __future__ import annotations
