@@ -128,6 +128,7 @@ def check_inputs(config) -> None:
     ):
         if getattr(config, name) is None:
             raise InputError(f"{name}: missing from the config ({what})")
+    config.resolve_model_sources()  # a known name or a GGUF file: converted (once) to a checkpoint directory
     _check_context("policy_model", check_model_dir("policy_model", config.policy_model), config)
     if is_callable_spec(config.reward_model):
         load_function(config.reward_model)

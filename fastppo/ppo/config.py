@@ -15,6 +15,8 @@ from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
 from fastppo.runtime.config_base import Config, check_path, option
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.model_sources import is_model_source
+from fastppo.runtime.model_sources import resolve as resolve_model_source
 from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
 from fastppo.runtime.validation import (
     FRACTION,
@@ -438,15 +440,22 @@ class PPOConfig(Config):
             )
 
     def _check_paths(self) -> None:
-        for name in ("policy_model", "tokenizer", "reward_tokenizer"):
-            check_path(name, getattr(self, name))
-        if isinstance(self.reward_model, str) and not is_callable_spec(self.reward_model):
-            check_path("reward_model", self.reward_model)
+        for name in ("policy_model", "tokenizer", "reward_tokenizer", "reward_model"):
+            value = getattr(self, name)
+            if not is_model_source(value) and not (isinstance(value, str) and is_callable_spec(value)):
+                check_path(name, value)
         if isinstance(self.prompts, str):
             check_path("prompts", self.prompts, file=True)
         if self.resume_from is not None:
             check_path("resume_from", self.resume_from)
         check_writable_dir("output_dir", self.output_dir)
+
+    def resolve_model_sources(self) -> PPOConfig:
+        """Known model names and GGUF files in the model fields, replaced by their converted checkpoint directories
+        (`runtime.model_sources`: converted once, then cached)."""
+        for name in ("policy_model", "tokenizer", "reward_model", "reward_tokenizer"):
+            setattr(self, name, resolve_model_source(getattr(self, name), name))
+        return self
 
     @property
     def micro_batch(self) -> int:

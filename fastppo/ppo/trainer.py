@@ -66,7 +66,7 @@ METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", 
 
 class PPOTrainer:
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
-        self.config = config.validate()
+        self.config = config.validate().resolve_model_sources()
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)

@@ -17,6 +17,7 @@ from fastppo import models
 from fastppo.data import encode
 from fastppo.runtime import validation
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.model_sources import resolve as resolve_model_source
 
 # ----------------------------------------------------------------------------------------------
 # encoding and batching
@@ -104,6 +105,7 @@ def check_inputs(config, fields: Sequence[str]) -> list[dict[str, str]]:
         if getattr(config, name) is None:
             raise InputError(f"{name}: missing (pass --{name} or set it in --config)")
     validation.check_writable_dir("output_dir", config.output_dir)
+    config.model = resolve_model_source(config.model, "model")  # a known name or a GGUF file: a directory
     if not config.overwrite_output_dir and os.path.isdir(config.output_dir):
         found = [name for name in MODEL_FILES if os.path.exists(os.path.join(config.output_dir, name))]
         how = "set overwrite_output_dir (--overwrite-output-dir) to replace it"

@@ -56,6 +56,7 @@ from fastppo.runtime.checkpoint import (
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.metrics import MetricsLogger, peak_memory_mb
+from fastppo.runtime.model_sources import resolve as resolve_model_source
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.runtime.signals import stop_at_step_boundary
 from fastppo.runtime.validation import read_records
@@ -168,6 +169,7 @@ class DPOTrainer:
         self.config = config.validate()
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
         pairs = read_pairs(config.data)  # every input check before the model loads
+        config.model = resolve_model_source(config.model, "model")  # a known name or a GGUF file: a directory
         self.device = resolve_device(config.device)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         torch.manual_seed(config.seed)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from fastppo.runtime.config_base import Config, check_path, option
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.model_sources import is_model_source
 from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
 from fastppo.runtime.validation import NON_NEGATIVE, POSITIVE, Interval
 
@@ -129,7 +130,7 @@ class DPOConfig(Config):
     def _check_paths(self) -> None:
         if self.model is None:
             raise InputError("model: no model given (a checkpoint directory or a model)")
-        if isinstance(self.model, str):
+        if isinstance(self.model, str) and not is_model_source(self.model):
             check_path("model", self.model)
         check_path("tokenizer", self.tokenizer)
         if self.data is None:
