@@ -196,7 +196,7 @@ def summarize_tests(logs: list[Path]) -> dict:
         counts[line["outcome"]] = counts.get(line["outcome"], 0) + 1
     shards = [line for line in lines if "shard" in line]
     out = {"selected": sum(s["selected"] for s in shards), "counts": counts}
-    out["collected"] = shards[0]["collected"] if shards else None  # every shard sees the same selection
+    out["collected"] = shards[0]["collected"] if shards else None  # every shard collects the whole selection
     ran = {line["nodeid"] for line in tests if line["when"] != "collect"}
     out["not_run"] = out["selected"] - len(ran)  # of the shards that started
     out["failures"] = [line for line in tests if line["outcome"] in ("failed", "error")][:50]
@@ -217,9 +217,14 @@ def run_tests(part: dict, save, env: dict, workdir: Path, deadline: float, dry_r
     shard_env = dict(env, OMP_NUM_THREADS=str(max(1, cores // jobs)), FASTPPO_TEST_SAMPLE="1" if dry_run else "0")
     envs = [dict(shard_env, FASTPPO_TEST_LOG=str(log), FASTPPO_TEST_SHARD=f"{i}/{jobs}") for i, log in enumerate(logs)]
 
+    shown = [time.monotonic()]
+
     def poll():
         part.update(summarize_tests(logs))
         save()
+        if time.monotonic() - shown[0] > 30:  # progress for whoever watches the command's output
+            shown[0] = time.monotonic()
+            print(f"  tests: {part['counts']} of {part['selected']} selected", flush=True)
 
     results = run_children([command] * jobs, envs, outputs, deadline, jobs, poll)
     part["shards"] = [dict(result, output=output.name) for result, output in zip(results, outputs, strict=True)]

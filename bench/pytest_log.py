@@ -7,9 +7,9 @@ passed, failed or never ran even when it stops a shard at its time limit (a juni
   FASTPPO_TEST_SAMPLE=1       first keep one test of each module, a Triton one where it has some (the dry
                               run's selection)
 
-Lines: {"collected", "selected", "shard"} once the shard is chosen; then per test {"nodeid", "outcome": passed |
-failed | skipped | error, "when": collect | setup | call | teardown, "seconds"}, with "message" (the end of the
-failure's report, or the skip's reason) for all but a pass.
+Lines: {"collected" (what `-m gpu` selected), "selected" (this shard's tests), "shard"} once the shard is chosen;
+then per test {"nodeid", "outcome": passed | failed | skipped | error, "when": collect | setup | call | teardown,
+"seconds"}, with "message" (the end of the failure's report, or the skip's reason) for all but a pass.
 """
 
 from __future__ import annotations
@@ -44,9 +44,9 @@ def pytest_collection_modifyitems(config, items) -> None:
     size = -(-len(sample) // count)
     keep = sample[index * size : (index + 1) * size]
     kept = set(map(id, keep))
+    write({"collected": len(items), "selected": len(keep), "shard": f"{index}/{count}"})
     config.hook.pytest_deselected(items=[item for item in items if id(item) not in kept])
     items[:] = keep
-    write({"collected": len(sample), "selected": len(keep), "shard": f"{index}/{count}"})
 
 
 def pytest_collectreport(report) -> None:
