@@ -336,6 +336,30 @@ def refuse(message: str) -> int:
     return 2
 
 
+def run_part(name: str, data: dict, save, env: dict, workdir: Path, deadline: float, args) -> None:
+    """One part, its outcome recorded whatever happens: ok, partial, failed, timeout, or error with its traceback."""
+    part = data["parts"][name] = {"status": "running"}
+    began = time.monotonic()
+    print(f"gpu_proof: {name}", flush=True)
+    try:
+        if name == "environment":
+            data["machine"] = environment(args.commit)
+            print(json.dumps(data["machine"], indent=1), flush=True)
+            status = "ok"
+        elif name == "tests":
+            status = run_tests(part, save, env, workdir, deadline, args.dry_run)
+        else:
+            module = {"ops": "gpu_ops", "ppo": "gpu_ppo"}[name]
+            status = run_benchmarks(module, part, save, env, workdir, deadline, args.dry_run)
+    except Exception as error:  # noqa: BLE001 - recorded; the next part runs
+        status = "error"
+        part["error"] = f"{type(error).__name__}: {error}"[:2000]
+        part["traceback"] = traceback.format_exc()[-3000:]
+    part.update(status=status, seconds=round(time.monotonic() - began, 1))
+    print(f"gpu_proof: {name} {status} in {part['seconds']} s", flush=True)
+    save()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import torch
@@ -359,37 +383,21 @@ def main(argv=None) -> int:
     budgets = DRY_RUN_BUDGET_S if args.dry_run else PART_BUDGET_S
     data = {"kind": "gpu-proof", "dry_run": args.dry_run, "date": stamp, "budget_s": budgets, "machine": {}}
     data.update(parts={}, cited=CITED, targets=[])
-    save = lambda: write_json(path, data)  # noqa: E731
+
+    def save():
+        write_json(path, data)
+
     print(f"gpu_proof: writing {path}", flush=True)
-    # The native CPU kernels are not what this measures: a missing build is not compiled here (minutes of the 10).
-    env = dict(os.environ, FASTPPO_NO_JIT_BUILD=os.environ.get("FASTPPO_NO_JIT_BUILD", "1"))
+    # The native CPU kernels are not what this measures: a missing build is not compiled here, in this process (the
+    # environment part asks which backends exist) or its children (minutes of the ten).
+    os.environ.setdefault("FASTPPO_NO_JIT_BUILD", "1")
+    env = dict(os.environ)
     if args.dry_run and not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"  # the Triton kernels in Triton's interpreter, as the CPU test suite runs them
-    os.environ["FASTPPO_NO_JIT_BUILD"] = env["FASTPPO_NO_JIT_BUILD"]
     start, budget = time.monotonic(), 0.0
     for name in ["environment", *[p for p in PARTS[1:] if p in wanted]]:
-        budget += budgets[name]
-        deadline = start + budget
-        part = data["parts"][name] = {"status": "running"}
-        began = time.monotonic()
-        print(f"gpu_proof: {name} (until {budget:.0f} s)", flush=True)
-        try:
-            if name == "environment":
-                data["machine"] = environment(args.commit)
-                print(json.dumps(data["machine"], indent=1), flush=True)
-                status = "ok"
-            elif name == "tests":
-                status = run_tests(part, save, env, workdir, deadline, args.dry_run)
-            else:
-                module = {"ops": "gpu_ops", "ppo": "gpu_ppo"}[name]
-                status = run_benchmarks(module, part, save, env, workdir, deadline, args.dry_run)
-        except Exception as error:  # noqa: BLE001 - recorded; the next part runs
-            status = "error"
-            part["error"] = f"{type(error).__name__}: {error}"[:2000]
-            part["traceback"] = traceback.format_exc()[-3000:]
-        part.update(status=status, seconds=round(time.monotonic() - began, 1))
-        print(f"gpu_proof: {name} {status} in {part['seconds']} s", flush=True)
-        save()
+        budget += budgets[name]  # a part may use what the ones before it left
+        run_part(name, data, save, env, workdir, start + budget, args)
     try:
         data["targets"] = evaluate_targets(data)
     except Exception as error:  # noqa: BLE001 - the measurements are written whatever happens here
