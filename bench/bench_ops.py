@@ -219,30 +219,10 @@ def test_decode_attention(benchmark, impl):
 # ----------------------------------------------------------------------------------------------
 
 
-def sequence_inputs(B, T):
-    g = torch.Generator().manual_seed(1)
-    lengths = torch.randint(T // 4, T + 1, (B,), generator=g)
-    mask = (torch.arange(T) < lengths[:, None]).float()
-
-    def randn():
-        return torch.randn(B, T, generator=g).to(DEVICE)
-
-    return {
-        "mask": mask.to(DEVICE),
-        "rewards": randn(),
-        "values": randn(),
-        "returns": randn(),
-        "advantages": randn(),
-        "logprobs": -randn().abs(),
-        "old_logprobs": -randn().abs(),
-        "scores": torch.randn(B, generator=g).to(DEVICE),
-    }
-
-
 @pytest.mark.parametrize("impl", ["python loop"] + [f"fastppo[{b}]" for b in fastppo_backends("gae")], ids=lambda s: s)
 def test_gae(benchmark, impl):
     B, T = SIZES["seq"]
-    x = sequence_inputs(B, T)
+    x = baselines.sequence_inputs(B, T, DEVICE)
     if impl == "python loop":
         fn = baselines.python_loop_gae
     else:
@@ -275,7 +255,7 @@ DECOUPLED_GAE_IMPLS = decoupled_gae_impls()
 @pytest.mark.parametrize("impl", list(DECOUPLED_GAE_IMPLS), ids=lambda s: s)
 def test_gae_decoupled_per_row_lambda(benchmark, impl):
     B, T = SIZES["seq"]
-    x = sequence_inputs(B, T)
+    x = baselines.sequence_inputs(B, T, DEVICE)
     lam = ops.length_adaptive_lam(x["mask"], 0.05)
     call = sync(lambda: DECOUPLED_GAE_IMPLS[impl](x["rewards"], x["values"], x["mask"], lam))
     group = f"gae per-row lambda + decoupled returns B={B} T={T}"
@@ -287,7 +267,7 @@ def test_gae_decoupled_per_row_lambda(benchmark, impl):
 )
 def test_shape_rewards(benchmark, impl):
     B, T = SIZES["seq"]
-    x = sequence_inputs(B, T)
+    x = baselines.sequence_inputs(B, T, DEVICE)
     args = (x["scores"], x["logprobs"], x["old_logprobs"], x["mask"], 0.05)
     if impl == "unfused torch":
         call = sync(lambda: baselines.unfused_shape_rewards(*args))
@@ -302,7 +282,7 @@ def test_shape_rewards(benchmark, impl):
 def test_policy_and_value_loss(benchmark, impl):
     """Forward + backward of policy loss + value loss, as one PPO micro-batch needs them."""
     B, T = SIZES["seq"]
-    x = sequence_inputs(B, T)
+    x = baselines.sequence_inputs(B, T, DEVICE)
     logprobs = x["logprobs"].clone().requires_grad_(True)
     values = x["values"].clone().requires_grad_(True)
     if impl == "unfused autograd":
@@ -312,10 +292,7 @@ def test_policy_and_value_loss(benchmark, impl):
         value_loss = with_backend(impl[8:-1], ops.ppo_value_loss)
 
     def call():
-        logprobs.grad = values.grad = None
-        pg, _ = policy_loss(logprobs, x["old_logprobs"], x["advantages"], x["mask"])
-        vf, _ = value_loss(values, x["values"], x["returns"], x["mask"])
-        (pg + 0.5 * vf).backward()
+        baselines.policy_and_value_loss_backward(policy_loss, value_loss, x, logprobs, values)
 
     run_benchmark(benchmark, f"policy+value loss fwd+bwd B={B} T={T}", impl, sync(call), impl == "unfused autograd")
 

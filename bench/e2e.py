@@ -72,18 +72,34 @@ SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK}
 # ----------------------------------------------------------------------------------------------
 
 
-def build_models(cfg: dict, directory: Path) -> None:
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, PreTrainedTokenizerFast
+SPECIALS = ["<pad>", "<eos>", "<unk>"]  # ids 0, 1, 2; word wI is token I + 3
 
-    specials = ["<pad>", "<eos>", "<unk>"]
-    vocab = {tok: i for i, tok in enumerate(specials + [f"w{i}" for i in range(cfg["vocab"] - len(specials))])}
+
+def word_tokenizer(vocab_size: int):
+    """A tokenizer built offline: the specials, then one token per word w0, w1, ... (prompts are such words)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + [f"w{i}" for i in range(vocab_size - len(SPECIALS))])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def random_prompts(vocab_size: int, count: int, length: int) -> list[str]:
+    """`count` prompts of `length` random words (one token each), seeded."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(len(SPECIALS), vocab_size, (count, length), generator=g)
+    return [" ".join(f"w{i - len(SPECIALS)}" for i in row.tolist()) for row in ids]
+
+
+def build_models(cfg: dict, directory: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tokenizer = word_tokenizer(cfg["vocab"])
     config = LlamaConfig(
         vocab_size=cfg["vocab"],
         hidden_size=cfg["hidden"],
@@ -102,9 +118,7 @@ def build_models(cfg: dict, directory: Path) -> None:
     LlamaForSequenceClassification(config).to(torch.bfloat16).save_pretrained(directory / "reward")
     for name in ("policy", "reward"):
         tokenizer.save_pretrained(directory / name)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(len(specials), cfg["vocab"], (cfg["batch"] * cfg["iterations"], cfg["prompt"]), generator=g)
-    prompts = [" ".join(f"w{i - len(specials)}" for i in row.tolist()) for row in ids]
+    prompts = random_prompts(cfg["vocab"], cfg["batch"] * cfg["iterations"], cfg["prompt"])
     (directory / "prompts.json").write_text(json.dumps(prompts))
 
 

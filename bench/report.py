@@ -1,8 +1,10 @@
 """Turn benchmark JSON from `bench/results/` into the Markdown tables of `bench/README.md` (never typed by hand).
 
-    python -m bench.report [ops.json] [e2e.json ...]     # default: the newest of each kind in bench/results/
+    python -m bench.report [ops.json] [e2e.json ...] [gpu-proof.json]   # default: the newest of each kind
 
 The README keeps its prose; only the text between `<!-- results:begin -->` and `<!-- results:end -->` is replaced.
+Its first section is bench/gpu_proof.py's newest result, or the statement that no GPU result exists yet (a dry
+run's JSON is never one).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ def newest(pattern: str) -> Path | None:
 def newest_e2e() -> list[Path]:
     """The newest end-to-end result of each size (e2e-<size>-<stamp>.json)."""
     return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large")) if p]
+
+
+def newest_gpu_proof(directory: Path = RESULTS) -> Path | None:
+    """The newest GPU proof measured on a GPU: a dry run's file is never one, whatever its name."""
+    for path in sorted(directory.glob("gpu-proof-*.json"), reverse=True):
+        if not json.loads(path.read_text()).get("dry_run", True):
+            return path
+    return None
 
 
 def machine_line(machine: dict) -> str:
@@ -128,8 +138,91 @@ def rollout_table(data: dict) -> str:
     return "\n".join(lines)
 
 
-def render(ops_path: Path | None, e2e_paths: list[Path], rollout_path: Path | None = None) -> str:
-    out = [BEGIN]
+def cited_table(cited: list[dict]) -> str:
+    lines = ["| peers' figure | value | source | |", "|---|---:|---|---|"]
+    lines += [f"| {c['what']} | {c['value']} | {c['source']} | {c['label']} |" for c in cited]
+    return "\n".join(lines)
+
+
+def number(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def gpu_ops_table(rows: list[dict]) -> str:
+    lines = [
+        "| op | implementation | median ms | speed-up vs baseline | GB/s | of the copy | peak extra MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    baselines = {r["group"]: r for r in rows if r.get("baseline")}
+    for r in rows:
+        base = baselines.get(r["group"])
+        ratio = "1.00x (baseline)" if r is base else f"{base['ms'] / r['ms']:.2f}x" if base else ""
+        of_copy = number(r.get("of_copy"), ".0%")
+        lines.append(
+            f"| {r['group']} | {r['impl']} | {r['ms']:.3f} | {ratio} | {number(r.get('gb_per_s'), '.0f')} | "
+            f"{of_copy} | {number(r.get('peak_extra_mib'), '.0f')} |"
+        )
+    return "\n".join(lines)
+
+
+def gpu_ppo_table(rows: list[dict]) -> str:
+    lines = [
+        "| mode | s / iteration | tokens / s | peak MiB | first iteration s | dominant phase | phases (s) |",
+        "|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in r["phase_seconds"].items())
+        lines.append(
+            f"| {r['mode']} ({r['iterations_timed']} timed) | {r['seconds_per_iteration']:.2f} | "
+            f"{r['tokens_per_s']:.0f} | {number(r.get('peak_memory_mib'), '.0f')} | {r['first_iteration_s']:.2f} | "
+            f"{r['dominant_phase']} | {phases} |"
+        )
+    return "\n".join(lines)
+
+
+def gpu_proof_section(path: Path | None) -> list[str]:
+    """bench/gpu_proof.py's result: the parts' outcomes, the tests, the ops, the targets, the PPO iterations."""
+    from bench.gpu_proof import CITED
+
+    out = ["### GPU proof (`python bench/gpu_proof.py`, docs/gpu.md)", ""]
+    if path is None:
+        out += ["No GPU result exists yet: the proof has not been run on a GPU, and nothing here is a GPU", ""]
+        out[-2] += " measurement. The peers' figures it will be set against:"
+        return out + [cited_table(CITED), ""]
+    data = json.loads(path.read_text())
+    parts, machine = data["parts"], data["machine"]
+    if data.get("dry_run"):
+        out[0] += ": a dry run, tiny sizes, its times mean nothing"
+    keys = ("capability", "cuda", "gpu_memory_gib")
+    line = ", ".join([machine_line(machine)] + [f"{k}: {machine[k]}" for k in keys if machine.get(k)])
+    out += [f"`{path.name}`: {line}", ""]
+    out += ["Parts: " + ", ".join(f"{name} {p['status']} ({p.get('seconds', '?')} s)" for name, p in parts.items())]
+    differences = machine.get("recorded_machine", {}).get("differences")
+    if differences:
+        out += ["", "This machine against the one recorded: " + "; ".join(differences) + "."]
+    tests = parts.get("tests", {})
+    if "counts" in tests:
+        counts = ", ".join(f"{n} {outcome}" for outcome, n in sorted(tests["counts"].items()))
+        out += ["", f"Tests (`pytest -m gpu`): {counts}; {tests.get('not_run', '?')} not run."]
+        out += [f"- FAILED `{f['nodeid']}`" for f in tests.get("failures", [])[:10]]
+    if parts.get("ops", {}).get("rows"):
+        copy = parts["ops"].get("copy_gb_per_s")
+        out += ["", f"Ops (device-to-device copy: {number(copy, '.0f')} GB/s, read + written):", ""]
+        out += [gpu_ops_table(parts["ops"]["rows"])]
+    out += ["", "Targets (reported against, not asserted):", "", "| target | measured | met |", "|---|---|---|"]
+    for t in data["targets"]:
+        met = "n/a" if t["met"] is None else "yes" if t["met"] else "**no**"
+        out.append(f"| {t['target']} | {t['measured'] or t.get('note', 'not measured')} | {met} |")
+    if parts.get("ppo", {}).get("rows"):
+        out += ["", "PPO iterations of a Qwen2-0.5B-shaped random model (hf engine, bf16 autocast, shared critic):", ""]
+        out += [gpu_ppo_table(parts["ppo"]["rows"])]
+    return out + ["", cited_table(data["cited"]), ""]
+
+
+def render(
+    ops_path: Path | None, e2e_paths: list[Path], rollout_path: Path | None = None, gpu_path: Path | None = None
+) -> str:
+    out = [BEGIN, *gpu_proof_section(gpu_path)]
     if ops_path:
         data = json.loads(ops_path.read_text())
         out += [f"### Ops (`{ops_path.name}`)", "", machine_line(data.get("machine_info", {}).get("fastppo", {})), ""]
@@ -146,16 +239,20 @@ def render(ops_path: Path | None, e2e_paths: list[Path], rollout_path: Path | No
     return "\n".join(out)
 
 
-def update_readme(ops_path: Path | None, e2e_paths: list[Path]) -> None:
+def update_readme(ops_path: Path | None, e2e_paths: list[Path], gpu_path: Path | None = None) -> None:
     text = README.read_text()
     start, end = text.index(BEGIN), text.index(END) + len(END)
     rollout_path = newest("rollout-*.json")
-    README.write_text(text[:start] + render(ops_path, e2e_paths, rollout_path) + text[end:])
+    gpu_path = gpu_path or newest_gpu_proof()
+    if gpu_path and json.loads(gpu_path.read_text()).get("dry_run", True):
+        raise SystemExit(f"{gpu_path}: a dry run (its times mean nothing) never goes into {README.name}")
+    README.write_text(text[:start] + render(ops_path, e2e_paths, rollout_path, gpu_path) + text[end:])
 
 
 if __name__ == "__main__":
     paths = [Path(p) for p in sys.argv[1:]]
     ops_path = next((p for p in paths if p.name.startswith("ops")), None) or newest("ops-*.json")
     e2e_paths = [p for p in paths if p.name.startswith("e2e")] or newest_e2e()
-    update_readme(ops_path, e2e_paths)
-    print(render(ops_path, e2e_paths, newest("rollout-*.json")))
+    gpu_path = next((p for p in paths if p.name.startswith("gpu-proof")), None) or newest_gpu_proof()
+    update_readme(ops_path, e2e_paths, gpu_path)
+    print(render(ops_path, e2e_paths, newest("rollout-*.json"), gpu_path))

@@ -9,6 +9,9 @@ from fastppo import ops
 from fastppo.ops import reference
 from tests.ops.helpers import FLOAT_DTYPES, assert_close, backend_params, f64, randn, run_with
 
+# gpu: on a GPU these run the compiled kernels on CUDA tensors (bench/gpu_proof.py selects `-m gpu`).
+pytestmark = pytest.mark.gpu
+
 CASES = [
     (estimator, group_size)
     for estimator in reference.GROUP_ADVANTAGE_ESTIMATORS

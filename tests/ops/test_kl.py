@@ -20,8 +20,9 @@ from tests.ops.helpers import (
     with_garbage,
 )
 
+# gpu: on a GPU these run the compiled kernels on CUDA tensors (bench/gpu_proof.py selects `-m gpu`).
 # The interpreter evaluates the discarded branch of where() on the nan/inf padding too.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.gpu, pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
 
 ESTIMATORS = reference.KL_ESTIMATORS
 

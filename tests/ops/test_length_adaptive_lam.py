@@ -9,6 +9,9 @@ from fastppo import ops
 from fastppo.ops import reference
 from tests.ops.helpers import assert_close, backend_params, hard_mask, run_with, transposed_copy
 
+# gpu: on a GPU these run the compiled kernels on CUDA tensors (bench/gpu_proof.py selects `-m gpu`).
+pytestmark = pytest.mark.gpu
+
 
 def check_lam(backend, mask, alpha):
     lam = run_with(backend, ops.length_adaptive_lam, mask, alpha)

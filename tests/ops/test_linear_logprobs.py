@@ -27,6 +27,9 @@ from tests.ops.helpers import (
     seeded,
 )
 
+# gpu: on a GPU these run the compiled kernels on CUDA tensors (bench/gpu_proof.py selects `-m gpu`).
+pytestmark = pytest.mark.gpu
+
 BACKENDS = backend_params("linear_token_logprobs")
 
 

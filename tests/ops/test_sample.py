@@ -10,6 +10,9 @@ from fastppo import ops
 from fastppo.ops import reference
 from tests.ops.helpers import FLOAT_DTYPES, assert_close, backend_params, randn, run_with
 
+# gpu: on a GPU these run the compiled kernels on CUDA tensors (bench/gpu_proof.py selects `-m gpu`).
+pytestmark = pytest.mark.gpu
+
 # Triton's interpreter on a CPU runs one program (row) at a time: it gets fewer rows, and so a wider tolerance.
 INTERPRETED = not torch.cuda.is_available()
 

@@ -22,6 +22,16 @@ ROOT = Path(__file__).resolve().parents[2]
 ARCHS = (80, 90)
 # float64 is for the tests' exactness, not for speed: its register use is reported, its spills tolerated.
 SPILLS_ALLOWED = {"fp64"}
+# Spills another Triton's ptxas makes (bytes, by arch, kernel and case), run by .ci/triton36_tests.sh: Triton 3.6.0
+# (the lent GPU machine's, docs/gpu.md) and its ptxas 12.8 keep these two launches at 48 and 32 registers by spilling
+# one 8-byte value; Triton 3.9's ptxas 12.9 gives the second 34 registers and spills neither. One 8-byte spill is an
+# L1 store and load per thread; any other spill, or a larger one, fails.
+KNOWN_SPILLS = {
+    "3.6": {
+        ("sm_80", "_ppo_value_kernel", "ppo_value_loss (64, 1024) clip=0.2 grad=True fp16"): 8,
+        ("sm_90", "_shape_rewards_kernel", "shape_rewards (512, 16) estimator=k2 fp32"): 8,
+    }
+}
 # Launches that do not yet pass enable_fp_fusion (kernels/launch.py: FP_FUSION): none.
 FP_FUSION_PENDING: set[str] = set()
 
@@ -56,6 +66,13 @@ def describe(rows: list[dict]) -> str:
     return format_table(rows)
 
 
+def known_spill(row: dict) -> int:
+    import triton
+
+    version = ".".join(triton.__version__.split(".")[:2])
+    return KNOWN_SPILLS.get(version, {}).get((row["arch"], row["kernel"], row["config"].split(" [")[0]), 0)
+
+
 @pytest.mark.parametrize("arch", ARCHS, ids=[f"sm_{arch}" for arch in ARCHS])
 def test_every_kernel_compiles_without_spills(compiled, arch):
     rows = compiled[arch]["rows"]
@@ -66,7 +83,7 @@ def test_every_kernel_compiles_without_spills(compiled, arch):
     failures += [
         f"{row['kernel']} {row['config']}: {row['regs']} registers and {row['spill_bytes']} bytes of spills"
         for row in rows
-        if row.get("spill_bytes") and row["dtype"] not in SPILLS_ALLOWED
+        if row.get("spill_bytes") and row["dtype"] not in SPILLS_ALLOWED and row["spill_bytes"] > known_spill(row)
     ]
     assert not failures, f"sm_{arch}: " + "\n".join(failures)
 

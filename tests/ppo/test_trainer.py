@@ -10,6 +10,10 @@ from fastppo import PPOTrainer
 from fastppo.runtime.metrics import Stats
 from tests.tiny_models import count_w7, prompt_list, small_config
 
+# gpu: with a GPU present these train on CUDA (`device` auto; `precision` auto is bf16 autocast there), and
+# bench/gpu_proof.py selects them with `-m gpu`. Tests that compare two computations exactly say float32 (or CPU).
+pytestmark = pytest.mark.gpu
+
 EXPECTED_METRICS = """step reward/score_mean reward/score_std reward/shaped_mean policy/kl policy/entropy policy/loss
 policy/clip_frac policy/approx_kl value/loss value/clip_frac value/explained_variance rollout/response_length_mean
 rollout/response_length_max rollout/ended_rate rollout/truncated_rate perf/rollout_tokens_per_s perf/train_tokens_per_s
@@ -34,6 +38,7 @@ def test_runs_end_to_end_with_a_reward_model(tiny_models, tmp_path, arch):
 
 
 def test_objects_instead_of_paths(tiny_models, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="reference_quantization 8bit needs bitsandbytes")
     from transformers import AutoModelForCausalLM
 
     from tests.tiny_models import build_tokenizer
@@ -86,7 +91,9 @@ def test_rule_based_reward_rises_while_kl_stays_finite(tiny_models, tmp_path):
 def test_resume_equals_uninterrupted(tiny_models, tmp_path):
     """On CPU with a fixed seed: 2 of 4 steps, checkpoint, stop, resume, finish == 4 steps straight (bitwise)."""
     policy, reward = tiny_models["llama"]
-    common = dict(policy_model=policy, reward_model=reward, steps=4, lr_scheduler="linear", adaptive_kl_target=1.0)
+    common = dict(
+        policy_model=policy, reward_model=reward, steps=4, lr_scheduler="linear", adaptive_kl_target=1.0, device="cpu"
+    )
     straight = PPOTrainer(small_config(tmp_path / "a", **common), prompts=prompt_list())
     straight.train()
 
@@ -124,6 +131,7 @@ def test_micro_batches_accumulate_to_the_minibatch_update(tiny_models, tmp_path,
             loss_agg=loss_agg,
             max_grad_norm=None,
             max_new_tokens=8,
+            precision="float32",  # bf16 autocast would round micro-batches of different sizes differently
         )
         trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
         before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
@@ -159,6 +167,7 @@ def test_the_entropy_bonus_is_aggregated_like_the_policy_loss(tiny_models, tmp_p
         mini_batch_size=4,
         micro_batch_size=4,
         max_new_tokens=5,
+        precision="float32",  # the recomputation below runs outside the trainer's autocast
     )
     trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
     batch = trainer.rollout(prompt_list()[:4])
