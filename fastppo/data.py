@@ -1,24 +1,29 @@
-"""Prompts: reading them (JSONL or a list), tokenizing them left-padded, and a seeded, resumable sampler."""
+"""Prompts: reading them (JSONL, Parquet, TRL's datasets, lists), rendering chat messages, tokenizing them
+left-padded, and a seeded, resumable sampler."""
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.validation import clip, read_jsonl, require_text, short
+from fastppo.runtime.validation import check_readable_file, clip, read_jsonl, require_text, short
 
 
 class Prompt(str):
-    """A prompt read from a file; `.where` is its file:line, for errors found after loading (its length, its ids)."""
+    """A prompt; `.where` names it for errors found after loading (its file:line, dataset row or list index) and
+    `.columns` holds the other columns of its row (a dataset's `answer`...), which reward functions get by name."""
 
-    where: str
+    where: str = ""
+    columns: dict = {}  # shared and never mutated: every prompt read from data gets its own
 
 
 class ChatPrompt(Prompt):
-    """A prompt rendered from chat messages with the policy's template; `.messages` keeps them, so that a reward
-    model with a template of its own can render the conversation its way."""
+    """A prompt rendered from chat messages with the policy's template; `.messages` keeps them as given, so that a
+    reward model with a template of its own can render the conversation its way and reward functions get them."""
 
     messages: list
 
@@ -34,27 +39,226 @@ def prompt_location(prompt: str, index: int, of: str = "prompts") -> str:
     return getattr(prompt, "where", None) or (f"prompts[{index}]" if of == "prompts" else f"{of} prompt #{index}")
 
 
-def read_prompts(source, tokenizer=None, max_length: int | None = None, truncate: bool = True) -> list[str]:
-    """A list of prompt strings from a list, or from a JSONL file of {"prompt": str} or {"messages": [...]} lines
-    (chat messages are rendered with the tokenizer's chat template, ending with the assistant's turn). Every prompt
-    is checked here, at load, not when a step draws it: a bad one is named by its index or file:line. With
-    `truncate` False, that includes its length in tokens against `max_length` (truncate_long_prompts: false)."""
+# --- reading: records from every source, checked without a tokenizer ---------------------------------------------
+
+# Columns of a row that are not passed on to reward functions: the prompt itself, and (as TRL does) a dataset's
+# reference completion, which would be confused with the generated ones.
+PROMPT_KEYS = ("prompt", "messages")
+NOT_PASSED = (*PROMPT_KEYS, "completion", "completion_ids")
+SOURCES = (
+    "a JSONL file, a Parquet file, a dataset directory (save_to_disk), a datasets.Dataset, or a list of strings, "
+    "chat conversations or records"
+)
+
+
+@dataclass
+class PromptRecord:
+    """One prompt as read: where it came from, the prompt (text or chat messages) and its row's other columns."""
+
+    where: str
+    prompt: str | list
+    columns: dict
+
+
+def read_prompt_records(source, split: str | None = None) -> list[PromptRecord]:
+    """Every prompt of `source`, checked, without a tokenizer (so a file is checked before anything loads).
+
+    `source`: a JSONL file of {"prompt": ...} or {"messages": [...]} lines, a Parquet file or a dataset directory
+    written by `save_to_disk` with the same columns, a `datasets.Dataset` (or `DatasetDict`: `split`, default
+    "train"), or a list of prompt strings, conversations (lists of messages) or records. A prompt is text, or chat
+    messages as TRL's conversational datasets hold them ("prompt": [{"role", "content"}...]); every other column of
+    its row is kept for the reward functions."""
     if source is None:
-        raise InputError('prompts: none given (a JSONL file of {"prompt": ...} lines, or a list of strings)')
+        raise InputError(f"prompts: none given ({SOURCES})")
+    if split is not None and not _has_splits(source):
+        raise InputError(
+            f"prompts_split: {split!r} selects a split of a DatasetDict (or of a dataset directory saved with "
+            "splits); these prompts have none: remove prompts_split"
+        )
     if isinstance(source, (list, tuple)):
-        for i, prompt in enumerate(source):
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
-        if not source:
-            raise InputError("no prompts in the prompt list")
-        prompts = list(source)
+        records = [record_of_item(f"prompts[{i}]", item) for i, item in enumerate(source)]
+        name = "the prompt list"
+    elif is_dataset(source):
+        records, name = _dataset_records(source, "prompts", split), "the dataset"
+    elif isinstance(source, str) and os.path.isdir(source):
+        records, name = _dataset_records(_load_from_disk(source), source, split), source
+    elif isinstance(source, str) and source.endswith(".parquet"):
+        records, name = _parquet_records(source), source
+    elif isinstance(source, str):
+        records = [_record_of_row(f"{source}:{number}", row) for number, row in read_jsonl(source, "prompts")]
+        name = source
     else:
-        prompts = [_render(source, number, prompt, tokenizer) for number, prompt in read_prompt_records(source)]
+        raise InputError(f"prompts must be {SOURCES}; got {type(source).__name__} {short(source)}")
+    if not records:
+        raise InputError(f"no prompts in {name}")
+    return records
+
+
+def record_of_item(where: str, item) -> PromptRecord:
+    """A prompt given in a list: a string, a conversation (a list of messages) or a record (a dict)."""
+    if isinstance(item, dict):
+        return _record_of_row(where, item)
+    if isinstance(item, list):
+        return PromptRecord(where, _check_messages(where, "messages", item), {})
+    if not isinstance(item, str) or not item.strip():
+        raise InputError(f"{where} must be a non-empty string, a list of chat messages or a record, got {short(item)}")
+    return PromptRecord(where, item, {})
+
+
+def _record_of_row(where: str, row: dict) -> PromptRecord:
+    keys = [key for key in PROMPT_KEYS if key in row]
+    if len(keys) != 1:
+        found = "both" if keys else "neither"
+        raise InputError(f'{where}: expected {{"prompt": ...}} or {{"messages": [...]}}, found {found}')
+    key = keys[0]
+    value = row[key]  # "prompt": text or messages (TRL's conversational form); "messages": messages
+    chat = isinstance(value, list) or key == "messages"
+    prompt = _check_messages(where, key, value) if chat else require_text(where, key, value)
+    return PromptRecord(where, prompt, {k: v for k, v in row.items() if k not in NOT_PASSED})
+
+
+def _check_messages(where: str, key: str, messages) -> list:
+    if not isinstance(messages, list) or not messages:
+        raise InputError(f'{where}: "{key}" must be a non-empty list of {{"role", "content"}} objects')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
+            raise InputError(f'{where}: {key}[{i}] must be an object with a "role" string, got {short(message)}')
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InputError(
+                        f'{where}: {key}[{i}]: a content part must be {{"type": "text", "text": "..."}} (fastppo '
+                        f"trains text models), got {short(part)}"
+                    )
+        elif not isinstance(content, str):
+            raise InputError(f'{where}: {key}[{i}] needs a "content" string, got {short(content)}')
+    return messages
+
+
+def text_messages(messages: list) -> list:
+    """The messages with every content given as parts ([{"type": "text", "text": ...}]) joined into one string, as
+    text-only chat templates expect (they would render the list's Python repr); the parts' texts are joined
+    without a separator, as templates that take parts render them."""
+    return [
+        {**m, "content": "".join(part["text"] for part in m["content"])} if isinstance(m["content"], list) else m
+        for m in messages
+    ]
+
+
+# --- datasets: the `datasets` package (the optional extra fastppo[datasets]) --------------------------------------
+
+DATASET_FILES = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
+
+
+def is_dataset(source) -> bool:
+    return type(source).__module__.split(".")[0] == "datasets"
+
+
+def _has_splits(source) -> bool:
+    if is_dataset(source):
+        return type(source).__name__.endswith("DatasetDict")
+    return isinstance(source, str) and os.path.isfile(os.path.join(source, "dataset_dict.json"))
+
+
+def _import_datasets(what: str):
+    try:
+        import datasets
+    except ImportError:
+        raise InputError(f"prompts: {what} needs the datasets package: pip install 'fastppo[datasets]'") from None
+    return datasets
+
+
+def _load_from_disk(path: str):
+    if not any(os.path.isfile(os.path.join(path, name)) for name in DATASET_FILES):
+        raise InputError(
+            f"prompts: {path} is a directory but not a dataset written by save_to_disk (no "
+            f"{' / '.join(DATASET_FILES)}); prompts are {SOURCES}"
+        )
+    datasets = _import_datasets(f"{path} (a dataset directory)")
+    try:
+        return datasets.load_from_disk(path)
+    except (OSError, ValueError) as error:
+        raise InputError(f"prompts: cannot load the dataset in {path} ({clip(error)})") from None
+
+
+def _dataset_records(dataset, name: str, split: str | None) -> list[PromptRecord]:
+    kind = type(dataset).__name__
+    if kind.startswith("Iterable"):
+        raise InputError(f"prompts: {name} is an {kind} (streamed); load it without streaming=True")
+    if kind.endswith("DatasetDict"):
+        split = split or "train"
+        if split not in dataset:
+            raise InputError(
+                f"prompts_split: {name} has no split {split!r} (it has {', '.join(dataset)}); set prompts_split"
+            )
+        dataset, name = dataset[split], f"{name}[{split!r}]"
+    columns = list(dataset.column_names)
+    if not any(key in columns for key in PROMPT_KEYS):
+        raise InputError(f"prompts: {name} needs a 'prompt' or 'messages' column; its columns are {columns}")
+    return [_record_of_row(f"{name} row {i}", row) for i, row in enumerate(dataset)]
+
+
+def _parquet_records(path: str) -> list[PromptRecord]:
+    check_readable_file("prompts", path)
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        _import_datasets(f"{path} (Parquet)")  # pyarrow comes with datasets: this names the extra to install
+        raise
+    try:
+        rows = parquet.read_table(path).to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise InputError(f"prompts: cannot read {path} as Parquet ({clip(error)})") from None
+    if rows and not any(key in rows[0] for key in PROMPT_KEYS):
+        raise InputError(f"prompts: {path} needs a 'prompt' or 'messages' column; its columns are {list(rows[0])}")
+    return [_record_of_row(f"{path} row {i}", row) for i, row in enumerate(rows)]
+
+
+# --- rendering: records to the prompt strings the policy reads ----------------------------------------------------
+
+
+def read_prompts(
+    source, tokenizer=None, max_length: int | None = None, truncate: bool = True, split: str | None = None
+) -> list[Prompt]:
+    """The prompts of `source` (see `read_prompt_records`), chat messages rendered with the tokenizer's chat template
+    ending with the assistant's turn. Every prompt is checked here, at load, not when a step draws it: a bad one is
+    named by its index, row or file:line. With `truncate` False, that includes its length in tokens against
+    `max_length` (truncate_long_prompts: false)."""
+    prompts = [render(record, tokenizer) for record in read_prompt_records(source, split)]
     if not truncate and max_length is not None:
         if tokenizer is None:
             raise ValueError("read_prompts: checking prompt lengths needs the tokenizer")
         _check_lengths(prompts, encode_all(tokenizer, prompts), max_length)
     return prompts
+
+
+def as_prompts(items, tokenizer) -> list[str]:
+    """Prompts given to `generate` / `rollout`: strings (and prompts already read) as they are, conversations and
+    records rendered as `read_prompts` renders them."""
+    return [
+        item if isinstance(item, str) else render(record_of_item(f"prompts[{i}]", item), tokenizer)
+        for i, item in enumerate(items)
+    ]
+
+
+def render(record: PromptRecord, tokenizer) -> Prompt:
+    if isinstance(record.prompt, str):
+        prompt = Prompt(record.prompt)
+    else:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InputError(f"{record.where}: chat messages need a tokenizer with a chat template")
+        try:
+            text = tokenizer.apply_chat_template(
+                text_messages(record.prompt), tokenize=False, add_generation_prompt=True
+            )
+        except Exception as error:  # noqa: BLE001 - a template error is a data error here
+            raise InputError(f"{record.where}: cannot render messages ({clip(error)})") from None
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"{record.where}: the messages render to an empty prompt")
+        prompt = chat_prompt(text, record.prompt)
+    prompt.where, prompt.columns = record.where, record.columns
+    return prompt
 
 
 def _check_lengths(prompts: list[str], rows: list[list[int]], max_length: int, of: str = "prompts") -> None:
@@ -66,52 +270,6 @@ def _check_lengths(prompts: list[str], rows: list[list[int]], max_length: int, o
             f"max_prompt_length is {max_length} (truncate_long_prompts: false){more}; raise max_prompt_length, "
             "shorten the prompt or set truncate_long_prompts: true"
         )
-
-
-def read_prompt_records(path: str) -> list[tuple[int, str | list]]:
-    """(line number, prompt string or chat messages) of every record of a prompts JSONL file, each checked; no
-    tokenizer needed, so a file is checked before anything loads."""
-    records = []
-    for number, record in read_jsonl(path, "prompts"):
-        where = f"{path}:{number}"
-        if "prompt" in record:
-            records.append((number, require_text(where, "prompt", record["prompt"])))
-        elif "messages" in record:
-            records.append((number, _check_messages(where, record["messages"])))
-        else:
-            raise InputError(f'{where}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
-    if not records:
-        raise InputError(f"no prompts in {path}")
-    return records
-
-
-def _check_messages(where: str, messages) -> list:
-    if not isinstance(messages, list) or not messages:
-        raise InputError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} objects')
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not message["role"]:
-            raise InputError(f'{where}: messages[{i}] must be an object with a "role" string, got {short(message)}')
-        if not isinstance(message.get("content"), (str, list)):
-            raise InputError(f'{where}: messages[{i}] needs a "content" string, got {short(message.get("content"))}')
-    return messages
-
-
-def _render(path: str, number: int, prompt: str | list, tokenizer) -> str:
-    if isinstance(prompt, str):
-        prompt = Prompt(prompt)
-        prompt.where = f"{path}:{number}"
-        return prompt
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise InputError(f"{path}:{number}: chat messages need a tokenizer with a chat template")
-    try:
-        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    except Exception as error:  # noqa: BLE001 - a template error is a data error here
-        raise InputError(f"{path}:{number}: cannot render messages ({clip(error)})") from None
-    if not isinstance(text, str) or not text.strip():
-        raise InputError(f"{path}:{number}: the messages render to an empty prompt")
-    rendered = chat_prompt(text, prompt)
-    rendered.where = f"{path}:{number}"
-    return rendered
 
 
 def _adds_special_tokens(tokenizer, text: str) -> bool:

@@ -1,4 +1,5 @@
 import json
+import sys
 import warnings
 
 import pytest
@@ -199,3 +200,104 @@ def test_an_end_id_the_model_cannot_sample_is_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_prompt_token_ids(["w1"], tokenizer, 97, end_ids=[1, 4])
+
+
+# --- TRL's dataset formats ---------------------------------------------------------------------------------------
+
+ROWS = [  # content as parts in both rows: a datasets column (Arrow) holds one type
+    {"prompt": [{"role": "user", "content": [{"type": "text", "text": "w1 w2"}]}], "answer": "w3", "level": 1},
+    {
+        "prompt": [{"role": "user", "content": [{"type": "text", "text": "w4 "}, {"type": "text", "text": "w5"}]}],
+        "answer": "w6",
+        "level": 2,
+    },
+]
+RENDERED = ["<bos>user: w1 w2 <|im_end|> assistant:", "<bos>user: w4 w5 <|im_end|> assistant:"]
+
+
+def check_rows(prompts):
+    """TRL's conversational rows: rendered with the template (content parts joined, never their Python repr), the
+    messages kept as given, every other column kept for the reward functions."""
+    assert prompts == RENDERED
+    assert [p.messages for p in prompts] == [row["prompt"] for row in ROWS]
+    assert [p.columns for p in prompts] == [{"answer": "w3", "level": 1}, {"answer": "w6", "level": 2}]
+
+
+def test_trl_jsonl_formats(tmp_path):
+    path = write_jsonl(
+        tmp_path / "p.jsonl",
+        [json.dumps(row) for row in ROWS] + [json.dumps({"prompt": "w7", "answer": "w8", "completion": "w8"})],
+    )
+    prompts = read_prompts(path, build_tokenizer())
+    check_rows(prompts[:2])
+    assert prompts[2] == "w7" and prompts[2].columns == {"answer": "w8"}  # a reference completion is not passed on
+    assert prompts[0].where == f"{path}:1"
+
+
+def test_a_datasets_dataset_a_dataset_dict_a_saved_directory_and_parquet(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    tokenizer = build_tokenizer()
+    dataset = datasets.Dataset.from_list(ROWS)
+    check_rows(read_prompts(dataset, tokenizer))
+    splits = datasets.DatasetDict({"train": dataset, "test": dataset.select([0])})
+    check_rows(read_prompts(splits, tokenizer))
+    assert read_prompts(splits, tokenizer, split="test") == RENDERED[:1]
+    with pytest.raises(InputError, match=r"prompts_split: prompts has no split 'valid' \(it has train, test\)"):
+        read_prompts(splits, tokenizer, split="valid")
+    dataset.save_to_disk(tmp_path / "saved")
+    check_rows(read_prompts(str(tmp_path / "saved"), tokenizer))
+    splits.save_to_disk(tmp_path / "splits")
+    assert read_prompts(str(tmp_path / "splits"), tokenizer, split="test") == RENDERED[:1]
+    dataset.to_parquet(tmp_path / "p.parquet")
+    check_rows(read_prompts(str(tmp_path / "p.parquet"), tokenizer))
+    with pytest.raises(InputError, match=f'{tmp_path / "p.parquet"} row 1: messages\\[0\\] needs a "content"'):
+        bad = datasets.Dataset.from_list(
+            [{"messages": [{"role": "user", "content": "w1"}]}, {"messages": [{"role": "user"}]}]
+        )
+        bad.to_parquet(tmp_path / "p.parquet")
+        read_prompts(str(tmp_path / "p.parquet"), tokenizer)
+    with pytest.raises(InputError, match=r"needs a 'prompt' or 'messages' column; its columns are \['text'\]"):
+        read_prompts(datasets.Dataset.from_list([{"text": "w1"}]), tokenizer)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ([{"prompt": "w1", "messages": [{"role": "user", "content": "w2"}]}], r"prompts\[0\]: expected .* found both"),
+        ([[{"role": "user", "content": [{"type": "image"}]}]], r"prompts\[0\]: messages\[0\]: a content part must be"),
+        ([{"prompt": []}], r'prompts\[0\]: "prompt" must be a non-empty list'),
+        ([3], r"prompts\[0\] must be a non-empty string, a list of chat messages or a record"),
+    ],
+)
+def test_records_that_are_not_prompts_are_named(source, message):
+    with pytest.raises(InputError, match=message):
+        read_prompts(source, build_tokenizer())
+
+
+def test_a_directory_that_is_not_a_dataset_and_a_split_without_splits_are_refused(tmp_path):
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(InputError, match="is a directory but not a dataset written by save_to_disk"):
+        read_prompts(str(tmp_path / "notes"), build_tokenizer())
+    path = write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "w1"}'])
+    with pytest.raises(InputError, match="prompts_split: 'test' selects a split of a DatasetDict"):
+        read_prompts(path, build_tokenizer(), split="test")
+
+
+def test_without_the_datasets_extra_its_forms_are_refused_naming_it(tmp_path, monkeypatch):
+    for name in ("datasets", "pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # as if not installed: importing it raises ImportError
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_info.json").write_text("{}")
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    for source in (tmp_path / "saved", tmp_path / "p.parquet"):
+        with pytest.raises(InputError, match=r"needs the datasets package: pip install 'fastppo\[datasets\]'"):
+            read_prompts(str(source), build_tokenizer())
+    assert read_prompts(write_jsonl(tmp_path / "p.jsonl", ['{"prompt": "w1"}'])) == ["w1"]  # JSONL needs nothing
+
+
+def test_content_given_as_parts_renders_as_its_text(tmp_path):
+    """A text-only template renders `content` as given: a list of parts would become its Python repr."""
+    parts = [{"type": "text", "text": "w3 "}, {"type": "text", "text": "w4"}]
+    lines = [json.dumps({"messages": [{"role": "user", "content": c}]}) for c in (parts, "w3 w4")]
+    with_parts, with_text = read_prompts(write_jsonl(tmp_path / "p.jsonl", lines), build_tokenizer())
+    assert with_parts == with_text == "<bos>user: w3 w4 <|im_end|> assistant:"

@@ -29,11 +29,12 @@ RELEASE_DTYPE = {
 }
 
 
-def build_tokenizer():
+def build_tokenizer(words: list[str] = WORDS):
+    """The tests' word-level tokenizer; other `words` give another vocabulary (other ids, another size)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + WORDS + ["user:", "assistant:"])}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + list(words) + ["user:", "assistant:"])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 3)])
@@ -124,6 +125,21 @@ def save_tiny_models(directory, arch: str = "llama", hidden: int = 32, layers: i
     AutoModelForSequenceClassification.from_config(config).to(dtype).save_pretrained(reward)
     tokenizer.save_pretrained(reward)
     return str(policy), str(reward)
+
+
+def save_reward_model(directory, arch: str, words: list[str]) -> str:
+    """A 1-label classifier of `arch` with a tokenizer of its own over `words` (another vocabulary than the
+    policies': other ids for the same words, another size), saved as released; its path."""
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = build_tokenizer(words)
+    config = model_config(arch, len(tokenizer))
+    config.num_labels = 1
+    torch.manual_seed(1)
+    path = directory / f"{arch}-reward-{len(tokenizer)}-tokens"
+    AutoModelForSequenceClassification.from_config(config).to(RELEASE_DTYPE[arch]).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def prompt_list(n: int = 24, seed: int = 0) -> list[str]:

@@ -115,27 +115,32 @@ def resume_command(args) -> str:
 
 def check_inputs(config) -> None:
     """What a run reads, checked before anything loads (or torchrun starts): the model directories (config.json,
-    whole safetensors files) and whether a prompt plus its response fits their context, the reward function's
-    module (imported), and every line of the prompts file."""
+    whole safetensors files) and whether a prompt plus its response fits their context, every prompt (a file's every
+    line or row), and each reward: a function's module imported and its signature read against the prompts'
+    columns, a model's directory checked."""
     from fastppo.data import read_prompt_records
-    from fastppo.ppo.rewards import load_function
-    from fastppo.runtime.validation import is_callable_spec
+    from fastppo.ppo.rewards import is_model_spec, load_reward, reward_specs
 
     for name, what in (
         ("policy_model", "a checkpoint directory"),
-        ("reward_model", "a model directory or 'module:function'"),
-        ("prompts", "a JSONL file or a list of strings"),
+        ("prompts", "a JSONL or Parquet file, a dataset directory or a list of strings"),
     ):
         if getattr(config, name) is None:
             raise InputError(f"{name}: missing from the config ({what})")
+    if config.reward_model is None and config.reward_funcs is None:
+        raise InputError(
+            "reward_model: missing from the config (a model directory or 'module:function'; or reward_funcs, a list "
+            "of them)"
+        )
     config.resolve_model_sources()  # a known name or a GGUF file: converted (once) to a checkpoint directory
     _check_context("policy_model", check_model_dir("policy_model", config.policy_model), config)
-    if is_callable_spec(config.reward_model):
-        load_function(config.reward_model)
-    else:
-        _check_context("reward_model", check_model_dir("reward_model", config.reward_model), config)
-    if isinstance(config.prompts, str):
-        read_prompt_records(config.prompts)
+    records = read_prompt_records(config.prompts, config.prompts_split)
+    columns = dict.fromkeys(name for record in records for name in record.columns)
+    for field, spec in reward_specs(config):
+        if is_model_spec(spec):
+            _check_context(field, check_model_dir(field, spec), config)
+        else:  # a function: imported, its form told from its signature (no model loads)
+            load_reward(spec, config, None, None, columns=columns, field=field)
 
 
 def _check_context(name: str, model_config: dict, config) -> None:

@@ -23,7 +23,8 @@ class RolloutBatch:
     prompts: list  # B prompt strings (`ChatPrompt` for rendered chat messages)
     responses: list  # B response strings (decoded, without EOS/pad)
     scores: torch.Tensor | None = None  # (B,) float32 scores PPO optimizes (penalized, normalized, clipped)
-    raw_scores: torch.Tensor | None = None  # (B,) float32 what the reward returned
+    raw_scores: torch.Tensor | None = None  # (B,) float32 what the rewards returned, weighted and summed
+    reward_scores: torch.Tensor | None = None  # (B, K) float32 each reward's scores (NaN: it does not apply)
     old_logprobs: torch.Tensor | None = None  # (B, T) float32, policy at rollout time
     ref_logprobs: torch.Tensor | None = None  # (B, T) float32, reference
     old_values: torch.Tensor | None = None  # (B, T) float32, critic at rollout time

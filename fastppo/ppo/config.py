@@ -11,8 +11,11 @@ import os
 import typing
 from dataclasses import dataclass
 
+from fastppo.data import SOURCES as PROMPT_SOURCES
+from fastppo.data import is_dataset, read_prompt_records
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
+from fastppo.ppo.trl_keys import TRL_KEYS
 from fastppo.runtime.config_base import Config, check_path, option
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.model_sources import is_model_source
@@ -23,6 +26,7 @@ from fastppo.runtime.validation import (
     NON_NEGATIVE,
     POSITIVE,
     Interval,
+    check_number,
     check_writable_dir,
     is_callable_spec,
     short,
@@ -75,9 +79,15 @@ class PPOConfig(Config):
     policy_model: str | None = option(None, "Path of the causal LM to train (a Hugging Face checkpoint directory).")
     tokenizer: str | None = option(None, "Tokenizer path; defaults to policy_model.")
     reward_model: str | None = option(
-        None, "Path of a 1-label AutoModelForSequenceClassification, or 'module:function' taking (prompts, responses)."
+        None,
+        "Path of a 1-label AutoModelForSequenceClassification, or a 'module:function' reward function (fastppo's "
+        "f(prompts, responses) or TRL's f(completions, **kwargs): docs/from-trl.md). Several: reward_funcs.",
     )
-    reward_tokenizer: str | None = option(None, "Reward model tokenizer path; defaults to reward_model.")
+    reward_tokenizer: str | None = option(
+        None,
+        "Tokenizer path of the reward model (in reward_model or reward_funcs); defaults to the model's own directory. "
+        "PPOTrainer(reward_tokenizer=...) takes a tokenizer object.",
+    )
     critic: str = option("shared", "'shared': value head on the policy backbone (one model); 'separate': own backbone.")
     reference: str = option(
         "copy", "'copy': a frozen copy of the initial policy; 'adapter': the policy, LoRA disabled."
@@ -106,7 +116,12 @@ class PPOConfig(Config):
         "processes. One process runs unwrapped whatever this says. Batch sizes are global: each rank takes 1/N.",
     )
     # --- data and rollout -------------------------------------------------------------------------------------
-    prompts: typing.Any = option(None, "JSONL of {'prompt': ...} or {'messages': [...]} lines, or a list of strings.")
+    prompts: typing.Any = option(
+        None,
+        "JSONL of {'prompt': ...} or {'messages': [...]} lines ('prompt' a string or TRL's chat messages), a Parquet "
+        "file or save_to_disk directory with those columns, a datasets.Dataset, or a list; every other column of a "
+        "row goes to the reward functions.",
+    )
     max_prompt_length: int = option(256, "Prompt tokens kept; longer prompts are cut from the left (see below).")
     truncate_long_prompts: bool = option(
         True,
@@ -166,8 +181,22 @@ class PPOConfig(Config):
     reward_timeout: float | None = option(
         600.0,
         "Seconds a reward function may take for one batch before the run stops naming it (exit 2). It runs in a "
-        "worker thread, which cannot be killed: the process exits with it. null: no limit, called in the main thread "
-        "(for a reward that uses signals itself).",
+        "worker thread, which cannot be killed: the process exits with it. One that sets a signal handler "
+        "(math-verify's timeouts) is called in the main thread instead, with a warning. null: no limit, every "
+        "function called in the main thread.",
+    )
+    # --- TRL's reward_funcs and datasets (docs/from-trl.md) ---------------------------------------------------------
+    reward_funcs: typing.Any = option(
+        None,
+        "TRL's reward_funcs, instead of reward_model: one or a list of 'module:function' reward functions and "
+        "reward model paths (in Python also callables and models), each scoring every response; the score is "
+        "their weighted sum. A function returning None for a response does not count there.",
+    )
+    reward_weights: list | None = option(
+        None, "One weight per reward of reward_funcs (TRL's reward_weights); null: 1 each."
+    )
+    prompts_split: str | None = option(
+        None, "The split to read when prompts is a DatasetDict (or a dataset directory saved with splits); null: train."
     )
     # --- advantages and update --------------------------------------------------------------------------------
     gamma: float = option(1.0, "Discount per token; 1.0 is standard for RLHF (the reward comes at the end).")
@@ -312,7 +341,7 @@ class PPOConfig(Config):
         "lam_length_alpha": POSITIVE,
     }
     RENAMED = {"kl_target": "adaptive_kl_target"}  # its unit (nats per sequence) and role differ from target_kl's
-    FOREIGN = FOREIGN_KEYS
+    FOREIGN = {**FOREIGN_KEYS, **TRL_KEYS}
 
     # --- validation: the one place ---------------------------------------------------------------------------------
 
@@ -324,6 +353,7 @@ class PPOConfig(Config):
             world_size = current_world_size()
         self.check_fields()  # types, CHOICES, RANGES
         self._check_combinations()
+        self._check_rewards()
         self._check_lists()
         self._check_batches(world_size)
         self._check_estimator(world_size)
@@ -359,6 +389,35 @@ class PPOConfig(Config):
                 "off, nothing to quantize (use reference: copy for a quantized copy)"
             )
 
+    def _check_rewards(self) -> None:
+        """reward_model or reward_funcs (not both), each reward a spec, a callable or a model; a weight for each."""
+        funcs = self.reward_funcs
+        if isinstance(funcs, (list, tuple)) and not funcs:
+            raise InputError("reward_funcs: the list is empty")
+        items = list(funcs) if isinstance(funcs, (list, tuple)) else [] if funcs is None else [funcs]
+        for i, spec in enumerate(items):
+            where = f"reward_funcs[{i}]" if isinstance(funcs, (list, tuple)) else "reward_funcs"
+            if isinstance(spec, str) and not is_callable_spec(spec):
+                check_path(where, spec)
+            elif not isinstance(spec, str) and not callable(spec):
+                raise InputError(
+                    f"{where} must be 'module:function', a reward model directory, a function or a model; "
+                    f"got {short(spec)}"
+                )
+        if funcs is not None and self.reward_model is not None:
+            raise InputError(
+                "reward_model and reward_funcs are both set: list the reward model in reward_funcs (models and "
+                "functions mix there, weighted by reward_weights)"
+            )
+        if self.reward_weights is not None:
+            for i, weight in enumerate(self.reward_weights):
+                check_number(f"reward_weights[{i}]", weight, Interval())
+            count = len(items) if funcs is not None else 1 if self.reward_model is not None else None
+            if count is not None and len(self.reward_weights) != count:
+                raise InputError(
+                    f"reward_weights has {len(self.reward_weights)} weights for {count} rewards: give one per reward"
+                )
+
     def _check_lists(self) -> None:
         for i, token_id in enumerate(self.stop_token_ids):
             if not isinstance(token_id, int) or isinstance(token_id, bool) or token_id < 0:
@@ -369,11 +428,9 @@ class PPOConfig(Config):
         if isinstance(self.prompts, list):
             if not self.prompts:
                 raise InputError("prompts: the list is empty")
-            for i, prompt in enumerate(self.prompts):
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
-        elif self.prompts is not None and not isinstance(self.prompts, str):
-            raise InputError(f"prompts must be a JSONL path or a list of strings, got {short(self.prompts)}")
+            read_prompt_records(self.prompts, self.prompts_split)  # each item checked
+        elif self.prompts is not None and not isinstance(self.prompts, str) and not is_dataset(self.prompts):
+            raise InputError(f"prompts must be {PROMPT_SOURCES}; got {short(self.prompts)}")
 
     def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -445,7 +502,7 @@ class PPOConfig(Config):
             if not is_model_source(value) and not (isinstance(value, str) and is_callable_spec(value)):
                 check_path(name, value)
         if isinstance(self.prompts, str):
-            check_path("prompts", self.prompts, file=True)
+            check_path("prompts", self.prompts)  # a file, or a dataset directory (save_to_disk)
         if self.resume_from is not None:
             check_path("resume_from", self.resume_from)
         check_writable_dir("output_dir", self.output_dir)

@@ -1,91 +1,96 @@
-"""Rewards: a learned reward model (a 1-label sequence classifier) or a Python function of the texts.
+"""Rewards: learned reward models (1-label sequence classifiers) and Python functions, one or several, weighted.
 
-Either way a reward is called as `reward(batch) -> (B,) float32 scores`, and every score batch is checked: the
-right count, all finite. A reward model with the policy's vocabulary scores the generated token ids directly; one
-with another tokenizer sees the text the way it was trained on it: the conversation rendered with its own chat
-template when it has one, else prompt + response + its EOS (as `fastppo reward-model` encodes pairs) when the
-response ended. Sequences too long for it lose the start of the prompt, never the end of the response.
+Every reward scores every response of a batch; `Rewards` holds them all (TRL's `reward_funcs`, models and functions
+mixed), and the score PPO optimizes is their weighted sum (`reward_weights`), a reward that returned None for a
+response counting 0 there (TRL's nansum). Each reward's scores are checked: the right count, finite numbers.
+
+A reward model with the policy's vocabulary scores the generated token ids directly; one with another tokenizer sees
+the text the way it was trained on it: the conversation rendered with its own chat template when it has one, else
+prompt + response + its EOS (as `fastppo reward-model` encodes pairs) when the response ended. Sequences too long for
+it lose the start of the prompt, never the end of the response. A model object comes with its tokenizer
+(`reward_tokenizer`), or its `name_or_path` holds one; without either it must have the policy's vocabulary size, or
+it is refused. Reward functions, and their two calling conventions: reward_functions.py.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
-import threading
-import time
+import types
+import warnings
 
 import torch
 
-from fastppo.data import encode
+from fastppo.data import encode, text_messages
 from fastppo.models import disable_dropout, freeze, load_frozen, load_tokenizer, quantized_copy, score_at_last_token
-from fastppo.runtime import signals
+from fastppo.ppo.reward_functions import (
+    FunctionReward,
+    RewardError,
+    call_reward,
+    check_scores,
+    load_function,
+    run_coroutines,
+)
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.validation import clip
+from fastppo.runtime.validation import LOAD_ERRORS, is_callable_spec, read_model_config
+
+__all__ = ["FunctionReward", "ModelReward", "RewardError", "Rewards", "load_reward", "load_rewards"]
 
 
-class RewardError(InputError):
-    """The reward returned something unusable (wrong count, NaN, not numbers) or raised."""
+class Rewards:
+    """Every reward of a run. Called on a batch: (B, K) float32, each reward's scores (NaN where one does not
+    apply); `combine` gives the score PPO optimizes and `stats` TRL's per-reward metrics."""
 
-
-class FunctionReward:
-    """A rule-based reward: fn(prompts: list[str], responses: list[str]) -> list[float].
-
-    With a `timeout` (seconds) the function runs in a daemon worker thread while the main thread waits, so a
-    function that never returns stops the run after `timeout` (a RewardError naming it) and a SIGINT/SIGTERM during
-    it is answered at once (`signals.StepInterrupted`). A thread cannot be killed: the stuck call goes on until the
-    process exits, which it then does. With no timeout the function is called in the main thread (as a reward that
-    uses signals itself needs).
-    """
-
-    def __init__(self, fn, name: str | None = None, timeout: float | None = None):
-        self.fn, self.name = fn, name or getattr(fn, "__qualname__", repr(fn))
-        self.timeout = timeout
+    def __init__(self, rewards: list, weights: list[float] | None = None):
+        self.rewards = rewards
+        self.weights = torch.tensor(weights if weights is not None else [1.0] * len(rewards), dtype=torch.float32)
+        self.names = _unique([reward.metric_name for reward in rewards])
+        self.trainer_state = types.SimpleNamespace(global_step=0, max_steps=None)  # TRL's `trainer_state` argument
+        for reward in rewards:
+            if isinstance(reward, FunctionReward):
+                reward.trainer_state = self.trainer_state
 
     def __call__(self, batch) -> torch.Tensor:
-        prompts, responses = list(batch.prompts), list(batch.responses)
-        try:
-            scores = self.fn(prompts, responses) if self.timeout is None else self._call_in_worker(prompts, responses)
-        except (RewardError, signals.StepInterrupted):
-            raise
-        except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
-            raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {clip(error)}") from error
-        try:
-            scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise RewardError(f"reward function {self.name} must return numbers, got {scores!r:.100}") from error
-        return check_scores(scores, len(batch.prompts), self.name)
+        waiting = [reward for reward in self.rewards if getattr(reward, "is_async", False)]
+        scores = {}
+        if waiting:  # the async functions, concurrently
+            names = " and ".join(reward.name for reward in waiting)
+            calls = lambda: run_coroutines([r.start(batch) for r in waiting])
+            results = call_reward(calls, names, waiting[0].timeout, waiting)
+            scores = {id(r): r.scores(result, len(batch.prompts)) for r, result in zip(waiting, results, strict=True)}
+        columns = [scores[id(r)] if id(r) in scores else r(batch).float().cpu() for r in self.rewards]
+        return torch.stack(columns, dim=1)
 
-    def _call_in_worker(self, prompts: list[str], responses: list[str]):
-        outcome: dict = {}
-        done = threading.Event()
+    def combine(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B,) the weighted sum of each row's rewards; one that does not apply (NaN) counts 0."""
+        unscored = int(scores.isnan().all(dim=1).sum())
+        if unscored:
+            warnings.warn(
+                f"no reward applies to {unscored} response(s) (every reward function returned None): their score "
+                "is 0; make sure one reward scores every response",
+                stacklevel=2,
+            )
+        return (scores * self.weights.to(scores.device)).nansum(dim=1)
 
-        def work():
-            try:
-                outcome["scores"] = self.fn(prompts, responses)
-            except BaseException as error:  # noqa: BLE001 - handed to the main thread, which reports it
-                outcome["error"] = error
-            finally:
-                done.set()
+    def stats(self, scores: torch.Tensor) -> dict[str, float]:
+        """TRL's names: rewards/<name>/mean and /std over the responses each reward applies to."""
+        stats = {}
+        for name, column in zip(self.names, scores.float().unbind(dim=1), strict=True):
+            applied = column[~column.isnan()]
+            if applied.numel():
+                stats[f"rewards/{name}/mean"] = float(applied.mean())
+                stats[f"rewards/{name}/std"] = float(applied.std()) if applied.numel() > 1 else 0.0
+        return stats
 
-        threading.Thread(target=work, name=f"fastppo reward {self.name}", daemon=True).start()
-        deadline = time.monotonic() + self.timeout
-        while not done.wait(min(0.1, max(deadline - time.monotonic(), 0.0))):
-            signals.raise_if_stop_requested(f"reward function {self.name} was still running")
-            if time.monotonic() >= deadline:
-                raise RewardError(
-                    f"reward function {self.name} did not return within reward_timeout={self.timeout:g} s; the run "
-                    "stops (the last checkpoint is intact). Raise reward_timeout if it is just slow"
-                )
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["scores"]
+
+def _unique(names: list[str]) -> list[str]:
+    """The names, a repeated one numbered (two lambdas: <lambda>_1, <lambda>_2)."""
+    return [f"{n}_{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
 class ModelReward:
     """A sequence classifier with one label, scoring prompt + response."""
 
-    def __init__(self, model, tokenizer, policy_tokenizer, max_length: int = 4096):
+    def __init__(self, model, tokenizer, policy_tokenizer, max_length: int = 4096, name: str | None = None):
         self.model = freeze(model)
         disable_dropout(model)
         self.tokenizer = tokenizer
@@ -93,7 +98,7 @@ class ModelReward:
             model.config.pad_token_id = tokenizer.pad_token_id
         self.same_vocab = tokenizer.get_vocab() == policy_tokenizer.get_vocab()
         self.max_length = max_length
-        self.name = type(model).__name__
+        self.name = self.metric_name = name or type(model).__name__
 
     @torch.no_grad()
     def __call__(self, batch) -> torch.Tensor:
@@ -123,7 +128,7 @@ class ModelReward:
         """Token ids of (prompt, response) in the reward model's own tokenizer, as it saw them in training."""
         tokenizer = self.tokenizer
         if getattr(tokenizer, "chat_template", None):
-            messages = list(getattr(prompt, "messages", None) or [{"role": "user", "content": str(prompt)}])
+            messages = text_messages(getattr(prompt, "messages", None) or [{"role": "user", "content": str(prompt)}])
             text = tokenizer.apply_chat_template(
                 messages + [{"role": "assistant", "content": response}], tokenize=False
             )
@@ -135,65 +140,132 @@ class ModelReward:
         return score_at_last_token(self.model, input_ids, attention_mask)
 
 
-def check_scores(scores: torch.Tensor, expected: int, name: str) -> torch.Tensor:
-    if scores.numel() != expected:
-        raise RewardError(f"reward {name} returned {scores.numel()} scores for {expected} responses")
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        raise RewardError(f"reward {name} returned non-finite scores at positions {bad[:5]}")
-    return scores
-
-
-def load_function(spec: str):
-    """The function of a 'module:function' spec. The working directory is searched too (last), as `python -m` does,
-    so a reward module beside the config is found by the `fastppo` script as well."""
-    module_name, _, function_name = spec.partition(":")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise InputError(f"reward_model: cannot import module {module_name!r} ({error})") from None
-    except SyntaxError as error:
+def reward_specs(config, given=None) -> list[tuple[str, object]]:
+    """(config field, reward) of every reward of the run: `given` (PPOTrainer's `reward`), else reward_funcs, else
+    reward_model; one or a list."""
+    if given is not None:
+        field, specs = "reward", given
+    elif config.reward_funcs is not None:
+        field, specs = "reward_funcs", config.reward_funcs
+    else:
+        field, specs = "reward_model", config.reward_model
+    if specs is None:
         raise InputError(
-            f"reward_model: module {module_name!r} has a syntax error at {error.filename}:{error.lineno}: {error.msg}"
-        ) from None
-    except (Exception, SystemExit) as error:  # noqa: BLE001 - the user's module failed (or exited) while importing
+            "reward_model: no reward given (a model path or 'module:function'; or reward_funcs: a list of them)"
+        )
+    if not isinstance(specs, (list, tuple)):
+        return [(field, specs)]
+    return [(f"{field}[{i}]", spec) for i, spec in enumerate(specs)]
+
+
+def is_model_spec(spec) -> bool:
+    return isinstance(spec, torch.nn.Module) or (isinstance(spec, str) and not is_callable_spec(spec))
+
+
+def load_rewards(
+    config, policy_tokenizer, device, given=None, reward_tokenizer=None, columns=(), policy=None
+) -> Rewards:
+    """Every reward of the run (`reward_specs`), weighted by reward_weights. `reward_tokenizer` (an object, else the
+    config's path) is the tokenizer of the one reward model; `columns` are the prompts' (for the functions' forms);
+    `policy` (a path or the model) tells a model object without a tokenizer whether it shares the policy's
+    vocabulary."""
+    specs = reward_specs(config, given)
+    weights = config.reward_weights
+    if weights is not None and len(weights) != len(specs):
+        raise InputError(f"reward_weights has {len(weights)} weights for {len(specs)} rewards: give one per reward")
+    tokenizer = reward_tokenizer if reward_tokenizer is not None else config.reward_tokenizer
+    models = [field for field, spec in specs if is_model_spec(spec)]
+    if tokenizer is not None and len(models) != 1:
         raise InputError(
-            f"reward_model: importing module {module_name!r} raised {type(error).__name__}: {clip(error)}"
-        ) from None
-    fn = getattr(module, function_name, None)
-    if not callable(fn):
-        raise InputError(f"reward_model: {module_name} has no function {function_name!r}")
-    return fn
+            f"reward_tokenizer is the tokenizer of the one reward model, and there are {len(models)} "
+            f"({', '.join(models) or 'none'}): each model in reward_funcs uses its own directory's tokenizer"
+        )
+    rewards = [
+        load_reward(spec, config, policy_tokenizer, device, tokenizer, columns, policy, field) for field, spec in specs
+    ]
+    return Rewards(rewards, weights)
 
 
-def load_reward(spec, config, policy_tokenizer, device):
-    """A reward from a path, a 'module:function' string, a callable, or a loaded sequence-classification model."""
-    from fastppo.runtime.validation import is_callable_spec
+def load_reward(
+    spec, config, policy_tokenizer, device, tokenizer=None, columns=(), policy=None, field: str = "reward_model"
+):
+    """One reward from a path, a 'module:function' string, a callable, or a loaded sequence-classification model."""
+    from transformers import AutoModelForSequenceClassification
 
-    if spec is None:
-        raise InputError("reward_model: no reward given (a model path, 'module:function' or a callable)")
+    directories = [config.config_dir] if getattr(config, "config_dir", None) else []
     if isinstance(spec, str) and is_callable_spec(spec):
-        return FunctionReward(load_function(spec), name=spec, timeout=config.reward_timeout)
+        fn = load_function(spec, field.partition("[")[0], directories)
+        return FunctionReward(fn, name=spec, timeout=config.reward_timeout, columns=columns)
     if isinstance(spec, str):
-        from transformers import AutoModelForSequenceClassification
-
         model = load_frozen(AutoModelForSequenceClassification, spec, config.reward_quantization, device)
-        if model.config.num_labels != 1:
-            raise InputError(f"reward_model {spec}: expected a classifier with 1 label, got {model.config.num_labels}")
-        tokenizer = load_tokenizer(config.reward_tokenizer or spec)
-        return ModelReward(model, tokenizer, policy_tokenizer)
+        tokenizer = load_tokenizer(tokenizer if tokenizer is not None else spec)
+        return _model_reward(model, tokenizer, policy_tokenizer, field, os.path.basename(os.path.normpath(spec)))
     if isinstance(spec, torch.nn.Module):
-        from transformers import AutoModelForSequenceClassification
-
-        tokenizer = load_tokenizer(config.reward_tokenizer) if config.reward_tokenizer else policy_tokenizer
+        name = getattr(spec, "name_or_path", "") or ""
+        if tokenizer is not None:
+            tokenizer = load_tokenizer(tokenizer)
+        else:
+            tokenizer = _tokenizer_of(spec) or _policy_tokenizer_if_same_vocabulary(spec, policy, policy_tokenizer)
         if config.reward_quantization == "none":
             model = spec.to(device)
         else:
             dtype = next(spec.parameters()).dtype
             model = quantized_copy(spec, AutoModelForSequenceClassification, config.reward_quantization, device, dtype)
-        return ModelReward(model, tokenizer, policy_tokenizer)
+        name = os.path.basename(os.path.normpath(name)) if name else type(spec).__name__
+        return _model_reward(model, tokenizer, policy_tokenizer, field, name)
     if callable(spec):
-        return FunctionReward(spec, timeout=config.reward_timeout)
-    raise InputError(f"reward: cannot use a {type(spec).__name__} as a reward")
+        return FunctionReward(spec, timeout=config.reward_timeout, columns=columns)
+    raise InputError(f"{field}: cannot use a {type(spec).__name__} as a reward")
+
+
+def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str) -> ModelReward:
+    """A ModelReward, after checking `model` is a 1-label classifier whose embeddings hold every id of `tokenizer`
+    (another model's tokenizer would index past them, or score other tokens than the text's)."""
+    labels = getattr(model.config, "num_labels", None)
+    if labels != 1:
+        raise InputError(f"{field} ({name}): expected a sequence classifier with 1 label, got {labels}")
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise InputError(
+            f"{field} ({name}): its tokenizer has {len(tokenizer)} tokens and the model {rows} embeddings: it is "
+            "not this model's tokenizer; give the model's own (PPOTrainer(reward_tokenizer=...) or reward_tokenizer)"
+        )
+    return ModelReward(model, tokenizer, policy_tokenizer, name=name)
+
+
+def _tokenizer_of(model):
+    """The tokenizer saved with a model object: in its `name_or_path` directory, or Hugging Face's cache (no
+    download); None when there is none."""
+    name = getattr(model, "name_or_path", "") or ""
+    if not name:
+        return None
+    try:
+        if os.path.isdir(name):
+            return load_tokenizer(name)
+        from transformers import AutoTokenizer
+
+        return load_tokenizer(AutoTokenizer.from_pretrained(name, local_files_only=True))
+    except (InputError, *LOAD_ERRORS):
+        return None
+
+
+def _policy_tokenizer_if_same_vocabulary(model, policy, policy_tokenizer):
+    """A reward model object with no tokenizer to be found scores with the policy's only when its embeddings have
+    the policy's row count (a model of the same family); otherwise its scores would be of other tokens."""
+    rows = model.get_input_embeddings().num_embeddings
+    if isinstance(policy, str):
+        config = read_model_config("policy_model", policy)
+        policy_rows = (config.get("text_config") or config).get("vocab_size") or config.get("vocab_size")
+    elif policy is not None:
+        policy_rows = policy.get_input_embeddings().num_embeddings
+    else:
+        policy_rows = None
+    if rows != policy_rows:
+        where = getattr(model, "name_or_path", "") or ""
+        raise InputError(
+            f"reward: the {type(model).__name__} object has no tokenizer to be found "
+            f"({f'none in {where}' if where else 'no name_or_path'}) and its vocabulary ({rows} embeddings) is not "
+            f"the policy's ({policy_rows}): pass its tokenizer, PPOTrainer(..., reward_tokenizer=tokenizer), or "
+            "set reward_tokenizer to its path"
+        )
+    return policy_tokenizer

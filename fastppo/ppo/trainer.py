@@ -1,7 +1,7 @@
 """PPOTrainer: the PPO-for-RLHF loop, one iteration per `step()`.
 
     1. rollout              batch = responses of the policy to sampled prompts (samples_per_prompt each; hf or vLLM)
-    2. score                batch.scores: the reward model's or reward function's, shaped (`shaping.shape_scores`)
+    2. score                batch.scores: the rewards' weighted sum (models and functions), shaped (`shape_scores`)
     3. compute_logprobs     batch.old_logprobs, old_values: the policy's; batch.ref_logprobs: the reference's
     4. shape_rewards        batch.rewards, batch.kl: the score at the last token, -kl_coef * KL on every token
     5. estimate_advantages  batch.advantages, batch.returns: GAE against the values, or a critic-free estimator
@@ -22,7 +22,7 @@ import sys
 import torch
 
 from fastppo import ops
-from fastppo.data import PromptSampler, check_prompt_token_ids, read_prompts, tokenize_prompts
+from fastppo.data import PromptSampler, as_prompts, check_prompt_token_ids, read_prompts, tokenize_prompts
 from fastppo.engines import vllm as vllm_engine
 from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_if_truncated_sampling
 from fastppo.models import (
@@ -41,7 +41,7 @@ from fastppo.ppo.advantages import estimate_advantages, uses_critic
 from fastppo.ppo.batch import RolloutBatch
 from fastppo.ppo.config import PPOConfig, resume_settings
 from fastppo.ppo.correction import rollout_correction
-from fastppo.ppo.rewards import load_reward
+from fastppo.ppo.rewards import load_rewards
 from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
 from fastppo.runtime import distributed, precision
 from fastppo.runtime.checkpoint import (
@@ -61,11 +61,32 @@ from fastppo.runtime.signals import StepInterrupted, stop_at_step_boundary
 # The per-token statistics the ops return that are maxima over the tokens, not means (see ops.ppo_policy_loss).
 MAX_STATS = ("ratio_max",)
 # What the metrics read of a step's batch, gathered from every rank (the KL controller reads kl too).
-METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", "old_values", "returns", "ended")
+METRIC_FIELDS = (
+    "response_mask",
+    "prompt_mask",
+    "raw_scores",
+    "reward_scores",
+    "rewards",
+    "kl",
+    "old_values",
+    "returns",
+    "ended",
+)
 
 
 class PPOTrainer:
-    def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy=None,
+        tokenizer=None,
+        reward=None,
+        prompts=None,
+        reference=None,
+        reward_tokenizer=None,
+    ):
+        """`reward`: one reward or a list (TRL's reward_funcs: functions, 'module:function' strings, reward model
+        paths or objects), instead of the config's; `reward_tokenizer`: the tokenizer of a reward model object."""
         self.config = config.validate().resolve_model_sources()
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
@@ -86,10 +107,11 @@ class PPOTrainer:
             self.tokenizer,
             config.max_prompt_length,
             config.truncate_long_prompts,
+            config.prompts_split,
         )
-        self.reward = load_reward(
-            reward if reward is not None else config.reward_model, config, self.tokenizer, self.device
-        )
+        columns = dict.fromkeys(name for prompt in self.prompts for name in prompt.columns)  # for reward functions
+        self.reward = load_rewards(config, self.tokenizer, self.device, reward, reward_tokenizer, columns, policy)
+        self.reward.trainer_state.max_steps = config.steps
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
         self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
@@ -240,9 +262,11 @@ class PPOTrainer:
         )
         return batch, score_stats | sampling_stats
 
-    def rollout(self, prompts: list[str], temperature: float | None = None) -> RolloutBatch:
-        """Step 1: one response per prompt from the current policy (at the config's temperature unless given)."""
+    def rollout(self, prompts: list, temperature: float | None = None) -> RolloutBatch:
+        """Step 1: one response per prompt from the current policy (at the config's temperature unless given).
+        Prompts are strings, or chat conversations (lists of messages) rendered with the chat template."""
         cfg = self.config
+        prompts = as_prompts(prompts, self.tokenizer)
         prompt_ids, prompt_mask = tokenize_prompts(
             prompts, self.tokenizer, cfg.max_prompt_length, cfg.truncate_long_prompts
         )
@@ -295,9 +319,12 @@ class PPOTrainer:
         )
 
     def score(self, batch: RolloutBatch) -> dict:
-        """Step 2: `batch.raw_scores`, (B,) what the reward returned, and `batch.scores`, the scores PPO optimizes
-        (`shape_scores`: penalties, normalization, clipping)."""
-        batch.raw_scores = self.reward(batch).float().to(self.device)
+        """Step 2: `batch.reward_scores`, (B, K) what each reward returned (NaN where one does not apply),
+        `batch.raw_scores`, (B,) their weighted sum, and `batch.scores`, the scores PPO optimizes (`shape_scores`:
+        penalties, normalization, clipping)."""
+        self.reward.trainer_state.global_step = self.step_count
+        batch.reward_scores = self.reward(batch).to(self.device)
+        batch.raw_scores = self.reward.combine(batch.reward_scores)
         batch.scores = shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
         return {}
 
@@ -510,6 +537,7 @@ class PPOTrainer:
             "perf/step_s": sum(seconds.values()),
         }
         metrics.update({f"perf/{phase}_s": s for phase, s in seconds.items()})
+        metrics.update(self.reward.stats(batch.reward_scores))  # TRL's rewards/<name>/mean and /std
         if batch.old_values is not None:
             metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
         return metrics
@@ -547,9 +575,10 @@ class PPOTrainer:
         self.metrics.close()  # flushed and closed; a later step() appends
         return history
 
-    def generate(self, prompts: list[str], temperature: float | None = None) -> list[str]:
-        """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy).
-        Under FSDP every rank calls it (the weights are gathered)."""
+    def generate(self, prompts: list, temperature: float | None = None) -> list[str]:
+        """Responses of the current policy (sampled at the config's temperature unless given; 0 = greedy) to
+        prompt strings or chat conversations (lists of messages, rendered with the chat template). Under FSDP every
+        rank calls it (the weights are gathered)."""
         return self.rollout(prompts, temperature).responses
 
     def save(self, path: str | None = None) -> str:

@@ -47,6 +47,8 @@ class Config:
     RANGES: ClassVar[dict[str, Interval]] = {}
     RENAMED: ClassVar[dict[str, str]] = {}
     FOREIGN: ClassVar[dict[str, str]] = {}
+    # The directory of the YAML file the config was read from (not a field): 'module:function' specs resolve there.
+    config_dir: ClassVar[str | None] = None
 
     # --- reading ------------------------------------------------------------------------------------------------
 
@@ -95,7 +97,9 @@ class Config:
                 raise InputError(f"--set {short(override)}: expected key=value")
             values[key.strip()] = parse_yaml(value, f"--set {clip(key.strip(), 80)}={short(value)}")
         values.update(flags or {})
-        return cls.from_dict(values, source=path or "command line")
+        config = cls.from_dict(values, source=path or "command line")
+        config.config_dir = os.path.dirname(os.path.abspath(path)) if path is not None else None
+        return config
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -89,6 +89,16 @@ def wrong_values(name: str) -> list[tuple[str, object]]:
             ("empty-prompt", ["w1", ""]),
             ("blank-prompt", ["w1", " \n"]),
         ]
+    elif name == "reward_funcs":
+        cases += [
+            ("int", 3),
+            ("mapping", {"a": 1}),
+            ("empty-list", []),
+            ("list-of-int", ["tests.tiny_models:count_w7", 3]),
+            ("no-such-path", ["/no/such/reward-model"]),
+        ]
+    if name == "reward_weights":
+        cases += [("list-of-text", ["heavy"]), ("nan", [math.nan]), ("two-for-one", [1.0, 2.0])]
     if name == "stop_strings":
         cases += [("list-of-int", ["###", 3]), ("empty-string", [""]), ("null-item", [None]), ("nested", [["a"]])]
     return cases + [(f"range-{value}", value) for value in outside(name)]

@@ -78,3 +78,59 @@ def test_the_stop_message_resumes_with_the_same_overrides():
     )
     args.nproc = 2
     assert resume_command(args).endswith("--set=steps=500 --nproc 2 --resume")
+
+
+TRL_REWARDS = """
+def accuracy(completions, answer, **kwargs):
+    return [float(answer_ in c.split()) for c, answer_ in zip(completions, answer)]
+
+
+def format_reward(prompts, responses):
+    return [0.1 * len(r.split()) for r in responses]
+
+
+def needs_a_missing_column(completions, solution, **kwargs):
+    return [0.0] * len(completions)
+"""
+
+
+def test_trl_style_reward_funcs_from_yaml(tiny_llama, tmp_path, capsys):
+    """reward_funcs from the YAML, found beside it (run from another directory), fed the JSONL's `answer` column;
+    a function whose column the prompts lack, and TRL's key names, are refused before anything loads or is
+    written."""
+    from tests.refusal import assert_refused, run, write_yaml
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "trl_rewards_beside.py").write_text(TRL_REWARDS)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2}"}) + "\n" for i in range(4))
+    )
+    config = {
+        "policy_model": tiny_llama[0],
+        "reward_funcs": ["trl_rewards_beside:accuracy", "trl_rewards_beside:format_reward"],
+        "reward_weights": [1.0, 0.5],
+        "prompts": str(prompts),
+        "output_dir": str(tmp_path / "run"),
+        "steps": 1,
+        "rollout_batch_size": 2,
+        "mini_batch_size": 2,
+        "max_new_tokens": 4,
+        "tensorboard": False,
+    }
+    code, out, err = run(["train", "--config", write_yaml(tmp_path / "conf" / "run.yaml", config)], capsys)
+    assert code == 0, err[-2000:]
+    line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
+    assert {"rewards/accuracy/mean", "rewards/format_reward/mean"} <= set(line)
+
+    missing = {**config, "output_dir": str(tmp_path / "refused")}
+    missing["reward_funcs"] = ["trl_rewards_beside:needs_a_missing_column"]
+    missing.pop("reward_weights")
+    result = run(["train", "--config", write_yaml(tmp_path / "conf" / "missing.yaml", missing)], capsys)
+    assert_refused(
+        result, "trl_rewards_beside:needs_a_missing_column", "'solution'", "['answer']", "f(prompts, responses)"
+    )
+    assert not (tmp_path / "refused").exists()
+    foreign = {**config, "num_generations": 4, "max_steps": 3}
+    result = run(["train", "--config", write_yaml(tmp_path / "conf" / "foreign.yaml", foreign)], capsys)
+    assert_refused(result, "num_generations", "use samples_per_prompt", "max_steps", "use steps")

@@ -1,3 +1,4 @@
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -6,11 +7,11 @@ from transformers import AutoModelForSequenceClassification
 
 from fastppo.models import score_at_last_token
 from fastppo.ppo.config import PPOConfig
-from fastppo.ppo.rewards import FunctionReward, ModelReward, RewardError, load_reward
+from fastppo.ppo.rewards import FunctionReward, ModelReward, RewardError, Rewards, load_reward
 from fastppo.runtime.errors import InputError
 from fastppo.stages.common import pad_batch
 from fastppo.stages.reward_model import score_tokens
-from tests.tiny_models import build_tokenizer
+from tests.tiny_models import WORDS, build_tokenizer, prompt_list, save_reward_model, small_config
 
 
 def fake_batch(prompts, responses):
@@ -91,3 +92,99 @@ def test_reward_training_and_ppo_read_the_same_token_when_pad_is_eos(tiny_llama)
     torch.testing.assert_close(batched, alone)
     torch.testing.assert_close(ppo, batched)
     assert not torch.allclose(hf_pooling, batched)  # the case this guards against is really different here
+
+
+# --- a reward model object scores with its own tokenizer ----------------------------------------------------------
+
+# Other vocabularies than the policy's (97 tokens): the same words at other ids, one larger and one smaller.
+LARGER_VOCABULARY = [*reversed(WORDS), *(f"x{i}" for i in range(40))]  # 137 tokens
+SMALLER_VOCABULARY = list(reversed(WORDS[:60]))  # 67 tokens: the policy's ids above 66 are beyond its embeddings
+
+
+@pytest.fixture(scope="module")
+def other_reward_models(tmp_path_factory):
+    """gpt2 classifiers (the policy is a llama) with tokenizers of their own, larger and smaller than the policy's."""
+    directory = tmp_path_factory.mktemp("other-rewards")
+    return {
+        "larger": save_reward_model(directory, "gpt2", LARGER_VOCABULARY),
+        "smaller": save_reward_model(directory, "gpt2", SMALLER_VOCABULARY),
+    }
+
+
+def chat_batch():
+    from fastppo.data import read_prompts
+
+    tokenizer = build_tokenizer()
+    prompts = read_prompts([[{"role": "user", "content": "w1 w2 w3"}], "w5 w80", "w70 w71 w72 w73"], tokenizer)
+    batch = fake_batch(prompts, ["w7 w8", "w81 w9 w10", "w11"])
+    batch.ended = torch.tensor([True, False, True])
+    return batch
+
+
+def test_a_reward_model_object_takes_the_tokenizer_it_is_given(other_reward_models, tiny_llama):
+    path = other_reward_models["larger"]
+    config, cpu, batch = PPOConfig(), torch.device("cpu"), chat_batch()
+    from transformers import AutoConfig, AutoTokenizer
+
+    expected = load_reward(path, config, build_tokenizer(), cpu)(batch)
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    model.name_or_path = ""  # built in memory: no directory to find a tokenizer in
+    with pytest.raises(
+        InputError, match=r"no tokenizer to be found .* vocabulary \(137 embeddings\) is not the policy"
+    ):
+        load_reward(model, config, build_tokenizer(), cpu, policy=tiny_llama[0])
+    given = load_reward(
+        model, config, build_tokenizer(), cpu, AutoTokenizer.from_pretrained(path), policy=tiny_llama[0]
+    )
+    torch.testing.assert_close(given(batch), expected, rtol=0, atol=1e-6)
+    # ... or its path, as the reward_tokenizer field
+    with_field = PPOConfig(reward_tokenizer=path)
+    assert load_reward(model, with_field, build_tokenizer(), cpu, path, policy=tiny_llama[0]).same_vocab is False
+    # the policy's vocabulary size and no tokenizer: the policy's, a model of its family
+    same = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(tiny_llama[1]))
+    assert load_reward(same, config, build_tokenizer(), cpu, policy=tiny_llama[0]).same_vocab
+    with pytest.raises(InputError, match="its tokenizer has 137 tokens and the model 97 embeddings"):
+        load_reward(same, config, build_tokenizer(), cpu, AutoTokenizer.from_pretrained(path), policy=tiny_llama[0])
+
+
+def test_the_trainer_takes_a_reward_model_object_with_its_tokenizer(other_reward_models, tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
+    from fastppo import PPOTrainer
+
+    path = other_reward_models["smaller"]
+    model = AutoModelForSequenceClassification.from_pretrained(path)
+    model.name_or_path = ""
+    config = small_config(tmp_path, policy_model=tiny_llama[0], steps=1)
+    trainer = PPOTrainer(
+        config, reward=model, reward_tokenizer=AutoTokenizer.from_pretrained(path), prompts=prompt_list()
+    )
+    assert trainer.reward.rewards[0].tokenizer.vocab_size == 67 and math.isfinite(trainer.step()["reward/score_mean"])
+
+
+# --- several rewards, weighted -------------------------------------------------------------------------------------
+
+
+def test_rewards_are_weighted_and_none_does_not_count():
+    """TRL's semantics: None from a function means it does not apply to that response; the weighted sum (nansum)
+    leaves it out, and its mean is taken over the responses it scored."""
+
+    def half(completions, **kwargs):
+        return [1.0 if i % 2 else None for i in range(len(completions))]
+
+    def length(prompts, responses):
+        return [float(len(r.split())) for r in responses]
+
+    rewards = Rewards([FunctionReward(half), FunctionReward(length), FunctionReward(lambda p, r: [0.5] * len(r))])
+    rewards.weights = torch.tensor([2.0, 1.0, -1.0])
+    batch = fake_batch(["w1", "w2", "w3"], ["w4", "w5 w6", "w7 w8 w9"])
+    scores = rewards(batch)
+    assert scores[:, 0].isnan().tolist() == [True, False, True]
+    assert rewards.combine(scores).tolist() == [0.5, 3.5, 2.5]
+    stats = rewards.stats(scores)
+    assert stats["rewards/half/mean"] == 1.0 and stats["rewards/length/mean"] == 2.0
+    assert set(stats) == {f"rewards/{n}/{s}" for n in ("half", "length", "<lambda>") for s in ("mean", "std")}
+    with pytest.warns(UserWarning, match="no reward applies to 1 response"):
+        Rewards([FunctionReward(half)]).combine(Rewards([FunctionReward(half)])(fake_batch(["w1"], ["w2"])))
+    with pytest.raises(RewardError, match="non-finite scores at positions \\[1\\]"):
+        FunctionReward(lambda p, r: [None, float("nan")])(fake_batch(["w1", "w2"], ["w3", "w4"]))

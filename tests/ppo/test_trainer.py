@@ -225,3 +225,117 @@ def test_target_kl_stops_the_updates_of_a_step(tiny_models, tmp_path):
     plain_weights, tight_weights = plain.model.state_dict(), tight.model.state_dict()
     assert any(not torch.equal(v, before[k]) for k, v in plain_weights.items())  # the full step moved the policy
     assert any(not torch.equal(v, tight_weights[k]) for k, v in plain_weights.items())  # the stopped one did less
+
+
+# --- what TRL's users bring ----------------------------------------------------------------------------------------
+
+
+def test_generate_renders_chat_messages_with_the_template(tiny_models, tmp_path):
+    """Messages given to generate / rollout are rendered with the chat template, content parts as their text: not
+    tokenized as the Python repr of the list."""
+    from tests.tiny_models import build_tokenizer
+
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], max_new_tokens=2)
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    messages = [{"role": "user", "content": "w1 w2"}]
+    parts = [{"role": "user", "content": [{"type": "text", "text": "w1 "}, {"type": "text", "text": "w2"}]}]
+    batch = trainer.rollout([messages, parts, "w1 w2"])
+    expected = build_tokenizer()("user: w1 w2 <|im_end|> assistant:")["input_ids"]
+    for row, mask in zip(batch.prompt_ids[:2], batch.prompt_mask[:2], strict=True):
+        assert row[mask.bool()].tolist() == expected
+    assert batch.prompts[0].messages == messages and batch.prompts[2] == "w1 w2"
+    assert len(trainer.generate([parts])) == 1
+
+
+def test_trl_reward_functions_get_the_rows_they_score(tiny_models, tmp_path):
+    """TRL's GRPO setup: a datasets.Dataset of chat prompts with extra columns, reward functions written for TRL's
+    GRPOTrainer (a column by name, keyword-only, **kwargs) mixed with a fastppo one and a reward model, weighted.
+    Every function receives, for each response it scores, that response and the columns of the row it answers."""
+    datasets = pytest.importorskip("datasets")
+    rows = [
+        {"prompt": [{"role": "user", "content": f"w{i} w{i + 1}"}], "answer": f"w{i + 2}", "id": i} for i in range(6)
+    ]
+    calls = []
+
+    def accuracy(completions, answer, **kwargs):
+        calls.append(("accuracy", dict(kwargs, completions=completions, answer=answer)))
+        return [float(a in c[0]["content"].split()) for c, a in zip(completions, answer, strict=True)]
+
+    def odd_ids_only(*, completion_ids, id, **kwargs):  # noqa: A002 - the dataset's column is called id
+        calls.append(("odd_ids_only", dict(kwargs, completion_ids=completion_ids, id=id)))
+        return [1.0 if i % 2 else None for i in id]
+
+    policy, reward_model = tiny_models["llama"]
+    config = small_config(
+        tmp_path,
+        policy_model=policy,
+        reward_funcs=[accuracy, odd_ids_only, count_w7, reward_model],
+        reward_weights=[1.0, 0.5, 0.25, 0.1],
+        advantage_estimator="grpo",
+        samples_per_prompt=2,
+    )
+    trainer = PPOTrainer(config, prompts=datasets.Dataset.from_list(rows))
+    batch, _ = trainer.sample()
+    by_id = {row["id"]: row for row in rows}
+    (_, first), (_, second) = calls
+    assert first["completions"] == [[{"role": "assistant", "content": r}] for r in batch.responses]
+    for i, prompt in enumerate(batch.prompts):
+        row = by_id[first["id"][i]]
+        assert first["prompts"][i] == row["prompt"] == prompt.messages  # the row this response answers
+        assert first["answer"][i] == row["answer"] and second["id"][i] == row["id"]
+        assert trainer.tokenizer.decode(second["completion_ids"][i], skip_special_tokens=True) == batch.responses[i]
+    assert second["trainer_state"].global_step == 0 and second["trainer_state"].max_steps == config.steps
+    scores = batch.reward_scores.cpu()
+    expected = (scores * torch.tensor([1.0, 0.5, 0.25, 0.1])).nansum(dim=1)
+    torch.testing.assert_close(batch.raw_scores.cpu(), expected)
+    assert scores[:, 1].isnan().tolist() == [i % 2 == 0 for i in first["id"]]  # None: not applied
+    metrics = trainer.step()
+    for name in ("accuracy", "odd_ids_only", "count_w7", "llama-reward"):
+        assert math.isfinite(metrics[f"rewards/{name}/mean"]) and f"rewards/{name}/std" in metrics
+
+
+def accuracy(completions, answer, **kwargs):
+    """TRL's GRPOTrainer form: the responses as `completions`, the dataset's `answer` column by name."""
+    CALLS.append({"completions": completions, "answer": answer, **kwargs})
+    return [float(a in c.split()) for c, a in zip(completions, answer, strict=True)]
+
+
+CALLS: list[dict] = []
+
+
+def test_a_trl_reward_function_is_called_by_keyword_with_the_rows_columns(tiny_models, tmp_path):
+    """Called by position, `accuracy` got the prompts as its completions and the responses as the answers, scored
+    0 and training went on."""
+    rows = [{"prompt": f"w{i} w{i + 1}", "answer": f"w{i + 2}"} for i in range(8)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], prompts=str(prompts))
+    CALLS.clear()
+    trainer = PPOTrainer(config, reward=accuracy)
+    batch, _ = trainer.sample()
+    (call,) = CALLS
+    assert call["completions"] == batch.responses
+    assert call["answer"] == [{row["prompt"]: row["answer"] for row in rows}[p] for p in batch.prompts]
+    assert call["prompts"] == [str(p) for p in batch.prompts]
+
+
+@pytest.mark.parametrize("vocabulary", ["larger", "smaller"])
+def test_a_reward_model_object_scores_as_its_path_does(vocabulary, tiny_models, tmp_path):
+    """A reward model of another architecture with a tokenizer of its own, passed as an object: scored with its own
+    tokenizer, as the same model given as a path. With the policy's it scored other tokens (a larger vocabulary)
+    or stopped step 1 with an IndexError (a smaller one)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tests.tiny_models import WORDS, save_reward_model
+
+    words = [*reversed(WORDS), *(f"x{i}" for i in range(40))] if vocabulary == "larger" else WORDS[:60][::-1]
+    path = save_reward_model(tmp_path, "gpt2", words)
+    policy = tiny_models["llama"][0]
+    by_path = PPOTrainer(small_config(tmp_path / "a", policy_model=policy, reward_model=path), prompts=prompt_list())
+    model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
+    by_object = PPOTrainer(small_config(tmp_path / "b", policy_model=policy), reward=model, prompts=prompt_list())
+    batch = by_path.rollout(prompt_list()[:4] + ["w70 w80 w89"])
+    by_path.score(batch)
+    expected = batch.raw_scores.clone()
+    by_object.score(batch)
+    torch.testing.assert_close(batch.raw_scores, expected, rtol=0, atol=1e-6)
