@@ -8,8 +8,8 @@ hash of their text, so the held-out set (`held_out`) never appears in training, 
 The rewards follow TRL's reward-function convention: keyword arguments, `completions` and the dataset's columns
 (`answer` here), one float per completion.
 
-    correctness      1.0 when the last number of the completion is the answer, else 0.0
-    short_and_ended  0.2 when the completion ended at its end-of-turn token within `SHORT_WORDS` words
+    correctness                 1.0 when the last number of the completion is the answer, else 0.0
+    short_and_ended(end_ids)    0.2 when the completion ended at one of `end_ids` within `SHORT_WORDS` words
 """
 
 from __future__ import annotations
@@ -89,14 +89,18 @@ def correctness(completions, answer, **kwargs) -> list[float]:
     return [float(last_number(completion_text(c)) == float(a)) for c, a in zip(completions, answer, strict=True)]
 
 
-def short_and_ended(completions, ended=None, **kwargs) -> list[float]:
-    """0.2 for an answer of at most SHORT_WORDS words that ended at the end-of-turn token (`ended`, fastppo's column;
-    without it, every short answer counts)."""
-    ended = ended if ended is not None else [True] * len(completions)
-    return [
-        0.2 if e and len(completion_text(c).split()) <= SHORT_WORDS else 0.0
-        for c, e in zip(completions, ended, strict=True)
-    ]
+def short_and_ended(end_ids):
+    """The format reward for a model whose turns end at one of `end_ids`: 0.2 for an answer of at most SHORT_WORDS
+    words whose last token ends the turn (fastppo's `completion_ids` keep the end-of-turn token, as TRL's do)."""
+    end_ids = set(end_ids)
+
+    def short_and_ended(completions, completion_ids, **kwargs) -> list[float]:
+        return [
+            0.2 if ids and ids[-1] in end_ids and len(completion_text(c).split()) <= SHORT_WORDS else 0.0
+            for c, ids in zip(completions, completion_ids, strict=True)
+        ]
+
+    return short_and_ended
 
 
 def completion_text(completion) -> str:

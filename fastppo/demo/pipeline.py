@@ -68,11 +68,11 @@ ALGORITHMS = {
 }
 
 
-def algorithm_overrides(algo: str, settings: Settings) -> dict:
-    """The PPOConfig fields of `algo` for a run of `settings` (VAPO warms its critic up for 1/20 of the steps)."""
+def algorithm_overrides(algo: str, steps: int) -> dict:
+    """The PPOConfig fields of `algo` for a run of `steps` PPO steps (VAPO warms its critic up for 1/20 of them)."""
     overrides = dict(ALGORITHMS[algo])
     if algo == "vapo":
-        overrides["value_warmup_steps"] = max(1, settings.ppo_steps // 20)
+        overrides["value_warmup_steps"] = max(1, steps // 20)
     return overrides
 
 
@@ -93,7 +93,7 @@ QUICK = Settings(
 # ----------------------------------------------------------------------------------------------
 
 
-DEMO_FLAGS = ("quick", "no_kl_control", "algo")  # the demo's own flags; --seed and --output-dir are shared
+DEMO_FLAGS = ("quick", "no_kl_control", "algo", "model")  # the demo's own; --seed and --output-dir are shared
 
 
 def add_arguments(parser) -> None:
@@ -116,9 +116,18 @@ def add_demo_arguments(parser) -> None:
         default=None,
         help="advantage estimator of the RL stage: gae (PPO, the default), vapo, or a critic-free one",
     )
+    parser.add_argument(
+        "--model",
+        help="a released chat model instead of the generated task's tiny one: smollm2-135m-instruct, a local "
+        "instruct checkpoint or a GGUF file, trained by PPO on arithmetic with a verifier's reward (demo/released.py)",
+    )
 
 
 def run(args) -> int:
+    if getattr(args, "model", None):
+        from fastppo.demo import released
+
+        return released.run(args)
     quick, no_kl = bool(getattr(args, "quick", False)), bool(getattr(args, "no_kl_control", False))
     algo = getattr(args, "algo", None) or "gae"
     output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)
@@ -266,7 +275,7 @@ def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int,
         adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
         kl_horizon=settings.kl_horizon,
         seed=seed,
-        **algorithm_overrides(algo, settings),
+        **algorithm_overrides(algo, settings.ppo_steps),
     )
     config.validate()
     return config

@@ -25,5 +25,6 @@ def test_the_held_out_problems_are_never_trained_on_whatever_the_seed():
 def test_the_last_number_grades_and_a_short_ended_answer_gets_the_format_reward():
     completions = ["3 + 4 = 7", "7, or maybe 8", "seven", [{"role": "assistant", "content": "It is 1,007."}]]
     assert arithmetic.correctness(completions, [7, 7, 7, 1007]) == [1.0, 0.0, 0.0, 1.0]
-    short = arithmetic.short_and_ended(["7", "7", "the sum of the two numbers is 7"], ended=[True, False, True])
-    assert short == [0.2, 0.0, 0.0]
+    reward = arithmetic.short_and_ended(end_ids=[2])
+    ids = [[22, 2], [22, 22], [9, 9, 9, 9, 9, 9, 9, 2]]  # ended; cut at max_new_tokens; ended but wordy
+    assert reward(["7", "7", "the sum of the two numbers is 7"], completion_ids=ids) == [0.2, 0.0, 0.0]

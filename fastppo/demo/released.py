@@ -1,0 +1,184 @@
+"""`fastppo demo --model smollm2-135m-instruct`: PPO on a released chat model, checked on problems it never saw.
+
+The model answers arithmetic asked in words (`arithmetic.py`). Its reward is a verifier, written as a TRL user writes
+one: 1 for the right last number, 0.2 more for a short answer that ends its turn. Before and after PPO it answers the
+held-out problems greedily; the run prints the held-out accuracy, the answers' length and the KL to the starting
+model, writes the trained policy to <output_dir>/final (an ordinary checkpoint: `AutoModelForCausalLM`), and keeps
+summary.json and the held-out answers beside it. `--model` takes any local instruct checkpoint with a chat template
+(or a GGUF file) too; `--algo`, `--seed`, `--no-kl-control` and `--quick` mean what they mean for the built-in demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import time
+
+from fastppo.demo import arithmetic
+
+EVALUATE_SEED = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleasedSettings:
+    """The RL budget on a released model. FULL is sized for 2 CPU cores (docs/demo-results.md has its timing);
+    QUICK is the plumbing check the tests run on tiny models."""
+
+    steps: int = 60
+    rollout_batch_size: int = 32
+    mini_batch_size: int = 16
+    ppo_epochs: int = 2
+    learning_rate: float = 3e-6
+    lora_rank: int = 0
+    temperature: float = 0.7
+    max_new_tokens: int = 32
+    max_prompt_length: int = 128
+    kl_coef: float = 0.05
+    adaptive_kl_target: float = 2.0
+    held_out: int = 256
+
+
+FULL = ReleasedSettings()
+QUICK = ReleasedSettings(steps=2, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=8, held_out=8)
+
+
+def conversation(row: dict) -> dict:
+    """A problem as TRL's conversational record: the question as the user's turn, the answer as a column."""
+    return {"prompt": [{"role": "user", "content": row["prompt"]}], "answer": row["answer"]}
+
+
+def run(args) -> int:
+    from fastppo.runtime.validation import refuse_non_empty_dir
+
+    output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-released-%Y%m%d-%H%M%S"))
+    refuse_non_empty_dir("--output-dir", output_dir)
+    summary = run_released(
+        args.model,
+        output_dir,
+        QUICK if args.quick else FULL,
+        seed=args.seed or 0,
+        algo=args.algo or "gae",
+        kl_control=not args.no_kl_control,
+    )
+    print(summary_text(summary))
+    return 0
+
+
+def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: int, algo: str, kl_control: bool):
+    from fastppo import PPOConfig, PPOTrainer
+    from fastppo.demo.pipeline import algorithm_overrides
+    from fastppo.engines.hf import end_token_ids
+    from fastppo.models import load_tokenizer
+    from fastppo.runtime.model_sources import resolve
+
+    start = time.perf_counter()
+    os.makedirs(output_dir, exist_ok=True)
+    source = resolve(model, "--model")
+    tokenizer = load_tokenizer(source)
+    if not getattr(tokenizer, "chat_template", None):
+        from fastppo.runtime.errors import InputError
+
+        raise InputError(f"--model {model}: its tokenizer has no chat template; the task is asked as a chat")
+    from transformers import GenerationConfig
+
+    generation = (
+        GenerationConfig.from_pretrained(source) if os.path.isfile(f"{source}/generation_config.json") else None
+    )
+    end_ids = end_token_ids(tokenizer, None, tuple(_as_list(getattr(generation, "eos_token_id", None))))
+    train_rows, held_out = arithmetic.split(seed, n_held_out=settings.held_out)
+    config = PPOConfig(
+        policy_model=source,
+        reward_funcs=[arithmetic.correctness, arithmetic.short_and_ended(end_ids)],
+        output_dir=os.path.join(output_dir, "run"),
+        steps=settings.steps,
+        rollout_batch_size=settings.rollout_batch_size,
+        mini_batch_size=settings.mini_batch_size,
+        ppo_epochs=settings.ppo_epochs,
+        learning_rate=settings.learning_rate,
+        lora_rank=settings.lora_rank,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_new_tokens,
+        max_prompt_length=settings.max_prompt_length,
+        kl_coef=settings.kl_coef if kl_control else 0.0,
+        adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
+        seed=seed,
+        save_every=0,
+        **algorithm_overrides(algo, settings.steps),
+    )
+    trainer = PPOTrainer(config, prompts=[conversation(r) for r in train_rows])
+    setup_seconds = time.perf_counter() - start
+
+    print(f"fastppo demo: {model}, held-out accuracy before PPO ({len(held_out)} problems, greedy)")
+    before = evaluate(trainer, held_out)
+    print(f"  accuracy {before['accuracy']:.3f}, {before['words']:.1f} words; PPO ({algo}), {settings.steps} steps")
+    start_rl = time.perf_counter()
+    history = trainer.train()
+    rl_seconds = time.perf_counter() - start_rl
+    after = evaluate(trainer, held_out)
+    final = os.path.join(output_dir, "final")
+    save_final(trainer, final)
+
+    recent = history[-10:]
+    summary = {
+        "model": model,
+        "algo": algo,
+        "seed": seed,
+        "kl_control": kl_control,
+        "settings": dataclasses.asdict(settings),
+        "before": {k: v for k, v in before.items() if k != "responses"},
+        "after": {k: v for k, v in after.items() if k != "responses"},
+        "kl": statistics.fmean(m["policy/kl"] for m in recent),
+        "train_correctness": [m.get("rewards/correctness/mean") for m in history],
+        "seconds": {"setup": setup_seconds, "rl": rl_seconds, "total": time.perf_counter() - start},
+        "final": final,
+        "output_dir": output_dir,
+    }
+    with open(os.path.join(output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(output_dir, "held_out_answers.jsonl"), "w") as f:
+        for row, old, new in zip(held_out, before["responses"], after["responses"], strict=True):
+            f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "before": old, "after": new}) + "\n")
+    return summary
+
+
+def evaluate(trainer, rows: list[dict]) -> dict:
+    """Greedy answers to `rows`, their accuracy (the last number, as GSM8K's graders read it) and length."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(EVALUATE_SEED)
+        responses = trainer.generate([conversation(r)["prompt"] for r in rows], temperature=0.0)
+    correct = arithmetic.correctness(responses, [r["answer"] for r in rows])
+    return {
+        "accuracy": statistics.fmean(correct),
+        "words": statistics.fmean(len(r.split()) for r in responses),
+        "responses": responses,
+    }
+
+
+def save_final(trainer, directory: str) -> None:
+    """The trained policy alone, as `from_pretrained` reads it: the trainer's model-only export where it has one,
+    else its checkpoint's model files."""
+    if hasattr(trainer, "save_model"):
+        trainer.save_model(directory)
+        return
+    import shutil
+
+    checkpoint = trainer.save()
+    shutil.copytree(checkpoint, directory, ignore=shutil.ignore_patterns("trainer_state*", "master_weights*", "*.pt"))
+
+
+def summary_text(summary: dict) -> str:
+    before, after = summary["before"], summary["after"]
+    minutes = summary["seconds"]["total"] / 60
+    return (
+        f"{summary['model']}, {summary['algo']}, seed {summary['seed']}: held-out accuracy {before['accuracy']:.3f} -> "
+        f"{after['accuracy']:.3f}, answers {before['words']:.1f} -> {after['words']:.1f} words, KL "
+        f"{summary['kl']:.2f} nats; {minutes:.1f} min. Policy in {summary['final']}"
+    )
+
+
+def _as_list(value) -> list:
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
