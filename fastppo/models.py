@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastppo import ops
-from fastppo.runtime.checkpoint import save_weights
+from fastppo.runtime.checkpoint import PAD_SET_BY_FASTPPO, RELEASED_DROPOUT, save_weights
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.library_messages import explain_bitsandbytes_messages, peft_wrapping
 from fastppo.runtime.validation import LOAD_ERRORS, clip
@@ -59,6 +59,7 @@ def load_tokenizer(spec, need_eos: bool = False):
         if tokenizer.eos_token_id is None:
             raise InputError("the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
+        setattr(tokenizer, PAD_SET_BY_FASTPPO, True)  # for batching only: saved without it (`save_tokenizer`)
     return tokenizer
 
 
@@ -216,18 +217,41 @@ _DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop")
 
 def disable_dropout(model: nn.Module) -> None:
     """PPO compares log-probs of two forward passes; dropout would make them differ for no reason. Zeroes every
-    drop probability: `nn.Dropout` modules, functional ones held as module attributes, and the configs."""
+    drop probability: `nn.Dropout` modules (LoRA's `lora_dropout` included), functional ones held as module
+    attributes, and the configs (some architectures, Falcon for one, read config.attention_dropout in their forward).
+    The released values are kept on `model` (RELEASED_DROPOUT) and written back into every config.json fastppo saves
+    (`save_weights`): whoever fine-tunes the result next gets the dropout the model was released with."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and not hasattr(model, RELEASED_DROPOUT):
+        setattr(model, RELEASED_DROPOUT, _dropout_values(config.to_dict()))
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if isinstance(value, float) and any(key in name.lower() for key in _DROPOUT_NAMES):
+            if isinstance(value, float) and _is_dropout(name):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             for name, value in config.to_dict().items():
-                if isinstance(value, float) and any(key in name.lower() for key in _DROPOUT_NAMES):
+                if isinstance(value, float) and _is_dropout(name):
                     setattr(config, name, 0.0)
+
+
+def _is_dropout(name: str) -> bool:
+    return any(key in name.lower() for key in _DROPOUT_NAMES)
+
+
+def _dropout_values(config: dict) -> dict:
+    """The drop probabilities of a config dict, nested configs (a multimodal model's text_config) included."""
+    found = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            nested = _dropout_values(value)
+            if nested:
+                found[name] = nested
+        elif isinstance(value, float) and _is_dropout(name):
+            found[name] = value
+    return found
 
 
 def freeze(model: nn.Module) -> nn.Module:

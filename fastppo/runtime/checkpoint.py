@@ -30,6 +30,9 @@ from fastppo.runtime.validation import LOAD_ERRORS, clip, refuse_to_overwrite
 
 STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
 STATE_KEYS = ("step", "optimizer", "scheduler", "kl_controller", "score_moments", "sampler", "rng")
+# What fastppo changes in memory and takes back out of the files it saves: the drop probabilities `disable_dropout`
+# zeroed (their released values, kept on the model under this attribute) and the pad token `load_tokenizer` set.
+RELEASED_DROPOUT, PAD_SET_BY_FASTPPO = "fastppo_released_dropout", "fastppo_pad_set"
 
 
 def _sha256(path: str) -> str:
@@ -81,7 +84,7 @@ def save_checkpoint(
             # named_parameters: tied weights once; clones: gathered weights may be views of one flat buffer
             master = {name: p.detach().clone() for name, p in lm.named_parameters()}
             save_file(master, os.path.join(tmp, MASTER_WEIGHTS))
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     if getattr(model, "value_head", None) is not None:  # PPO's critic; DPO passes a model with `.lm` only
         state = {k: v.contiguous() for k, v in model.value_head.state_dict().items()}
         save_file(state, f"{tmp}/value_head.safetensors")
@@ -109,7 +112,20 @@ def save_model(model, tokenizer, output_dir: str) -> None:
     `fastppo reward-model` leave it; a run's resumable checkpoints are `save_checkpoint`'s."""
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    save_tokenizer(tokenizer, output_dir)
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """`tokenizer.save_pretrained(directory)` as the tokenizer was given: a pad token `load_tokenizer` set for
+    batching (the EOS, where the tokenizer had none) is left out of the files."""
+    added = getattr(tokenizer, PAD_SET_BY_FASTPPO, False) and tokenizer.pad_token == tokenizer.eos_token
+    if added:
+        tokenizer.pad_token = None
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        if added:
+            tokenizer.pad_token = tokenizer.eos_token
 
 
 def verify(checkpoint: str) -> str | None:
@@ -275,16 +291,33 @@ def _load_weights(checkpoint: str, model) -> None:
 
 def save_weights(model, directory: str, dtype: torch.dtype) -> None:
     """`model.save_pretrained(directory)` with the weights (and config.json's dtype) in `dtype`: a float32 master
-    copy of a bf16 checkpoint is saved back as bf16."""
-    import json
-    import os
-
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    copy of a bf16 checkpoint is saved back as bf16. Tied weights (an LM head sharing the embedding) stay one tensor,
+    saved once, and config.json gets back the drop probabilities `disable_dropout` zeroed in memory."""
+    converted: dict[tuple, torch.Tensor] = {}  # one conversion per stored tensor: tied names keep sharing it
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if key not in converted:
+                converted[key] = tensor.to(dtype)
+            tensor = converted[key]
+        state[name] = tensor
     model.save_pretrained(directory, state_dict=state)
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
+    _overlay(config, getattr(model, RELEASED_DROPOUT, {}))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _overlay(config: dict, values: dict) -> None:
+    """Write `values` (nested like the config: a sub-config's values under its key) into `config`."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            if isinstance(config.get(name), dict):
+                _overlay(config[name], value)
+        else:
+            config[name] = value
