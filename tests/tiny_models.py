@@ -152,7 +152,7 @@ def small_config(tmp_path, **overrides):
         max_prompt_length=16,
         learning_rate=1e-3,
         seed=0,
-        tensorboard=False,
+        report_to=[],
     )
     values.update(overrides)
     return PPOConfig(**values)

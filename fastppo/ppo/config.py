@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import typing
+import warnings
 from dataclasses import dataclass
 
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
@@ -16,6 +17,7 @@ from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_
 from fastppo.runtime.config_base import Config, check_path, option
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
+from fastppo.runtime.reporting import check_report_to
 from fastppo.runtime.validation import (
     FRACTION,
     NON_NEGATIVE,
@@ -234,12 +236,18 @@ class PPOConfig(Config):
     save_every: int = option(0, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
     resume_from: str | None = option(None, "Run directory (latest valid checkpoint) or checkpoint directory to resume.")
     overwrite_output_dir: bool = option(False, "Allow a fresh run into an output_dir that holds checkpoints.")
-    tensorboard: bool = option(True, "Also log to TensorBoard in <output_dir>/tb.")
+    tensorboard: bool | None = option(
+        None, "Deprecated: use report_to (true adds tensorboard to it, false takes it out), with a warning."
+    )
     max_skipped_steps: int = option(5, "Stop after this many consecutive steps skipped for a non-finite loss/gradient.")
 
-    # ------------------------------------------------------------------------------------------------------------
-
-    # ------------------------------------------------------------------------------------------------------------
+    # --- what a run reports and leaves: evaluation, logging backends, checkpoints, the final model -------------------
+    report_to: list | str = option(
+        ["tensorboard"],
+        "Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, trackio, mlflow "
+        '(each through its own library: pip install "fastppo[wandb]" ...); none or [] for metrics.jsonl only.',
+    )
+    run_name: str | None = option(None, "The run's name in wandb, trackio and mlflow; null = output_dir's name.")
 
     CHOICES = {
         "critic": ("shared", "separate"),
@@ -325,6 +333,7 @@ class PPOConfig(Config):
         self._check_lists()
         self._check_batches(world_size)
         self._check_estimator(world_size)
+        self._check_outputs()
         self._check_paths()
         return self
 
@@ -372,6 +381,20 @@ class PPOConfig(Config):
                     raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
         elif self.prompts is not None and not isinstance(self.prompts, str):
             raise InputError(f"prompts must be a JSONL path or a list of strings, got {short(self.prompts)}")
+
+    def _check_outputs(self) -> None:
+        """The last group's fields: evaluation and completions, the reporting backends (the deprecated `tensorboard`
+        switch mapped onto report_to, once), LoRA's peft settings, the critic's source."""
+        if self.tensorboard is not None:
+            warnings.warn(
+                f"tensorboard: {str(self.tensorboard).lower()} is deprecated: use report_to (a list of tensorboard, "
+                "wandb, trackio, mlflow; [] for metrics.jsonl only); mapped onto it for this run",
+                FutureWarning,
+                stacklevel=4,
+            )
+            others = [name for name in check_report_to(self.report_to) if name != "tensorboard"]
+            self.report_to, self.tensorboard = (["tensorboard"] if self.tensorboard else []) + others, None
+        self.report_to = check_report_to(self.report_to)
 
     def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:

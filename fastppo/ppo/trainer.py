@@ -137,7 +137,9 @@ class PPOTrainer:
         if distributed.is_main():
             clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
         self.metrics = (
-            MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
+            MetricsLogger(
+                config.output_dir, config.report_to, resume_step is not None, config.run_name, dict(vars(config))
+            )
             if distributed.is_main()
             else distributed.NullLogger()
         )
