@@ -75,8 +75,9 @@ def run(args) -> int:
         return trainer.stop_request.exit_code
     if history:
         last = history[-1]
+        kl = f"KL {last['policy/kl']:.4f}" if "policy/kl" in last else "no reference"
         print(
-            f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, KL {last['policy/kl']:.4f}; "
+            f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, {kl}; "
             f"metrics in {config.output_dir}/metrics.jsonl"
         )
     return 0

@@ -396,6 +396,12 @@ class PPOConfig(Config):
             self.report_to, self.tensorboard = (["tensorboard"] if self.tensorboard else []) + others, None
         self.report_to = check_report_to(self.report_to)
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether anything reads the reference's log-probs: a KL penalty in the reward, or a KL term in the loss.
+        Without either (TRL's GRPO default) no reference is loaded or run."""
+        return (self.kl_in_reward and self.kl_coef > 0) or self.kl_loss_coef > 0
+
     def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
             raise InputError(

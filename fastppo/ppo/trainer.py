@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -67,6 +68,7 @@ METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", 
 class PPOTrainer:
     def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
         self.config = config.validate()
+        self.uses_reference = config.uses_reference  # False: no reference model, no reference forward
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
@@ -181,7 +183,16 @@ class PPOTrainer:
 
     def _build_reference(self, lm, policy, reference):
         """The frozen reference LM (see `frozen_reference`), or None when it is the policy with LoRA adapters
-        disabled. `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
+        disabled, or when nothing reads it (no KL in the reward nor in the loss: `PPOConfig.uses_reference`).
+        `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
+        if not self.uses_reference:
+            if reference is not None or self.config.reference_quantization != "none":
+                warnings.warn(
+                    "reference: not loaded, nothing uses it (no KL in the reward: kl_coef 0 or kl_in_reward false; "
+                    "none in the loss: kl_loss_coef 0)",
+                    stacklevel=3,
+                )
+            return None
         if self.config.reference == "adapter":
             return None
         given = reference if reference is not None and not isinstance(reference, str) else None
@@ -206,8 +217,8 @@ class PPOTrainer:
         warming_up = self.warming_up
         self.step_count += 1
         whole = distributed.gather_fields(batch, METRIC_FIELDS)  # every rank's rows: the same KL and metrics
-        kl_per_sequence = float(whole.kl.sum(-1).mean())
-        if not warming_up:  # the policy has not moved yet: its KL says nothing about the coefficient
+        kl_per_sequence = None if whole.kl is None else float(whole.kl.sum(-1).mean())  # None: no reference
+        if not warming_up and kl_per_sequence is not None:  # warming up, the policy has not moved: nothing to adapt
             self.kl_controller.update(kl_per_sequence, self.config.rollout_batch_size)
         metrics = self._metrics(whole, kl_per_sequence) | stats
         if self.config.value_warmup_steps:
@@ -321,7 +332,9 @@ class PPOTrainer:
                     logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
                     old_logprobs.append(logprobs)
                     old_values.append(values)
-                if self.reference is None:
+                if not self.uses_reference:
+                    ref = None  # nothing reads it: no reference forward
+                elif self.reference is None:
                     with self.model.adapters_disabled() as lm:
                         ref = reference_logprobs(lm, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
                 else:
@@ -329,7 +342,7 @@ class PPOTrainer:
                         self.reference, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs
                     )
             ref_logprobs.append(ref)
-        batch.ref_logprobs = torch.cat(ref_logprobs)
+        batch.ref_logprobs = torch.cat(ref_logprobs) if self.uses_reference else None
         if from_rollout:
             batch.old_logprobs, batch.old_values = batch.sampler_logprobs, batch.sampler_values
             return {}
@@ -497,7 +510,6 @@ class PPOTrainer:
             "reward/score_mean": float(scores.mean()),
             "reward/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             "reward/shaped_mean": float(batch.rewards.sum(-1).mean()),
-            "policy/kl": kl_per_sequence,
             "rollout/response_length_mean": float(lengths.mean()),
             "rollout/response_length_max": float(lengths.max()),
             "rollout/ended_rate": float(batch.ended.float().mean()),
@@ -512,6 +524,8 @@ class PPOTrainer:
             "perf/step_s": sum(seconds.values()),
         }
         metrics.update({f"perf/{phase}_s": s for phase, s in seconds.items()})
+        if kl_per_sequence is not None:  # without a reference there is no KL: absent, not a 0 that looks measured
+            metrics["policy/kl"] = kl_per_sequence
         if batch.old_values is not None:
             metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
         return metrics
@@ -536,7 +550,8 @@ class PPOTrainer:
                     break
                 history.append(metrics)
                 bar.update(1)
-                bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
+                shown = {"score": metrics["reward/score_mean"], "kl": metrics.get("policy/kl")}  # kl: no reference
+                bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items() if value is not None})
                 if cfg.save_every and self.step_count % cfg.save_every == 0:
                     self.save()
             bar.close()
