@@ -405,12 +405,31 @@ def reference_logprobs(reference_lm, input_ids, attention_mask, prompt_length: i
     return response_logprobs(reference_lm, hidden, input_ids[:, prompt_length:], temperature, fused)[0]
 
 
-def add_lora(lm, rank: int, alpha: float):
-    from peft import LoraConfig, get_peft_model
+def lora_config(rank: int, alpha: float, target_modules="all-linear", dropout: float = 0.0, modules_to_save=()):
+    """A peft LoraConfig for the policy, from fastppo's lora_* settings."""
+    from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    modules_to_save = list(modules_to_save) or None
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(lm, rank: int, alpha: float, config=None):
+    """`lm` wrapped with LoRA adapters: `config` (a peft LoraConfig, as TRL takes it), else rank `rank` and
+    `alpha` on every linear layer. A lora_dropout stays in the adapter's config (adapter_config.json keeps it) and is
+    zeroed in the layers, like every dropout in fastppo's forwards (`disable_dropout`)."""
+    from peft import get_peft_model
+
     with peft_wrapping():
-        return get_peft_model(lm, config)
+        model = get_peft_model(lm, config if config is not None else lora_config(rank, alpha))
+    disable_dropout(model)
+    return model
 
 
 def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -64,6 +64,8 @@ FOREIGN_KEYS = {
     "scale_rewards": "use advantage_estimator: grpo (scaled by the group's std) or dr_grpo (not scaled)",
     "use_vllm": "use rollout_engine: vllm",
     "save_steps": "use save_every",
+    "lora_r": "use lora_rank",
+    "use_peft": "set lora_rank > 0 (or pass a peft LoraConfig as PPOTrainer(config, peft_config=...))",
     "actor_learning_rate": "use learning_rate",
     "logging_steps": "fastppo logs every step",
 }
@@ -248,6 +250,17 @@ class PPOConfig(Config):
         '(each through its own library: pip install "fastppo[wandb]" ...); none or [] for metrics.jsonl only.',
     )
     run_name: str | None = option(None, "The run's name in wandb, trackio and mlflow; null = output_dir's name.")
+    lora_target_modules: list | str | None = option(
+        "all-linear",
+        "LoRA: the modules that get adapters (peft's target_modules: names, 'all-linear', or null for peft's "
+        "default of the architecture).",
+    )
+    lora_dropout: float = option(
+        0.0, "LoRA: dropout on the adapters' input, saved in adapter_config.json; off in fastppo's own forwards."
+    )
+    lora_modules_to_save: list = option(
+        [], "LoRA: modules trained in full and saved beside the adapter (peft's modules_to_save, e.g. [lm_head])."
+    )
 
     CHOICES = {
         "critic": ("shared", "separate"),
@@ -316,6 +329,7 @@ class PPOConfig(Config):
         "overlong_penalty": NON_NEGATIVE,
         "critic_lam": FRACTION,
         "lam_length_alpha": POSITIVE,
+        "lora_dropout": Interval(0, 1, high_open=True),
     }
     RENAMED = {"kl_target": "adaptive_kl_target"}  # its unit (nats per sequence) and role differ from target_kl's
     FOREIGN = FOREIGN_KEYS
@@ -395,6 +409,25 @@ class PPOConfig(Config):
             others = [name for name in check_report_to(self.report_to) if name != "tensorboard"]
             self.report_to, self.tensorboard = (["tensorboard"] if self.tensorboard else []) + others, None
         self.report_to = check_report_to(self.report_to)
+        targets = self.lora_target_modules
+        if targets is not None and not (
+            targets and (isinstance(targets, str) or all(isinstance(t, str) and t for t in targets))
+        ):
+            raise InputError(
+                f"lora_target_modules must be 'all-linear' or a list of module names, got {short(targets)}"
+            )
+        if not all(isinstance(m, str) and m for m in self.lora_modules_to_save):
+            raise InputError(
+                f"lora_modules_to_save must be a list of module names, got {short(self.lora_modules_to_save)}"
+            )
+        if self.lora_rank == 0:
+            for name, default in (
+                ("lora_target_modules", "all-linear"),
+                ("lora_dropout", 0.0),
+                ("lora_modules_to_save", []),
+            ):
+                if getattr(self, name) != default:
+                    raise InputError(f"{name} is a LoRA setting and lora_rank is 0 (no LoRA): set lora_rank > 0")
 
     @property
     def uses_reference(self) -> bool:
@@ -483,6 +516,44 @@ class PPOConfig(Config):
         from fastppo.runtime.distributed import world_size
 
         return self.micro_batch_size or self.mini_batch_size // world_size()
+
+
+def adopt_peft_config(config: PPOConfig, peft_config):
+    """A peft `LoraConfig` passed as TRL takes it (`PPOTrainer(config, peft_config=...)`): its settings become the
+    config's lora_* fields (validated, logged and checked on resume like YAML ones); a lora_* field the config sets
+    to something else is refused rather than silently overridden. Returns the copy fastppo wraps the policy with
+    (task_type CAUSAL_LM)."""
+    import copy
+
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        raise InputError(
+            f"peft_config: a {type(peft_config).__name__}; fastppo trains LoRA adapters: pass a LoraConfig"
+        )
+    task = getattr(peft_config.task_type, "value", peft_config.task_type)
+    if task not in (None, "CAUSAL_LM"):
+        raise InputError(f"peft_config: task_type {task!r}, but the policy is a causal LM: use task_type='CAUSAL_LM'")
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.task_type = "CAUSAL_LM"
+    targets = peft_config.target_modules
+    values = {
+        "lora_rank": peft_config.r,
+        "lora_alpha": float(peft_config.lora_alpha),
+        "lora_dropout": float(peft_config.lora_dropout),
+        "lora_target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        "lora_modules_to_save": list(peft_config.modules_to_save or []),
+    }
+    defaults = PPOConfig()
+    for name, value in values.items():
+        current = getattr(config, name)
+        if current != getattr(defaults, name) and current != value:
+            raise InputError(
+                f"{name}: {short(current)} in the config, {short(value)} in peft_config: give LoRA's settings once "
+                "(peft_config, or the lora_* fields)"
+            )
+        setattr(config, name, value)
+    return peft_config
 
 
 def resume_settings(config) -> dict:

@@ -33,6 +33,7 @@ from fastppo.models import (
     frozen_reference,
     load_tokenizer,
     load_trainable_lm,
+    lora_config,
     reference_logprobs,
     resolve_device,
 )
@@ -40,7 +41,7 @@ from fastppo.ops.reference import loss_weights
 from fastppo.ppo import groups
 from fastppo.ppo.advantages import estimate_advantages, uses_critic
 from fastppo.ppo.batch import RolloutBatch
-from fastppo.ppo.config import PPOConfig, resume_settings
+from fastppo.ppo.config import PPOConfig, adopt_peft_config, resume_settings
 from fastppo.ppo.correction import rollout_correction
 from fastppo.ppo.rewards import load_reward
 from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
@@ -66,7 +67,18 @@ METRIC_FIELDS = ("response_mask", "prompt_mask", "raw_scores", "rewards", "kl", 
 
 
 class PPOTrainer:
-    def __init__(self, config: PPOConfig, policy=None, tokenizer=None, reward=None, prompts=None, reference=None):
+    def __init__(
+        self,
+        config: PPOConfig,
+        policy=None,
+        tokenizer=None,
+        reward=None,
+        prompts=None,
+        reference=None,
+        peft_config=None,
+    ):
+        # A peft LoraConfig, as TRL takes it: its settings become the lora_* fields, checked with the others.
+        self.peft_config = adopt_peft_config(config, peft_config) if peft_config is not None else None
         self.config = config.validate()
         self.uses_reference = config.uses_reference  # False: no reference model, no reference forward
         if config.rollout_engine == "vllm":
@@ -175,7 +187,9 @@ class PPOTrainer:
         if cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_rank > 0:
-            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
+            settings = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+            lora = self.peft_config or lora_config(*settings, cfg.lora_modules_to_save)
+            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha, lora)
         critic = cfg.critic if uses_critic(cfg.advantage_estimator) else "none"  # critic-free: no value head
         model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs)
         model.train()
