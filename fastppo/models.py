@@ -354,15 +354,18 @@ def check_logprob_path(lm, input_ids, attention_mask, fused: bool, tolerance: fl
 
 class PolicyValueModel(nn.Module):
     """The policy LM plus a value head; `critic='shared'` reads values off the policy's own backbone, 'separate'
-    off a copy of it, and 'none' (the critic-free estimators) builds no value head at all."""
+    off a copy of it (or, given `critic_init`, off a reward model's body, with its score head), and 'none' (the
+    critic-free estimators) builds no value head at all."""
 
-    def __init__(self, lm, critic: str = "shared", fused_logprobs: bool = True):
+    def __init__(self, lm, critic: str = "shared", fused_logprobs: bool = True, critic_init=None):
         super().__init__()
         self.lm = lm
         self.critic = critic
         self.fused_logprobs = fused_logprobs
         self.value_head = self.critic_backbone = None
-        if critic != "none":
+        if critic_init is not None:  # a separate critic from a reward model (`load_critic`): its body and score head
+            self.critic_backbone, self.value_head = critic_init
+        elif critic != "none":
             hidden_size = unwrap(lm).get_output_embeddings().weight.shape[1]
             self.value_head = nn.Linear(hidden_size, 1)
             nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
@@ -430,6 +433,50 @@ def add_lora(lm, rank: int, alpha: float, config=None):
         model = get_peft_model(lm, config if config is not None else lora_config(rank, alpha))
     disable_dropout(model)
     return model
+
+
+def check_critic_model(path: str, policy_tokenizer) -> None:
+    """critic_model: a 1-label sequence classifier whose tokenizer is the policy's (the critic reads the policy's
+    token ids). Anything else is refused before it loads: a causal LM, a classifier of several labels, a directory
+    without weights or without a tokenizer to compare."""
+    from fastppo.runtime.validation import check_model_dir
+
+    config = check_model_dir("critic_model", path)
+    classes = config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in classes):
+        held = ", ".join(classes) or f"a {config.get('model_type', 'model')} without a declared class"
+        raise InputError(
+            f"critic_model: {path} holds {held}, not a sequence classifier: it needs a 1-label "
+            "AutoModelForSequenceClassification (a reward model, as `fastppo reward-model` saves one)"
+        )
+    labels = len(config.get("id2label") or {}) or 2  # transformers' default
+    if labels != 1:
+        raise InputError(f"critic_model: {path} is a classifier of {labels} labels; a value head needs 1")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise InputError(
+            f"critic_model: {path} has no tokenizer, so whether it reads the policy's token ids cannot be checked: "
+            "save the tokenizer it was trained with beside it"
+        )
+    if load_tokenizer(path).get_vocab() != policy_tokenizer.get_vocab():
+        raise InputError(
+            f"critic_model: {path} was trained with another tokenizer than the policy's; the critic reads the "
+            "policy's token ids: use a reward model trained on the policy's tokenizer"
+        )
+
+
+def load_critic(path: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(backbone, value head) from a checked `critic_model` (`check_critic_model`): the classifier's body and its
+    score head, on `device` in float32 (master weights, as the policy's), dropout off."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_pretrained(AutoModelForSequenceClassification, path, "none", device, torch.float32)
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise InputError(
+            f"critic_model: {type(model).__name__} has no `score` head (a Linear layer) to be the value head"
+        )
+    disable_dropout(model)
+    return getattr(model, model.base_model_prefix), head
 
 
 def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

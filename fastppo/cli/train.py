@@ -136,6 +136,8 @@ def check_inputs(config) -> None:
         _check_context("reward_model", check_model_dir("reward_model", config.reward_model), config)
     if isinstance(config.prompts, str):
         read_prompt_records(config.prompts)
+    if config.critic_model is not None:
+        check_model_dir("critic_model", config.critic_model)
 
 
 def _check_context(name: str, model_config: dict, config) -> None:

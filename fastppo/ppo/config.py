@@ -66,6 +66,9 @@ FOREIGN_KEYS = {
     "save_steps": "use save_every",
     "lora_r": "use lora_rank",
     "use_peft": "set lora_rank > 0 (or pass a peft LoraConfig as PPOTrainer(config, peft_config=...))",
+    "value_model": "use critic: separate with critic_model (a reward model's directory)",
+    "value_model_path": "use critic: separate with critic_model",
+    "critic_pretrain": "use critic: separate with critic_model",
     "actor_learning_rate": "use learning_rate",
     "logging_steps": "fastppo logs every step",
 }
@@ -261,6 +264,11 @@ class PPOConfig(Config):
     lora_modules_to_save: list = option(
         [], "LoRA: modules trained in full and saved beside the adapter (peft's modules_to_save, e.g. [lm_head])."
     )
+    critic_model: str | None = option(
+        None,
+        "critic: separate: initialize the critic from this 1-label sequence classifier (a reward model): its body "
+        "is the critic's backbone, its score head the value head. null: a copy of the policy's backbone, new head.",
+    )
 
     CHOICES = {
         "critic": ("shared", "separate"),
@@ -428,6 +436,8 @@ class PPOConfig(Config):
             ):
                 if getattr(self, name) != default:
                     raise InputError(f"{name} is a LoRA setting and lora_rank is 0 (no LoRA): set lora_rank > 0")
+        if self.critic_model is not None and self.critic != "separate":
+            raise InputError("critic_model initializes a critic of its own: set critic: separate")
 
     @property
     def uses_reference(self) -> bool:
@@ -506,6 +516,7 @@ class PPOConfig(Config):
             check_path("reward_model", self.reward_model)
         if isinstance(self.prompts, str):
             check_path("prompts", self.prompts, file=True)
+        check_path("critic_model", self.critic_model)
         if self.resume_from is not None:
             check_path("resume_from", self.resume_from)
         check_writable_dir("output_dir", self.output_dir)

@@ -29,8 +29,10 @@ from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_i
 from fastppo.models import (
     PolicyValueModel,
     add_lora,
+    check_critic_model,
     check_logprob_path,
     frozen_reference,
+    load_critic,
     load_tokenizer,
     load_trainable_lm,
     lora_config,
@@ -95,6 +97,8 @@ class PPOTrainer:
         if policy is None:
             raise InputError("policy_model: no policy given (a path or a model)")
         self.tokenizer = load_tokenizer(tokenizer or config.tokenizer or (policy if isinstance(policy, str) else None))
+        if config.critic_model is not None:  # before any model loads
+            check_critic_model(config.critic_model, self.tokenizer)
         self.prompts = read_prompts(
             prompts if prompts is not None else config.prompts,
             self.tokenizer,
@@ -191,7 +195,8 @@ class PPOTrainer:
             lora = self.peft_config or lora_config(*settings, cfg.lora_modules_to_save)
             lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha, lora)
         critic = cfg.critic if uses_critic(cfg.advantage_estimator) else "none"  # critic-free: no value head
-        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs)
+        critic_init = load_critic(cfg.critic_model, self.device) if cfg.critic_model else None
+        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs, critic_init=critic_init)
         model.train()
         return model
 
