@@ -134,8 +134,9 @@ def check_inputs(config) -> None:
         load_function(config.reward_model)
     else:
         _check_context("reward_model", check_model_dir("reward_model", config.reward_model), config)
-    if isinstance(config.prompts, str):
-        read_prompt_records(config.prompts)
+    for name in ("prompts", "eval_prompts"):
+        if isinstance(getattr(config, name), str):
+            read_prompt_records(getattr(config, name))
     if config.critic_model is not None:
         check_model_dir("critic_model", config.critic_model)
 

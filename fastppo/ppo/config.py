@@ -64,6 +64,9 @@ FOREIGN_KEYS = {
     "scale_rewards": "use advantage_estimator: grpo (scaled by the group's std) or dr_grpo (not scaled)",
     "use_vllm": "use rollout_engine: vllm",
     "save_steps": "use save_every",
+    "eval_steps": "use eval_every (with eval_prompts)",
+    "eval_strategy": "use eval_every (steps between evaluations; 0 = never) with eval_prompts",
+    "eval_dataset": "use eval_prompts",
     "lora_r": "use lora_rank",
     "use_peft": "set lora_rank > 0 (or pass a peft LoraConfig as PPOTrainer(config, peft_config=...))",
     "value_model": "use critic: separate with critic_model (a reward model's directory)",
@@ -247,6 +250,21 @@ class PPOConfig(Config):
     max_skipped_steps: int = option(5, "Stop after this many consecutive steps skipped for a non-finite loss/gradient.")
 
     # --- what a run reports and leaves: evaluation, logging backends, checkpoints, the final model -------------------
+    eval_prompts: typing.Any = option(
+        None, "Held-out prompts, in the forms `prompts` takes, that the policy answers every eval_every steps."
+    )
+    eval_every: int = option(
+        0, "Evaluate on eval_prompts every this many steps (eval/* metrics, completions.jsonl); 0 = never."
+    )
+    eval_greedy: bool = option(
+        False, "Answer eval_prompts greedily instead of sampling at `temperature` (eval/kl is then not estimated)."
+    )
+    log_completions: bool = option(
+        False, "Also write each training batch's prompts, completions and scores to completions.jsonl (TRL's name)."
+    )
+    num_completions_to_print: int | None = option(
+        None, "With log_completions: print this many of each batch's completions; null = all, 0 = none."
+    )
     report_to: list | str = option(
         ["tensorboard"],
         "Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, trackio, mlflow "
@@ -337,6 +355,8 @@ class PPOConfig(Config):
         "overlong_penalty": NON_NEGATIVE,
         "critic_lam": FRACTION,
         "lam_length_alpha": POSITIVE,
+        "eval_every": NON_NEGATIVE,
+        "num_completions_to_print": NON_NEGATIVE,
         "lora_dropout": Interval(0, 1, high_open=True),
     }
     RENAMED = {"kl_target": "adaptive_kl_target"}  # its unit (nats per sequence) and role differ from target_kl's
@@ -395,14 +415,16 @@ class PPOConfig(Config):
         for i, stop in enumerate(self.stop_strings):
             if not isinstance(stop, str) or not stop:
                 raise InputError(f"stop_strings[{i}] must be a non-empty string, got {short(stop)}")
-        if isinstance(self.prompts, list):
-            if not self.prompts:
-                raise InputError("prompts: the list is empty")
-            for i, prompt in enumerate(self.prompts):
-                if not isinstance(prompt, str) or not prompt.strip():
-                    raise InputError(f"prompts[{i}] must be a non-empty string, got {short(prompt)}")
-        elif self.prompts is not None and not isinstance(self.prompts, str):
-            raise InputError(f"prompts must be a JSONL path or a list of strings, got {short(self.prompts)}")
+        for name in ("prompts", "eval_prompts"):
+            prompts = getattr(self, name)
+            if isinstance(prompts, list):
+                if not prompts:
+                    raise InputError(f"{name}: the list is empty")
+                for i, prompt in enumerate(prompts):
+                    if not isinstance(prompt, str) or not prompt.strip():
+                        raise InputError(f"{name}[{i}] must be a non-empty string, got {short(prompt)}")
+            elif prompts is not None and not isinstance(prompts, str):
+                raise InputError(f"{name} must be a JSONL path or a list of strings, got {short(prompts)}")
 
     def _check_outputs(self) -> None:
         """The last group's fields: evaluation and completions, the reporting backends (the deprecated `tensorboard`
@@ -417,6 +439,12 @@ class PPOConfig(Config):
             others = [name for name in check_report_to(self.report_to) if name != "tensorboard"]
             self.report_to, self.tensorboard = (["tensorboard"] if self.tensorboard else []) + others, None
         self.report_to = check_report_to(self.report_to)
+        if self.eval_every and self.eval_prompts is None:
+            raise InputError(f"eval_every: {self.eval_every} evaluates on eval_prompts, and none are given")
+        if self.eval_prompts is not None and not self.eval_every:
+            raise InputError("eval_prompts are given but eval_every is 0: set eval_every (steps between evaluations)")
+        if self.num_completions_to_print is not None and not self.log_completions:
+            raise InputError("num_completions_to_print prints training completions: set log_completions: true")
         targets = self.lora_target_modules
         if targets is not None and not (
             targets and (isinstance(targets, str) or all(isinstance(t, str) and t for t in targets))
@@ -514,8 +542,9 @@ class PPOConfig(Config):
             check_path(name, getattr(self, name))
         if isinstance(self.reward_model, str) and not is_callable_spec(self.reward_model):
             check_path("reward_model", self.reward_model)
-        if isinstance(self.prompts, str):
-            check_path("prompts", self.prompts, file=True)
+        for name in ("prompts", "eval_prompts"):
+            if isinstance(getattr(self, name), str):
+                check_path(name, getattr(self, name), file=True)
         check_path("critic_model", self.critic_model)
         if self.resume_from is not None:
             check_path("resume_from", self.resume_from)

@@ -108,3 +108,10 @@ def shape_rewards(batch, config, kl_coef: float) -> tuple[torch.Tensor, torch.Te
     return ops.shape_rewards(
         scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef if cfg.kl_in_reward else 0.0, cfg.kl_estimator
     )
+
+
+def kl_per_token(batch, estimator: str) -> torch.Tensor:
+    """(B, T) float32 the per-token estimate of KL(policy || reference) from the batch's old and reference
+    log-probs, 0 at padding."""
+    zeros = torch.zeros(batch.response_mask.shape[0], device=batch.response_mask.device)
+    return ops.shape_rewards(zeros, batch.old_logprobs, batch.ref_logprobs, batch.response_mask, 0.0, estimator)[1]

@@ -40,7 +40,7 @@ from fastppo.models import (
     resolve_device,
 )
 from fastppo.ops.reference import loss_weights
-from fastppo.ppo import groups
+from fastppo.ppo import evaluation, groups
 from fastppo.ppo.advantages import estimate_advantages, uses_critic
 from fastppo.ppo.batch import RolloutBatch
 from fastppo.ppo.config import PPOConfig, adopt_peft_config, resume_settings
@@ -77,10 +77,13 @@ class PPOTrainer:
         reward=None,
         prompts=None,
         reference=None,
+        eval_prompts=None,
         peft_config=None,
     ):
         # A peft LoraConfig, as TRL takes it: its settings become the lora_* fields, checked with the others.
         self.peft_config = adopt_peft_config(config, peft_config) if peft_config is not None else None
+        if eval_prompts is not None:
+            config.eval_prompts = eval_prompts
         self.config = config.validate()
         self.uses_reference = config.uses_reference  # False: no reference model, no reference forward
         if config.rollout_engine == "vllm":
@@ -108,10 +111,13 @@ class PPOTrainer:
         self.reward = load_reward(
             reward if reward is not None else config.reward_model, config, self.tokenizer, self.device
         )
+        held_out, limits = config.eval_prompts, (config.max_prompt_length, config.truncate_long_prompts)
+        self.eval_prompts = [] if held_out is None else read_prompts(held_out, self.tokenizer, *limits)
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
         self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
-        check_prompt_token_ids(self.prompts, self.tokenizer, lm.get_input_embeddings().num_embeddings, self.end_ids)
+        vocab_size = lm.get_input_embeddings().num_embeddings
+        check_prompt_token_ids(self.prompts + self.eval_prompts, self.tokenizer, vocab_size, self.end_ids)
         self._check_logprob_path(lm)
         self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
         self.model = self._build_policy(lm)
@@ -242,7 +248,29 @@ class PPOTrainer:
         metrics = self._metrics(whole, kl_per_sequence) | stats
         if self.config.value_warmup_steps:
             metrics["value/warmup"] = float(warming_up)
+        self._log_completions(batch)
+        if self.config.eval_every and self.step_count % self.config.eval_every == 0:
+            with self.timer("eval"):
+                metrics |= self.evaluate()
+            metrics["perf/eval_s"] = self.timer.seconds["eval"]  # not in perf/step_s: the step's phases only
         self.metrics.log(metrics)
+        return metrics
+
+    def _log_completions(self, batch: RolloutBatch) -> None:
+        """log_completions: this step's prompts, completions and scores to completions.jsonl (and the backends'
+        tables), num_completions_to_print of them on the console."""
+        if not self.config.log_completions:
+            return
+        rows = evaluation.completion_rows(batch, batch.raw_scores)
+        self.metrics.log_completions(rows, self.step_count, "train")
+        if distributed.is_main():
+            evaluation.print_completions(rows, self.step_count, self.config.num_completions_to_print)
+
+    def evaluate(self) -> dict:
+        """The policy's answers to eval_prompts, scored: the eval/* metrics (see `evaluation.evaluate`); the answers
+        go to completions.jsonl. Under torchrun every rank calls it."""
+        metrics, rows = evaluation.evaluate(self)
+        self.metrics.log_completions(rows, self.step_count, "eval")
         return metrics
 
     @property

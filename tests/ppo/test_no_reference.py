@@ -59,3 +59,9 @@ def test_a_reference_given_but_unused_is_named(tiny_llama, tmp_path):
     config = small_config(tmp_path, policy_model=tiny_llama[0], kl_coef=0.0)
     with pytest.warns(UserWarning, match="reference: not loaded, nothing uses it"):
         PPOTrainer(config, reward=count_w7, prompts=prompt_list(), reference=tiny_llama[0])
+
+
+def test_evaluation_reports_no_kl_without_a_reference(tiny_llama, tmp_path):
+    config = small_config(tmp_path, policy_model=tiny_llama[0], kl_coef=0.0, eval_every=1)
+    metrics = PPOTrainer(config, reward=count_w7, prompts=prompt_list(), eval_prompts=["w1", "w2"]).step()
+    assert "eval/score_mean" in metrics and "eval/kl" not in metrics
