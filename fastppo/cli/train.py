@@ -62,6 +62,9 @@ def run(args) -> int:
             file=sys.stderr,
         )
     history = trainer.train()
+    # A finished run leaves its model alone, for from_pretrained (every rank: the weights may be sharded); a run a
+    # signal stopped leaves its checkpoints only.
+    final = trainer.save_model() if trainer.step_count > 0 and not trainer.stop_request.requested else None
     if not distributed.is_main():  # rank 0 reports for the run
         return trainer.stop_request.exit_code
     if trainer.stop_request.requested and trainer.step_count == 0:
@@ -78,7 +81,7 @@ def run(args) -> int:
         kl = f"KL {last['policy/kl']:.4f}" if "policy/kl" in last else "no reference"
         print(
             f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, {kl}; "
-            f"metrics in {config.output_dir}/metrics.jsonl"
+            f"metrics in {config.output_dir}/metrics.jsonl; final model in {final}"
         )
     return 0
 

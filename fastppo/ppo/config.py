@@ -271,6 +271,9 @@ class PPOConfig(Config):
         '(each through its own library: pip install "fastppo[wandb]" ...); none or [] for metrics.jsonl only.',
     )
     run_name: str | None = option(None, "The run's name in wandb, trackio and mlflow; null = output_dir's name.")
+    save_total_limit: int | None = option(
+        None, "Keep at most this many checkpoints: the oldest go once a new one is saved and verified; null = all."
+    )
     lora_target_modules: list | str | None = option(
         "all-linear",
         "LoRA: the modules that get adapters (peft's target_modules: names, 'all-linear', or null for peft's "
@@ -357,6 +360,7 @@ class PPOConfig(Config):
         "lam_length_alpha": POSITIVE,
         "eval_every": NON_NEGATIVE,
         "num_completions_to_print": NON_NEGATIVE,
+        "save_total_limit": POSITIVE,
         "lora_dropout": Interval(0, 1, high_open=True),
     }
     RENAMED = {"kl_target": "adaptive_kl_target"}  # its unit (nats per sequence) and role differ from target_kl's

@@ -49,14 +49,17 @@ from fastppo.ppo.rewards import load_reward
 from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
 from fastppo.runtime import distributed, precision
 from fastppo.runtime.checkpoint import (
+    FINAL_MODEL,
     check_resume_settings,
     clear_previous_run,
     find_resumable,
     load_checkpoint,
+    prune_checkpoints,
     refuse_mixing_runs,
     save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.export import export_model
 from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, Stats, explained_variance, peak_memory_mb
 from fastppo.runtime.rng import rng_state, seed_everything, set_rng_state
 from fastppo.runtime.schedule import adamw_with_schedule
@@ -144,6 +147,7 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.sampler = PromptSampler(len(self.prompts), config.seed)
         self.step_count = 0
+        self.exported: set[str] = set()  # save_model's folders: this trainer may replace them
         self.timer = PhaseTimer()  # the current step's phases (`step` starts a new one)
         self.skipped_in_a_row = self.skipped_total = 0
         self.param_groups = {"policy": [], "value": []}  # trainable parameters, for the gradient norms
@@ -646,7 +650,26 @@ class PPOTrainer:
                     resume_settings(self.config),
                 )
             )
+        if saved is not None and path is None and self.config.save_total_limit:
+            prune_checkpoints(self.config.output_dir, self.config.save_total_limit, saved)
         return distributed.broadcast_object(saved)
+
+    def save_model(self, path: str | None = None) -> str:
+        """The final model at `path` (default <output_dir>/final): the policy alone, in the checkpoint's dtype, with
+        its tokenizer, chat template and generation config, LoRA merged or as an adapter (save_merged_lora), that
+        `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load (see `runtime.export`).
+        `fastppo train` writes it at the end of a finished run. Under torchrun every rank calls it."""
+        final = os.path.abspath(os.path.join(self.config.output_dir, FINAL_MODEL))
+        path = os.path.abspath(path or final)
+        taken = path not in (final, *self.exported) and os.path.isdir(path) and bool(os.listdir(path))
+        if distributed.broadcast_object(taken):  # rank 0's view: every rank stops, none waits in the gathering
+            raise InputError(f"save_model: {path} is not empty; name a new folder (nothing already there is replaced)")
+        probes = [str(p) for p in self.prompts[:8]]
+        with self.parallel.model_for_saving(self.model) as model:
+            if model is not None:
+                export_model(model.lm, self.tokenizer, path, self.config.save_merged_lora, self.save_dtype, probes)
+        self.exported.add(path)
+        return distributed.broadcast_object(path)
 
     def _resume(self, checkpoint: str, state: dict) -> int:
         """Restore the trainer `state` of `checkpoint`, whose weights were loaded before wrapping the model."""

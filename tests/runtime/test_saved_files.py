@@ -1,5 +1,6 @@
 """What fastppo saves is the model the user gave it, trained: the released dropout in config.json (fastppo turns it off
-in its own forwards only), tied embeddings once, the tokenizer without the pad token fastppo set for batching."""
+in its own forwards only), tied embeddings once, the tokenizer without the pad token fastppo set for batching; and
+save_total_limit removes the oldest checkpoints only once a newer one verifies."""
 
 import json
 import os
@@ -10,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastppo import PPOTrainer
 from fastppo.models import load_tokenizer
-from fastppo.runtime.checkpoint import save_model
+from fastppo.runtime.checkpoint import list_checkpoints, prune_checkpoints, save_model
 from tests.tiny_models import build_tokenizer, count_w7, prompt_list, save_tiny_models, small_config
 
 
@@ -68,3 +69,22 @@ def test_the_supervised_stages_save_the_tokenizer_as_given(released, tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(released[0])
     save_model(lm, tokenizer, str(tmp_path / "sft"))
     assert AutoTokenizer.from_pretrained(tmp_path / "sft").pad_token is None
+
+
+def test_save_total_limit_keeps_the_newest_checkpoints(tiny_models, tmp_path):
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], steps=4, save_every=1, save_total_limit=2)
+    PPOTrainer(config, reward=count_w7, prompts=prompt_list()).train()
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == [3, 4]
+
+
+def test_a_checkpoint_that_does_not_verify_removes_nothing(tiny_models, tmp_path):
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], steps=2, save_every=1)
+    PPOTrainer(config, reward=count_w7, prompts=prompt_list()).train()
+    newest = os.path.join(config.output_dir, "checkpoint-2")
+    weights = os.path.join(newest, "model.safetensors")
+    with open(weights, "r+b") as f:  # damaged after it was written (a full disk, a bad sector)
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\0\0\0\0")
+    with pytest.warns(UserWarning, match="does not verify"):
+        assert prune_checkpoints(config.output_dir, 1, newest) == []
+    assert [step for step, _ in list_checkpoints(config.output_dir)] == [1, 2]  # checkpoint-1: the last good one
