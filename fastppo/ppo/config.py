@@ -290,6 +290,11 @@ class PPOConfig(Config):
         "critic: separate: initialize the critic from this 1-label sequence classifier (a reward model): its body "
         "is the critic's backbone, its score head the value head. null: a copy of the policy's backbone, new head.",
     )
+    measure_kl: bool = option(
+        False,
+        "Load the reference and log policy/kl (and eval/kl) even with no KL in the reward nor in the loss, as a "
+        "diagnostic (the reference's memory and a forward per step); false: then no reference is loaded.",
+    )
 
     CHOICES = {
         "critic": ("shared", "separate"),
@@ -473,9 +478,9 @@ class PPOConfig(Config):
 
     @property
     def uses_reference(self) -> bool:
-        """Whether anything reads the reference's log-probs: a KL penalty in the reward, or a KL term in the loss.
-        Without either (TRL's GRPO default) no reference is loaded or run."""
-        return (self.kl_in_reward and self.kl_coef > 0) or self.kl_loss_coef > 0
+        """Whether anything reads the reference's log-probs: a KL penalty in the reward, a KL term in the loss, or
+        measure_kl. Without any (TRL's GRPO default) no reference is loaded or run."""
+        return (self.kl_in_reward and self.kl_coef > 0) or self.kl_loss_coef > 0 or self.measure_kl
 
     def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:

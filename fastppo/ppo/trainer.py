@@ -218,7 +218,7 @@ class PPOTrainer:
             if reference is not None or self.config.reference_quantization != "none":
                 warnings.warn(
                     "reference: not loaded, nothing uses it (no KL in the reward: kl_coef 0 or kl_in_reward false; "
-                    "none in the loss: kl_loss_coef 0)",
+                    "none in the loss: kl_loss_coef 0); measure_kl: true keeps it to log the KL",
                     stacklevel=3,
                 )
             return None

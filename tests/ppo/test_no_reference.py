@@ -55,6 +55,16 @@ def test_any_kl_keeps_the_reference(tiny_llama, tmp_path):
     assert "policy/ref_kl" in metrics
 
 
+def test_measure_kl_keeps_the_reference_as_a_diagnostic(tiny_llama, tmp_path):
+    config = small_config(tmp_path, policy_model=tiny_llama[0], kl_coef=0.0, measure_kl=True)
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    batch, _ = trainer.sample()
+    trainer.compute_logprobs(batch)
+    trainer.shape_rewards(batch)
+    assert batch.kl is not None and batch.rewards.sum(-1).tolist() == batch.scores.tolist()  # measured, not used
+    assert "policy/kl" in trainer.step()
+
+
 def test_a_reference_given_but_unused_is_named(tiny_llama, tmp_path):
     config = small_config(tmp_path, policy_model=tiny_llama[0], kl_coef=0.0)
     with pytest.warns(UserWarning, match="reference: not loaded, nothing uses it"):
