@@ -60,35 +60,35 @@ class PromptRecord:
     columns: dict
 
 
-def read_prompt_records(source, split: str | None = None) -> list[PromptRecord]:
+def read_prompt_records(source, split: str | None = None, field: str = "prompts") -> list[PromptRecord]:
     """Every prompt of `source`, checked, without a tokenizer (so a file is checked before anything loads).
 
     `source`: a JSONL file of {"prompt": ...} or {"messages": [...]} lines, a Parquet file or a dataset directory
     written by `save_to_disk` with the same columns, a `datasets.Dataset` (or `DatasetDict`: `split`, default
     "train"), or a list of prompt strings, conversations (lists of messages) or records. A prompt is text, or chat
     messages as TRL's conversational datasets hold them ("prompt": [{"role", "content"}...]); every other column of
-    its row is kept for the reward functions."""
+    its row is kept for the reward functions. Errors name `field` (prompts, eval_prompts)."""
     if source is None:
-        raise InputError(f"prompts: none given ({SOURCES})")
+        raise InputError(f"{field}: none given ({SOURCES})")
     if split is not None and not _has_splits(source):
         raise InputError(
             f"prompts_split: {split!r} selects a split of a DatasetDict (or of a dataset directory saved with "
             "splits); these prompts have none: remove prompts_split"
         )
     if isinstance(source, (list, tuple)):
-        records = [record_of_item(f"prompts[{i}]", item) for i, item in enumerate(source)]
+        records = [record_of_item(f"{field}[{i}]", item) for i, item in enumerate(source)]
         name = "the prompt list"
     elif is_dataset(source):
-        records, name = _dataset_records(source, "prompts", split), "the dataset"
+        records, name = _dataset_records(source, field, split), "the dataset"
     elif isinstance(source, str) and os.path.isdir(source):
         records, name = _dataset_records(_load_from_disk(source), source, split), source
     elif isinstance(source, str) and source.endswith(".parquet"):
         records, name = _parquet_records(source), source
     elif isinstance(source, str):
-        records = [_record_of_row(f"{source}:{number}", row) for number, row in read_jsonl(source, "prompts")]
+        records = [_record_of_row(f"{source}:{number}", row) for number, row in read_jsonl(source, field)]
         name = source
     else:
-        raise InputError(f"prompts must be {SOURCES}; got {type(source).__name__} {short(source)}")
+        raise InputError(f"{field} must be {SOURCES}; got {type(source).__name__} {short(source)}")
     if not records:
         raise InputError(f"no prompts in {name}")
     return records
@@ -219,13 +219,18 @@ def _parquet_records(path: str) -> list[PromptRecord]:
 
 
 def read_prompts(
-    source, tokenizer=None, max_length: int | None = None, truncate: bool = True, split: str | None = None
+    source,
+    tokenizer=None,
+    max_length: int | None = None,
+    truncate: bool = True,
+    split: str | None = None,
+    field: str = "prompts",
 ) -> list[Prompt]:
     """The prompts of `source` (see `read_prompt_records`), chat messages rendered with the tokenizer's chat template
     ending with the assistant's turn. Every prompt is checked here, at load, not when a step draws it: a bad one is
     named by its index, row or file:line. With `truncate` False, that includes its length in tokens against
     `max_length` (truncate_long_prompts: false)."""
-    prompts = [render(record, tokenizer) for record in read_prompt_records(source, split)]
+    prompts = [render(record, tokenizer) for record in read_prompt_records(source, split, field)]
     if not truncate and max_length is not None:
         if tokenizer is None:
             raise ValueError("read_prompts: checking prompt lengths needs the tokenizer")

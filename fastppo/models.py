@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fastppo import ops
-from fastppo.runtime.checkpoint import save_weights
+from fastppo.runtime.checkpoint import PAD_SET_BY_FASTPPO, RELEASED_DROPOUT, save_weights
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.library_messages import explain_bitsandbytes_messages, peft_wrapping
 from fastppo.runtime.validation import LOAD_ERRORS, clip
@@ -59,6 +59,7 @@ def load_tokenizer(spec, need_eos: bool = False):
         if tokenizer.eos_token_id is None:
             raise InputError("the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
+        setattr(tokenizer, PAD_SET_BY_FASTPPO, True)  # for batching only: saved without it (`save_tokenizer`)
     return tokenizer
 
 
@@ -216,18 +217,41 @@ _DROPOUT_NAMES = ("dropout", "pdrop", "layerdrop")
 
 def disable_dropout(model: nn.Module) -> None:
     """PPO compares log-probs of two forward passes; dropout would make them differ for no reason. Zeroes every
-    drop probability: `nn.Dropout` modules, functional ones held as module attributes, and the configs."""
+    drop probability: `nn.Dropout` modules (LoRA's `lora_dropout` included), functional ones held as module
+    attributes, and the configs (some architectures, Falcon for one, read config.attention_dropout in their forward).
+    The released values are kept on `model` (RELEASED_DROPOUT) and written back into every config.json fastppo saves
+    (`save_weights`): whoever fine-tunes the result next gets the dropout the model was released with."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict") and not hasattr(model, RELEASED_DROPOUT):
+        setattr(model, RELEASED_DROPOUT, _dropout_values(config.to_dict()))
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if isinstance(value, float) and any(key in name.lower() for key in _DROPOUT_NAMES):
+            if isinstance(value, float) and _is_dropout(name):
                 setattr(module, name, 0.0)
         config = getattr(module, "config", None)
         if config is not None and hasattr(config, "to_dict"):
             for name, value in config.to_dict().items():
-                if isinstance(value, float) and any(key in name.lower() for key in _DROPOUT_NAMES):
+                if isinstance(value, float) and _is_dropout(name):
                     setattr(config, name, 0.0)
+
+
+def _is_dropout(name: str) -> bool:
+    return any(key in name.lower() for key in _DROPOUT_NAMES)
+
+
+def _dropout_values(config: dict) -> dict:
+    """The drop probabilities of a config dict, nested configs (a multimodal model's text_config) included."""
+    found = {}
+    for name, value in config.items():
+        if isinstance(value, dict):
+            nested = _dropout_values(value)
+            if nested:
+                found[name] = nested
+        elif isinstance(value, float) and _is_dropout(name):
+            found[name] = value
+    return found
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -330,15 +354,18 @@ def check_logprob_path(lm, input_ids, attention_mask, fused: bool, tolerance: fl
 
 class PolicyValueModel(nn.Module):
     """The policy LM plus a value head; `critic='shared'` reads values off the policy's own backbone, 'separate'
-    off a copy of it, and 'none' (the critic-free estimators) builds no value head at all."""
+    off a copy of it (or, given `critic_init`, off a reward model's body, with its score head), and 'none' (the
+    critic-free estimators) builds no value head at all."""
 
-    def __init__(self, lm, critic: str = "shared", fused_logprobs: bool = True):
+    def __init__(self, lm, critic: str = "shared", fused_logprobs: bool = True, critic_init=None):
         super().__init__()
         self.lm = lm
         self.critic = critic
         self.fused_logprobs = fused_logprobs
         self.value_head = self.critic_backbone = None
-        if critic != "none":
+        if critic_init is not None:  # a separate critic from a reward model (`load_critic`): its body and score head
+            self.critic_backbone, self.value_head = critic_init
+        elif critic != "none":
             hidden_size = unwrap(lm).get_output_embeddings().weight.shape[1]
             self.value_head = nn.Linear(hidden_size, 1)
             nn.init.normal_(self.value_head.weight, std=1.0 / (hidden_size + 1) ** 0.5)
@@ -381,12 +408,75 @@ def reference_logprobs(reference_lm, input_ids, attention_mask, prompt_length: i
     return response_logprobs(reference_lm, hidden, input_ids[:, prompt_length:], temperature, fused)[0]
 
 
-def add_lora(lm, rank: int, alpha: float):
-    from peft import LoraConfig, get_peft_model
+def lora_config(rank: int, alpha: float, target_modules="all-linear", dropout: float = 0.0, modules_to_save=()):
+    """A peft LoraConfig for the policy, from fastppo's lora_* settings."""
+    from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    modules_to_save = list(modules_to_save) or None
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_lora(lm, rank: int, alpha: float, config=None):
+    """`lm` wrapped with LoRA adapters: `config` (a peft LoraConfig, as TRL takes it), else rank `rank` and
+    `alpha` on every linear layer. A lora_dropout stays in the adapter's config (adapter_config.json keeps it) and is
+    zeroed in the layers, like every dropout in fastppo's forwards (`disable_dropout`)."""
+    from peft import get_peft_model
+
     with peft_wrapping():
-        return get_peft_model(lm, config)
+        model = get_peft_model(lm, config if config is not None else lora_config(rank, alpha))
+    disable_dropout(model)
+    return model
+
+
+def check_critic_model(path: str, policy_tokenizer) -> None:
+    """critic_model: a 1-label sequence classifier whose tokenizer is the policy's (the critic reads the policy's
+    token ids). Anything else is refused before it loads: a causal LM, a classifier of several labels, a directory
+    without weights or without a tokenizer to compare."""
+    from fastppo.runtime.validation import check_model_dir
+
+    config = check_model_dir("critic_model", path)
+    classes = config.get("architectures") or []
+    if not any(name.endswith("ForSequenceClassification") for name in classes):
+        held = ", ".join(classes) or f"a {config.get('model_type', 'model')} without a declared class"
+        raise InputError(
+            f"critic_model: {path} holds {held}, not a sequence classifier: it needs a 1-label "
+            "AutoModelForSequenceClassification (a reward model, as `fastppo reward-model` saves one)"
+        )
+    labels = len(config.get("id2label") or {}) or 2  # transformers' default
+    if labels != 1:
+        raise InputError(f"critic_model: {path} is a classifier of {labels} labels; a value head needs 1")
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise InputError(
+            f"critic_model: {path} has no tokenizer, so whether it reads the policy's token ids cannot be checked: "
+            "save the tokenizer it was trained with beside it"
+        )
+    if load_tokenizer(path).get_vocab() != policy_tokenizer.get_vocab():
+        raise InputError(
+            f"critic_model: {path} was trained with another tokenizer than the policy's; the critic reads the "
+            "policy's token ids: use a reward model trained on the policy's tokenizer"
+        )
+
+
+def load_critic(path: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """(backbone, value head) from a checked `critic_model` (`check_critic_model`): the classifier's body and its
+    score head, on `device` in float32 (master weights, as the policy's), dropout off."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = load_pretrained(AutoModelForSequenceClassification, path, "none", device, torch.float32)
+    head = getattr(model, "score", None)
+    if not isinstance(head, nn.Linear):
+        raise InputError(
+            f"critic_model: {type(model).__name__} has no `score` head (a Linear layer) to be the value head"
+        )
+    disable_dropout(model)
+    return getattr(model, model.base_model_prefix), head
 
 
 def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

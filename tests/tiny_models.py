@@ -155,6 +155,20 @@ def count_w7(prompts, responses):
     return [float(r.split().count("w7")) for r in responses]
 
 
+def logprobs_repeat_exactly(trainer) -> bool:
+    """Whether two `compute_logprobs` passes over one rollout give bitwise the same old log-probs, reference
+    log-probs and values: no dropout (or other noise) anywhere in the forwards PPO compares."""
+    import torch
+
+    batch = trainer.rollout(prompt_list()[:4])
+    trainer.score(batch)
+    fields = ("old_logprobs", "ref_logprobs", "old_values")
+    trainer.compute_logprobs(batch)
+    first = [getattr(batch, name) for name in fields]
+    trainer.compute_logprobs(batch)
+    return all(a is None or torch.equal(a, getattr(batch, name)) for a, name in zip(first, fields, strict=True))
+
+
 def small_config(tmp_path, **overrides):
     from fastppo.ppo.config import PPOConfig
 
@@ -168,7 +182,7 @@ def small_config(tmp_path, **overrides):
         max_prompt_length=16,
         learning_rate=1e-3,
         seed=0,
-        tensorboard=False,
+        report_to=[],
     )
     values.update(overrides)
     return PPOConfig(**values)

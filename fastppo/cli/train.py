@@ -62,6 +62,9 @@ def run(args) -> int:
             file=sys.stderr,
         )
     history = trainer.train()
+    # A finished run leaves its model alone, for from_pretrained (every rank: the weights may be sharded); a run a
+    # signal stopped leaves its checkpoints only.
+    final = trainer.save_model() if trainer.step_count > 0 and not trainer.stop_request.requested else None
     if not distributed.is_main():  # rank 0 reports for the run
         return trainer.stop_request.exit_code
     if trainer.stop_request.requested and trainer.step_count == 0:
@@ -75,9 +78,10 @@ def run(args) -> int:
         return trainer.stop_request.exit_code
     if history:
         last = history[-1]
+        kl = f"KL {last['policy/kl']:.4f}" if "policy/kl" in last else "no reference"
         print(
-            f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, KL {last['policy/kl']:.4f}; "
-            f"metrics in {config.output_dir}/metrics.jsonl"
+            f"done: {trainer.step_count} steps, score {last['reward/score_mean']:.4f}, {kl}; "
+            f"metrics in {config.output_dir}/metrics.jsonl; final model in {final}"
         )
     return 0
 
@@ -141,6 +145,10 @@ def check_inputs(config) -> None:
             _check_context(field, check_model_dir(field, spec), config)
         else:  # a function: imported, its form told from its signature (no model loads)
             load_reward(spec, config, None, None, columns=columns, field=field)
+    if config.eval_prompts is not None:
+        read_prompt_records(config.eval_prompts, config.prompts_split, "eval_prompts")
+    if config.critic_model is not None:
+        check_model_dir("critic_model", config.critic_model)
 
 
 def _check_context(name: str, model_config: dict, config) -> None:

@@ -274,6 +274,7 @@ def ppo_config(output_dir: str, settings: Settings, kl_control: bool, seed: int,
         kl_coef=settings.kl_coef if kl_control else 0.0,
         adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
         kl_horizon=settings.kl_horizon,
+        measure_kl=True,  # the demo reports the KL of every run, those without KL control included
         seed=seed,
         **algorithm_overrides(algo, settings.ppo_steps),
     )

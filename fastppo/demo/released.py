@@ -67,10 +67,11 @@ def run(args) -> int:
 
 
 def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: int, algo: str, kl_control: bool):
-    from fastppo import PPOConfig, PPOTrainer
     from fastppo.demo.pipeline import algorithm_overrides
     from fastppo.engines.hf import end_token_ids
     from fastppo.models import load_tokenizer
+    from fastppo.ppo.config import PPOConfig
+    from fastppo.ppo.trainer import PPOTrainer
     from fastppo.runtime.model_sources import resolve
 
     start = time.perf_counter()

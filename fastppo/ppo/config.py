@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import typing
+import warnings
 from dataclasses import dataclass
 
 from fastppo.data import SOURCES as PROMPT_SOURCES
@@ -21,6 +22,7 @@ from fastppo.runtime.errors import InputError
 from fastppo.runtime.model_sources import is_model_source
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
+from fastppo.runtime.reporting import check_report_to
 from fastppo.runtime.validation import (
     FRACTION,
     NON_NEGATIVE,
@@ -68,6 +70,14 @@ FOREIGN_KEYS = {
     "scale_rewards": "use advantage_estimator: grpo (scaled by the group's std) or dr_grpo (not scaled)",
     "use_vllm": "use rollout_engine: vllm",
     "save_steps": "use save_every",
+    "eval_steps": "use eval_every (with eval_prompts)",
+    "eval_strategy": "use eval_every (steps between evaluations; 0 = never) with eval_prompts",
+    "eval_dataset": "use eval_prompts",
+    "lora_r": "use lora_rank",
+    "use_peft": "set lora_rank > 0 (or pass a peft LoraConfig as PPOTrainer(config, peft_config=...))",
+    "value_model": "use critic: separate with critic_model (a reward model's directory)",
+    "value_model_path": "use critic: separate with critic_model",
+    "critic_pretrain": "use critic: separate with critic_model",
     "actor_learning_rate": "use learning_rate",
     "logging_steps": "fastppo logs every step",
 }
@@ -265,12 +275,57 @@ class PPOConfig(Config):
     save_every: int = option(0, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
     resume_from: str | None = option(None, "Run directory (latest valid checkpoint) or checkpoint directory to resume.")
     overwrite_output_dir: bool = option(False, "Allow a fresh run into an output_dir that holds checkpoints.")
-    tensorboard: bool = option(True, "Also log to TensorBoard in <output_dir>/tb.")
+    tensorboard: bool | None = option(
+        None, "Deprecated: use report_to (true adds tensorboard to it, false takes it out), with a warning."
+    )
     max_skipped_steps: int = option(5, "Stop after this many consecutive steps skipped for a non-finite loss/gradient.")
 
-    # ------------------------------------------------------------------------------------------------------------
-
-    # ------------------------------------------------------------------------------------------------------------
+    # --- what a run reports and leaves: evaluation, logging backends, checkpoints, the final model -------------------
+    eval_prompts: typing.Any = option(
+        None, "Held-out prompts, in the forms `prompts` takes, that the policy answers every eval_every steps."
+    )
+    eval_every: int = option(
+        0, "Evaluate on eval_prompts every this many steps (eval/* metrics, completions.jsonl); 0 = never."
+    )
+    eval_greedy: bool = option(
+        False, "Answer eval_prompts greedily instead of sampling at `temperature` (eval/kl is then not estimated)."
+    )
+    log_completions: bool = option(
+        False, "Also write each training batch's prompts, completions and scores to completions.jsonl (TRL's name)."
+    )
+    num_completions_to_print: int | None = option(
+        None, "With log_completions: print this many of each batch's completions; null = all, 0 = none."
+    )
+    report_to: list | str = option(
+        ["tensorboard"],
+        "Where metrics go besides metrics.jsonl (always written): any of tensorboard, wandb, trackio, mlflow "
+        '(each through its own library: pip install "fastppo[wandb]" ...); none or [] for metrics.jsonl only.',
+    )
+    run_name: str | None = option(None, "The run's name in wandb, trackio and mlflow; null = output_dir's name.")
+    save_total_limit: int | None = option(
+        None, "Keep at most this many checkpoints: the oldest go once a new one is saved and verified; null = all."
+    )
+    lora_target_modules: list | str | None = option(
+        "all-linear",
+        "LoRA: the modules that get adapters (peft's target_modules: names, 'all-linear', or null for peft's "
+        "default of the architecture).",
+    )
+    lora_dropout: float = option(
+        0.0, "LoRA: dropout on the adapters' input, saved in adapter_config.json; off in fastppo's own forwards."
+    )
+    lora_modules_to_save: list = option(
+        [], "LoRA: modules trained in full and saved beside the adapter (peft's modules_to_save, e.g. [lm_head])."
+    )
+    critic_model: str | None = option(
+        None,
+        "critic: separate: initialize the critic from this 1-label sequence classifier (a reward model): its body "
+        "is the critic's backbone, its score head the value head. null: a copy of the policy's backbone, new head.",
+    )
+    measure_kl: bool = option(
+        False,
+        "Load the reference and log policy/kl (and eval/kl) even with no KL in the reward nor in the loss, as a "
+        "diagnostic (the reference's memory and a forward per step); false: then no reference is loaded.",
+    )
 
     CHOICES = {
         "critic": ("shared", "separate"),
@@ -339,6 +394,10 @@ class PPOConfig(Config):
         "overlong_penalty": NON_NEGATIVE,
         "critic_lam": FRACTION,
         "lam_length_alpha": POSITIVE,
+        "eval_every": NON_NEGATIVE,
+        "num_completions_to_print": NON_NEGATIVE,
+        "save_total_limit": POSITIVE,
+        "lora_dropout": Interval(0, 1, high_open=True),
     }
     RENAMED = {"kl_target": "adaptive_kl_target"}  # its unit (nats per sequence) and role differ from target_kl's
     FOREIGN = {**FOREIGN_KEYS, **TRL_KEYS}
@@ -357,6 +416,7 @@ class PPOConfig(Config):
         self._check_lists()
         self._check_batches(world_size)
         self._check_estimator(world_size)
+        self._check_outputs()
         self._check_paths()
         return self
 
@@ -425,12 +485,61 @@ class PPOConfig(Config):
         for i, stop in enumerate(self.stop_strings):
             if not isinstance(stop, str) or not stop:
                 raise InputError(f"stop_strings[{i}] must be a non-empty string, got {short(stop)}")
-        if isinstance(self.prompts, list):
-            if not self.prompts:
-                raise InputError("prompts: the list is empty")
-            read_prompt_records(self.prompts, self.prompts_split)  # each item checked
-        elif self.prompts is not None and not isinstance(self.prompts, str) and not is_dataset(self.prompts):
-            raise InputError(f"prompts must be {PROMPT_SOURCES}; got {short(self.prompts)}")
+        for name in ("prompts", "eval_prompts"):
+            prompts = getattr(self, name)
+            if isinstance(prompts, list):
+                if not prompts:
+                    raise InputError(f"{name}: the list is empty")
+                read_prompt_records(prompts, self.prompts_split, name)  # each item checked
+            elif prompts is not None and not isinstance(prompts, str) and not is_dataset(prompts):
+                raise InputError(f"{name} must be {PROMPT_SOURCES}; got {short(prompts)}")
+
+    def _check_outputs(self) -> None:
+        """The last group's fields: evaluation and completions, the reporting backends (the deprecated `tensorboard`
+        switch mapped onto report_to, once), LoRA's peft settings, the critic's source."""
+        if self.tensorboard is not None:
+            warnings.warn(
+                f"tensorboard: {str(self.tensorboard).lower()} is deprecated: use report_to (a list of tensorboard, "
+                "wandb, trackio, mlflow; [] for metrics.jsonl only); mapped onto it for this run",
+                FutureWarning,
+                stacklevel=4,
+            )
+            others = [name for name in check_report_to(self.report_to) if name != "tensorboard"]
+            self.report_to, self.tensorboard = (["tensorboard"] if self.tensorboard else []) + others, None
+        self.report_to = check_report_to(self.report_to)
+        if self.eval_every and self.eval_prompts is None:
+            raise InputError(f"eval_every: {self.eval_every} evaluates on eval_prompts, and none are given")
+        if self.eval_prompts is not None and not self.eval_every:
+            raise InputError("eval_prompts are given but eval_every is 0: set eval_every (steps between evaluations)")
+        if self.num_completions_to_print is not None and not self.log_completions:
+            raise InputError("num_completions_to_print prints training completions: set log_completions: true")
+        targets = self.lora_target_modules
+        if targets is not None and not (
+            targets and (isinstance(targets, str) or all(isinstance(t, str) and t for t in targets))
+        ):
+            raise InputError(
+                f"lora_target_modules must be 'all-linear' or a list of module names, got {short(targets)}"
+            )
+        if not all(isinstance(m, str) and m for m in self.lora_modules_to_save):
+            raise InputError(
+                f"lora_modules_to_save must be a list of module names, got {short(self.lora_modules_to_save)}"
+            )
+        if self.lora_rank == 0:
+            for name, default in (
+                ("lora_target_modules", "all-linear"),
+                ("lora_dropout", 0.0),
+                ("lora_modules_to_save", []),
+            ):
+                if getattr(self, name) != default:
+                    raise InputError(f"{name} is a LoRA setting and lora_rank is 0 (no LoRA): set lora_rank > 0")
+        if self.critic_model is not None and self.critic != "separate":
+            raise InputError("critic_model initializes a critic of its own: set critic: separate")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether anything reads the reference's log-probs: a KL penalty in the reward, a KL term in the loss, or
+        measure_kl. Without any (TRL's GRPO default) no reference is loaded or run."""
+        return (self.kl_in_reward and self.kl_coef > 0) or self.kl_loss_coef > 0 or self.measure_kl
 
     def _check_batches(self, world_size: int) -> None:
         if self.rollout_batch_size % self.mini_batch_size:
@@ -497,12 +606,13 @@ class PPOConfig(Config):
             )
 
     def _check_paths(self) -> None:
-        for name in ("policy_model", "tokenizer", "reward_tokenizer", "reward_model"):
+        for name in ("policy_model", "tokenizer", "reward_tokenizer", "reward_model", "critic_model"):
             value = getattr(self, name)
             if not is_model_source(value) and not (isinstance(value, str) and is_callable_spec(value)):
                 check_path(name, value)
-        if isinstance(self.prompts, str):
-            check_path("prompts", self.prompts)  # a file, or a dataset directory (save_to_disk)
+        for name in ("prompts", "eval_prompts"):
+            if isinstance(getattr(self, name), str):
+                check_path(name, getattr(self, name))  # a file, or a dataset directory (save_to_disk)
         if self.resume_from is not None:
             check_path("resume_from", self.resume_from)
         check_writable_dir("output_dir", self.output_dir)
@@ -510,7 +620,7 @@ class PPOConfig(Config):
     def resolve_model_sources(self) -> PPOConfig:
         """Known model names and GGUF files in the model fields, replaced by their converted checkpoint directories
         (`runtime.model_sources`: converted once, then cached)."""
-        for name in ("policy_model", "tokenizer", "reward_model", "reward_tokenizer"):
+        for name in ("policy_model", "tokenizer", "reward_model", "reward_tokenizer", "critic_model"):
             setattr(self, name, resolve_model_source(getattr(self, name), name))
         return self
 
@@ -520,6 +630,44 @@ class PPOConfig(Config):
         from fastppo.runtime.distributed import world_size
 
         return self.micro_batch_size or self.mini_batch_size // world_size()
+
+
+def adopt_peft_config(config: PPOConfig, peft_config):
+    """A peft `LoraConfig` passed as TRL takes it (`PPOTrainer(config, peft_config=...)`): its settings become the
+    config's lora_* fields (validated, logged and checked on resume like YAML ones); a lora_* field the config sets
+    to something else is refused rather than silently overridden. Returns the copy fastppo wraps the policy with
+    (task_type CAUSAL_LM)."""
+    import copy
+
+    from peft import LoraConfig
+
+    if not isinstance(peft_config, LoraConfig):
+        raise InputError(
+            f"peft_config: a {type(peft_config).__name__}; fastppo trains LoRA adapters: pass a LoraConfig"
+        )
+    task = getattr(peft_config.task_type, "value", peft_config.task_type)
+    if task not in (None, "CAUSAL_LM"):
+        raise InputError(f"peft_config: task_type {task!r}, but the policy is a causal LM: use task_type='CAUSAL_LM'")
+    peft_config = copy.deepcopy(peft_config)
+    peft_config.task_type = "CAUSAL_LM"
+    targets = peft_config.target_modules
+    values = {
+        "lora_rank": peft_config.r,
+        "lora_alpha": float(peft_config.lora_alpha),
+        "lora_dropout": float(peft_config.lora_dropout),
+        "lora_target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
+        "lora_modules_to_save": list(peft_config.modules_to_save or []),
+    }
+    defaults = PPOConfig()
+    for name, value in values.items():
+        current = getattr(config, name)
+        if current != getattr(defaults, name) and current != value:
+            raise InputError(
+                f"{name}: {short(current)} in the config, {short(value)} in peft_config: give LoRA's settings once "
+                "(peft_config, or the lora_* fields)"
+            )
+        setattr(config, name, value)
+    return peft_config
 
 
 def resume_settings(config) -> dict:

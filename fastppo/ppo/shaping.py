@@ -97,11 +97,21 @@ def sequence_scores(scores: torch.Tensor, estimator: str, group_size: int) -> to
     return scores
 
 
-def shape_rewards(batch, config, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shape_rewards(batch, config, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(rewards, kl), each (B, T) float32: the sequence score (see `sequence_scores`) at the last valid token and,
-    with kl_in_reward, -kl_coef * KL(policy || reference) on every token."""
+    with kl_in_reward, -kl_coef * KL(policy || reference) on every token. Without a reference (nothing uses one:
+    `PPOConfig.uses_reference`) the rewards hold the scores alone and kl is None: not measured, rather than 0."""
     cfg, mask = config, batch.response_mask
     scores = sequence_scores(batch.scores.to(mask.device), cfg.advantage_estimator, cfg.samples_per_prompt)
+    if batch.ref_logprobs is None:
+        return ops.shape_rewards(scores, batch.old_logprobs, batch.old_logprobs, mask, 0.0, cfg.kl_estimator)[0], None
     return ops.shape_rewards(
         scores, batch.old_logprobs, batch.ref_logprobs, mask, kl_coef if cfg.kl_in_reward else 0.0, cfg.kl_estimator
     )
+
+
+def kl_per_token(batch, estimator: str) -> torch.Tensor:
+    """(B, T) float32 the per-token estimate of KL(policy || reference) from the batch's old and reference
+    log-probs, 0 at padding."""
+    zeros = torch.zeros(batch.response_mask.shape[0], device=batch.response_mask.device)
+    return ops.shape_rewards(zeros, batch.old_logprobs, batch.ref_logprobs, batch.response_mask, 0.0, estimator)[1]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import warnings
 
 import torch
 
@@ -28,31 +29,37 @@ from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_i
 from fastppo.models import (
     PolicyValueModel,
     add_lora,
+    check_critic_model,
     check_logprob_path,
     frozen_reference,
+    load_critic,
     load_tokenizer,
     load_trainable_lm,
+    lora_config,
     reference_logprobs,
     resolve_device,
 )
 from fastppo.ops.reference import loss_weights
-from fastppo.ppo import groups
+from fastppo.ppo import evaluation, groups
 from fastppo.ppo.advantages import estimate_advantages, uses_critic
 from fastppo.ppo.batch import RolloutBatch
-from fastppo.ppo.config import PPOConfig, resume_settings
+from fastppo.ppo.config import PPOConfig, adopt_peft_config, resume_settings
 from fastppo.ppo.correction import rollout_correction
 from fastppo.ppo.rewards import load_rewards
 from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
 from fastppo.runtime import distributed, precision
 from fastppo.runtime.checkpoint import (
+    FINAL_MODEL,
     check_resume_settings,
     clear_previous_run,
     find_resumable,
     load_checkpoint,
+    prune_checkpoints,
     refuse_mixing_runs,
     save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.export import export_model
 from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, Stats, explained_variance, peak_memory_mb
 from fastppo.runtime.rng import rng_state, seed_everything, set_rng_state
 from fastppo.runtime.schedule import adamw_with_schedule
@@ -84,10 +91,18 @@ class PPOTrainer:
         prompts=None,
         reference=None,
         reward_tokenizer=None,
+        eval_prompts=None,
+        peft_config=None,
     ):
         """`reward`: one reward or a list (TRL's reward_funcs: functions, 'module:function' strings, reward model
-        paths or objects), instead of the config's; `reward_tokenizer`: the tokenizer of a reward model object."""
+        paths or objects), instead of the config's; `reward_tokenizer`: the tokenizer of a reward model object;
+        `eval_prompts`: held-out prompts instead of the config's; `peft_config`: a peft LoraConfig, as TRL takes
+        it (its settings become the lora_* fields, checked with the others)."""
+        self.peft_config = adopt_peft_config(config, peft_config) if peft_config is not None else None
+        if eval_prompts is not None:
+            config.eval_prompts = eval_prompts
         self.config = config.validate().resolve_model_sources()
+        self.uses_reference = config.uses_reference  # False: no reference model, no reference forward
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
@@ -102,6 +117,8 @@ class PPOTrainer:
         if policy is None:
             raise InputError("policy_model: no policy given (a path or a model)")
         self.tokenizer = load_tokenizer(tokenizer or config.tokenizer or (policy if isinstance(policy, str) else None))
+        if config.critic_model is not None:  # before any model loads
+            check_critic_model(config.critic_model, self.tokenizer)
         self.prompts = read_prompts(
             prompts if prompts is not None else config.prompts,
             self.tokenizer,
@@ -112,10 +129,17 @@ class PPOTrainer:
         columns = dict.fromkeys(name for prompt in self.prompts for name in prompt.columns)  # for reward functions
         self.reward = load_rewards(config, self.tokenizer, self.device, reward, reward_tokenizer, columns, policy)
         self.reward.trainer_state.max_steps = config.steps
+        held_out, limits = config.eval_prompts, (config.max_prompt_length, config.truncate_long_prompts)
+        self.eval_prompts = (
+            []
+            if held_out is None
+            else read_prompts(held_out, self.tokenizer, *limits, config.prompts_split, "eval_prompts")
+        )
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
         self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
-        check_prompt_token_ids(self.prompts, self.tokenizer, lm.get_input_embeddings().num_embeddings, self.end_ids)
+        vocab_size = lm.get_input_embeddings().num_embeddings
+        check_prompt_token_ids(self.prompts + self.eval_prompts, self.tokenizer, vocab_size, self.end_ids)
         self._check_logprob_path(lm)
         self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
         self.model = self._build_policy(lm)
@@ -142,6 +166,7 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.sampler = PromptSampler(len(self.prompts), config.seed)
         self.step_count = 0
+        self.exported: set[str] = set()  # save_model's folders: this trainer may replace them
         self.timer = PhaseTimer()  # the current step's phases (`step` starts a new one)
         self.skipped_in_a_row = self.skipped_total = 0
         self.param_groups = {"policy": [], "value": []}  # trainable parameters, for the gradient norms
@@ -159,7 +184,9 @@ class PPOTrainer:
         if distributed.is_main():
             clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
         self.metrics = (
-            MetricsLogger(config.output_dir, config.tensorboard, append=resume_step is not None)
+            MetricsLogger(
+                config.output_dir, config.report_to, resume_step is not None, config.run_name, dict(vars(config))
+            )
             if distributed.is_main()
             else distributed.NullLogger()
         )
@@ -193,15 +220,27 @@ class PPOTrainer:
         if cfg.gradient_checkpointing:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.lora_rank > 0:
-            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha)
+            settings = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
+            lora = self.peft_config or lora_config(*settings, cfg.lora_modules_to_save)
+            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha, lora)
         critic = cfg.critic if uses_critic(cfg.advantage_estimator) else "none"  # critic-free: no value head
-        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs)
+        critic_init = load_critic(cfg.critic_model, self.device) if cfg.critic_model else None
+        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs, critic_init=critic_init)
         model.train()
         return model
 
     def _build_reference(self, lm, policy, reference):
         """The frozen reference LM (see `frozen_reference`), or None when it is the policy with LoRA adapters
-        disabled. `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
+        disabled, or when nothing reads it (no KL in the reward nor in the loss: `PPOConfig.uses_reference`).
+        `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
+        if not self.uses_reference:
+            if reference is not None or self.config.reference_quantization != "none":
+                warnings.warn(
+                    "reference: not loaded, nothing uses it (no KL in the reward: kl_coef 0 or kl_in_reward false; "
+                    "none in the loss: kl_loss_coef 0); measure_kl: true keeps it to log the KL",
+                    stacklevel=3,
+                )
+            return None
         if self.config.reference == "adapter":
             return None
         given = reference if reference is not None and not isinstance(reference, str) else None
@@ -226,13 +265,35 @@ class PPOTrainer:
         warming_up = self.warming_up
         self.step_count += 1
         whole = distributed.gather_fields(batch, METRIC_FIELDS)  # every rank's rows: the same KL and metrics
-        kl_per_sequence = float(whole.kl.sum(-1).mean())
-        if not warming_up:  # the policy has not moved yet: its KL says nothing about the coefficient
+        kl_per_sequence = None if whole.kl is None else float(whole.kl.sum(-1).mean())  # None: no reference
+        if not warming_up and kl_per_sequence is not None:  # warming up, the policy has not moved: nothing to adapt
             self.kl_controller.update(kl_per_sequence, self.config.rollout_batch_size)
         metrics = self._metrics(whole, kl_per_sequence) | stats
         if self.config.value_warmup_steps:
             metrics["value/warmup"] = float(warming_up)
+        self._log_completions(batch)
+        if self.config.eval_every and self.step_count % self.config.eval_every == 0:
+            with self.timer("eval"):
+                metrics |= self.evaluate()
+            metrics["perf/eval_s"] = self.timer.seconds["eval"]  # not in perf/step_s: the step's phases only
         self.metrics.log(metrics)
+        return metrics
+
+    def _log_completions(self, batch: RolloutBatch) -> None:
+        """log_completions: this step's prompts, completions and scores to completions.jsonl (and the backends'
+        tables), num_completions_to_print of them on the console."""
+        if not self.config.log_completions:
+            return
+        rows = evaluation.completion_rows(batch, batch.raw_scores)
+        self.metrics.log_completions(rows, self.step_count, "train")
+        if distributed.is_main():
+            evaluation.print_completions(rows, self.step_count, self.config.num_completions_to_print)
+
+    def evaluate(self) -> dict:
+        """The policy's answers to eval_prompts, scored: the eval/* metrics (see `evaluation.evaluate`); the answers
+        go to completions.jsonl. Under torchrun every rank calls it."""
+        metrics, rows = evaluation.evaluate(self)
+        self.metrics.log_completions(rows, self.step_count, "eval")
         return metrics
 
     @property
@@ -346,7 +407,9 @@ class PPOTrainer:
                     logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
                     old_logprobs.append(logprobs)
                     old_values.append(values)
-                if self.reference is None:
+                if not self.uses_reference:
+                    ref = None  # nothing reads it: no reference forward
+                elif self.reference is None:
                     with self.model.adapters_disabled() as lm:
                         ref = reference_logprobs(lm, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
                 else:
@@ -354,7 +417,7 @@ class PPOTrainer:
                         self.reference, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs
                     )
             ref_logprobs.append(ref)
-        batch.ref_logprobs = torch.cat(ref_logprobs)
+        batch.ref_logprobs = torch.cat(ref_logprobs) if self.uses_reference else None
         if from_rollout:
             batch.old_logprobs, batch.old_values = batch.sampler_logprobs, batch.sampler_values
             return {}
@@ -522,7 +585,6 @@ class PPOTrainer:
             "reward/score_mean": float(scores.mean()),
             "reward/score_std": float(scores.std()) if scores.numel() > 1 else 0.0,
             "reward/shaped_mean": float(batch.rewards.sum(-1).mean()),
-            "policy/kl": kl_per_sequence,
             "rollout/response_length_mean": float(lengths.mean()),
             "rollout/response_length_max": float(lengths.max()),
             "rollout/ended_rate": float(batch.ended.float().mean()),
@@ -537,6 +599,8 @@ class PPOTrainer:
             "perf/step_s": sum(seconds.values()),
         }
         metrics.update({f"perf/{phase}_s": s for phase, s in seconds.items()})
+        if kl_per_sequence is not None:  # without a reference there is no KL: absent, not a 0 that looks measured
+            metrics["policy/kl"] = kl_per_sequence
         metrics.update(self.reward.stats(batch.reward_scores))  # TRL's rewards/<name>/mean and /std
         if batch.old_values is not None:
             metrics["value/explained_variance"] = explained_variance(batch.old_values, batch.returns, mask)
@@ -562,7 +626,8 @@ class PPOTrainer:
                     break
                 history.append(metrics)
                 bar.update(1)
-                bar.set_postfix(score=f"{metrics['reward/score_mean']:.3f}", kl=f"{metrics['policy/kl']:.3f}")
+                shown = {"score": metrics["reward/score_mean"], "kl": metrics.get("policy/kl")}  # kl: no reference
+                bar.set_postfix({name: f"{value:.3f}" for name, value in shown.items() if value is not None})
                 if cfg.save_every and self.step_count % cfg.save_every == 0:
                     self.save()
             bar.close()
@@ -611,7 +676,26 @@ class PPOTrainer:
                     resume_settings(self.config),
                 )
             )
+        if saved is not None and path is None and self.config.save_total_limit:
+            prune_checkpoints(self.config.output_dir, self.config.save_total_limit, saved)
         return distributed.broadcast_object(saved)
+
+    def save_model(self, path: str | None = None) -> str:
+        """The final model at `path` (default <output_dir>/final): the policy alone, in the checkpoint's dtype, with
+        its tokenizer, chat template and generation config, LoRA merged or as an adapter (save_merged_lora), that
+        `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load (see `runtime.export`).
+        `fastppo train` writes it at the end of a finished run. Under torchrun every rank calls it."""
+        final = os.path.abspath(os.path.join(self.config.output_dir, FINAL_MODEL))
+        path = os.path.abspath(path or final)
+        taken = path not in (final, *self.exported) and os.path.isdir(path) and bool(os.listdir(path))
+        if distributed.broadcast_object(taken):  # rank 0's view: every rank stops, none waits in the gathering
+            raise InputError(f"save_model: {path} is not empty; name a new folder (nothing already there is replaced)")
+        probes = [str(p) for p in self.prompts[:8]]
+        with self.parallel.model_for_saving(self.model) as model:
+            if model is not None:
+                export_model(model.lm, self.tokenizer, path, self.config.save_merged_lora, self.save_dtype, probes)
+        self.exported.add(path)
+        return distributed.broadcast_object(path)
 
     def _resume(self, checkpoint: str, state: dict) -> int:
         """Restore the trainer `state` of `checkpoint`, whose weights were loaded before wrapping the model."""

@@ -30,6 +30,10 @@ from fastppo.runtime.validation import LOAD_ERRORS, clip, refuse_to_overwrite
 
 STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
 STATE_KEYS = ("step", "optimizer", "scheduler", "kl_controller", "score_moments", "sampler", "rng")
+# What fastppo changes in memory and takes back out of the files it saves: the drop probabilities `disable_dropout`
+# zeroed (their released values, kept on the model under this attribute) and the pad token `load_tokenizer` set.
+RELEASED_DROPOUT, PAD_SET_BY_FASTPPO = "fastppo_released_dropout", "fastppo_pad_set"
+FINAL_MODEL = "final"  # <output_dir>/final: the model-only export of a finished run (fastppo.runtime.export)
 
 
 def _sha256(path: str) -> str:
@@ -67,21 +71,15 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     lm = model.lm
+    save_policy(lm, tmp, merge_lora, dtype)
     if hasattr(lm, "peft_config"):  # the adapter (float32, trained) resumes; the base weights never changed
         lm.save_pretrained(os.path.join(tmp, "adapter"))
-        if merge_lora:
-            import copy
-
-            save_weights(copy.deepcopy(lm).merge_and_unload(), tmp, dtype)
-        else:
-            lm.save_pretrained(tmp)
     else:
-        save_weights(lm, tmp, dtype)
         if dtype != torch.float32:
             # named_parameters: tied weights once; clones: gathered weights may be views of one flat buffer
             master = {name: p.detach().clone() for name, p in lm.named_parameters()}
             save_file(master, os.path.join(tmp, MASTER_WEIGHTS))
-    tokenizer.save_pretrained(tmp)
+    save_tokenizer(tokenizer, tmp)
     if getattr(model, "value_head", None) is not None:  # PPO's critic; DPO passes a model with `.lm` only
         state = {k: v.contiguous() for k, v in model.value_head.state_dict().items()}
         save_file(state, f"{tmp}/value_head.safetensors")
@@ -94,14 +92,33 @@ def save_checkpoint(
         manifest["settings"] = settings
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    if os.path.exists(final):  # saving the same step again: move the old one aside first, then drop it
+    replace_dir(tmp, final)
+    return final
+
+
+def save_policy(lm, directory: str, merge_lora: bool, dtype: torch.dtype) -> None:
+    """The policy LM in the Hugging Face layout, weights in `dtype`: LoRA merged into the weights, or (merge_lora
+    False) its adapter files alone (adapter_config.json, adapter_model.safetensors)."""
+    if not hasattr(lm, "peft_config"):
+        save_weights(lm, directory, dtype)
+    elif merge_lora:
+        import copy
+
+        save_weights(copy.deepcopy(lm).merge_and_unload(), directory, dtype)
+    else:
+        lm.save_pretrained(directory)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Rename the finished directory `tmp` to `final`; one already there (the same step saved again) is moved aside
+    first and dropped after, so `final` is at every moment either whole or absent."""
+    if os.path.exists(final):
         trash = f"{final}.old-{os.getpid()}"
         os.replace(final, trash)
         os.replace(tmp, final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    return final
 
 
 def save_model(model, tokenizer, output_dir: str) -> None:
@@ -109,7 +126,20 @@ def save_model(model, tokenizer, output_dir: str) -> None:
     `fastppo reward-model` leave it; a run's resumable checkpoints are `save_checkpoint`'s."""
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    save_tokenizer(tokenizer, output_dir)
+
+
+def save_tokenizer(tokenizer, directory: str) -> None:
+    """`tokenizer.save_pretrained(directory)` as the tokenizer was given: a pad token `load_tokenizer` set for
+    batching (the EOS, where the tokenizer had none) is left out of the files."""
+    added = getattr(tokenizer, PAD_SET_BY_FASTPPO, False) and tokenizer.pad_token == tokenizer.eos_token
+    if added:
+        tokenizer.pad_token = None
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        if added:
+            tokenizer.pad_token = tokenizer.eos_token
 
 
 def verify(checkpoint: str) -> str | None:
@@ -169,6 +199,10 @@ def clear_previous_run(output_dir: str, resume_from: str | None, overwrite: bool
         shutil.rmtree(path)
     if old:
         print(f"fastppo: overwrite_output_dir: removed the previous run's {len(old)} checkpoint(s) in {output_dir}")
+    final = os.path.join(output_dir, FINAL_MODEL)
+    if os.path.isdir(final):  # the previous run's final model must not pass for this one's
+        shutil.rmtree(final)
+        print(f"fastppo: overwrite_output_dir: removed the previous run's final model {final}")
 
 
 def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
@@ -178,6 +212,23 @@ def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
         if match:
             found.append((int(match.group(1)), os.path.join(run_dir, name)))
     return sorted(found)
+
+
+def prune_checkpoints(run_dir: str, limit: int, newest: str) -> list[str]:
+    """save_total_limit: once the just-saved `newest` verifies, remove the oldest checkpoints of `run_dir` until
+    `limit` remain (the newest always among them). A newest that does not verify removes nothing: the older ones
+    hold the last good state. Returns the removed paths."""
+    problem = verify(newest)
+    if problem is not None:
+        warnings.warn(
+            f"save_total_limit: {newest} does not verify ({problem}); no older checkpoint removed", stacklevel=2
+        )
+        return []
+    older = [path for _, path in list_checkpoints(run_dir) if os.path.realpath(path) != os.path.realpath(newest)]
+    removed = older[: max(len(older) + 1 - limit, 0)]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
 
 
 def find_resumable(path: str) -> str:
@@ -275,16 +326,33 @@ def _load_weights(checkpoint: str, model) -> None:
 
 def save_weights(model, directory: str, dtype: torch.dtype) -> None:
     """`model.save_pretrained(directory)` with the weights (and config.json's dtype) in `dtype`: a float32 master
-    copy of a bf16 checkpoint is saved back as bf16."""
-    import json
-    import os
-
-    state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    copy of a bf16 checkpoint is saved back as bf16. Tied weights (an LM head sharing the embedding) stay one tensor,
+    saved once, and config.json gets back the drop probabilities `disable_dropout` zeroed in memory."""
+    converted: dict[tuple, torch.Tensor] = {}  # one conversion per stored tensor: tied names keep sharing it
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            key = (tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+            if key not in converted:
+                converted[key] = tensor.to(dtype)
+            tensor = converted[key]
+        state[name] = tensor
     model.save_pretrained(directory, state_dict=state)
     config_path = os.path.join(directory, "config.json")
     with open(config_path) as f:
         config = json.load(f)
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
+    _overlay(config, getattr(model, RELEASED_DROPOUT, {}))
     with open(config_path, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
+
+
+def _overlay(config: dict, values: dict) -> None:
+    """Write `values` (nested like the config: a sub-config's values under its key) into `config`."""
+    for name, value in values.items():
+        if isinstance(value, dict):
+            if isinstance(config.get(name), dict):
+                _overlay(config[name], value)
+        else:
+            config[name] = value

@@ -211,6 +211,9 @@ class NullLogger:
     def log(self, metrics: dict) -> None:
         pass
 
+    def log_completions(self, rows: list[dict], step: int, split: str) -> None:
+        pass
+
     def truncate_after(self, step: int) -> None:
         pass
 

@@ -1,4 +1,4 @@
-"""Metrics: one JSON line per step in <output_dir>/metrics.jsonl, the same scalars in TensorBoard.
+"""Metrics: one JSON line per step in <output_dir>/metrics.jsonl, the same scalars in the `report_to` backends.
 
 Names are grouped by prefix, as CleanRL does: reward/, policy/, value/, rollout/, kl/, optim/, perf/
 (docs/metrics.md lists them all).
@@ -97,78 +97,110 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 
 
 class MetricsLogger:
-    """Nothing is created or truncated before the first record: a run that stops before its first step (bad input,
+    """metrics.jsonl (one JSON line per step), completions.jsonl (`log_completions`: one line per prompt and
+    completion) and the `report_to` backends (`fastppo.runtime.reporting`), which get the same scalars and tables.
+
+    Nothing is created or truncated before the first record: a run that stops before its first step (bad input,
     a model that fails to load) leaves output_dir exactly as it found it.
 
-    `close()` (or leaving a `with MetricsLogger(...)` block) closes the file and TensorBoard's writer; it may be
-    called any number of times, and a record logged after it reopens the file in append mode.
+    `close()` (or leaving a `with MetricsLogger(...)` block) closes the files and the backends; it may be called any
+    number of times, and a record logged after it reopens the files in append mode (and the backends anew).
     """
 
-    def __init__(self, output_dir: str, tensorboard: bool = True, append: bool = False):
-        self.output_dir, self.tensorboard, self.append = output_dir, tensorboard, append
+    FILES = ("metrics.jsonl", "completions.jsonl")
+
+    def __init__(
+        self,
+        output_dir: str,
+        report_to=("tensorboard",),
+        append: bool = False,
+        run_name: str | None = None,
+        settings: dict | None = None,
+    ):
+        self.output_dir, self.report_to, self.run_name, self.settings = output_dir, list(report_to), run_name, settings
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.file = None
-        self.writer = None
+        self.fresh = not append  # a new run: its first record replaces a previous run's files (overwrite_output_dir)
+        self.files: dict = {}
+        self.backends = None
 
-    def _open(self) -> None:
-        os.makedirs(self.output_dir, exist_ok=True)
-        self.file = open(self.path, "a" if self.append else "w")
-        self.append = True  # reopened after close(): never truncate what this run already wrote
-        if self.tensorboard and self.writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+    def _file(self, name: str):
+        if self.fresh:
+            for old in self.FILES:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.output_dir, old))
+            self.fresh = False  # reopened after close(): never truncate what this run already wrote
+        if name not in self.files:
+            os.makedirs(self.output_dir, exist_ok=True)
+            self.files[name] = open(os.path.join(self.output_dir, name), "a")
+        if self.backends is None:
+            from fastppo.runtime.reporting import open_backends
 
-                self.writer = SummaryWriter(os.path.join(self.output_dir, "tb"))
-            except ImportError:  # tensorboard is a dependency, but a broken install must not stop training
-                self.tensorboard = False
+            self.backends = open_backends(self.report_to, self.output_dir, self.run_name, self.settings)
+        return self.files[name]
 
     def log(self, metrics: dict) -> None:
-        if self.file is None:
-            self._open()
-        self.file.write(json.dumps(metrics) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if name != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(name, value, metrics["step"])
-            self.writer.flush()
+        file = self._file("metrics.jsonl")
+        file.write(json.dumps(metrics) + "\n")
+        file.flush()
+        scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+        for backend in self.backends:
+            backend.log(scalars, metrics["step"])
+
+    def log_completions(self, rows: list[dict], step: int, split: str) -> None:
+        """One line per row of completions.jsonl ({"step", "split", ...the row}), and a table for each backend."""
+        if not rows:
+            return
+        rows = [{"step": step, "split": split, **row} for row in rows]
+        file = self._file("completions.jsonl")
+        file.writelines(json.dumps(row) + "\n" for row in rows)
+        file.flush()
+        for backend in self.backends:
+            backend.completions(rows, step, split)
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines of steps after the checkpoint, which the resumed run will log again, and a last
-        line torn by a kill mid-write. The file is replaced atomically, so a second crash here loses nothing."""
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        self.append = True  # the next record goes after the kept ones
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path) as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # blank, or torn by a kill
-                if isinstance(record, dict) and record.get("step", 0) <= step:
-                    # A record torn just before its newline still parses: end it, or the next one joins it.
-                    kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        line torn by a kill mid-write, from metrics.jsonl and completions.jsonl. Each file is replaced atomically,
+        so a second crash here loses nothing."""
+        self._close_files()
+        self.fresh = False  # the next record goes after the kept ones
+        for name in self.FILES:
+            _keep_steps_up_to(os.path.join(self.output_dir, name), step)
+
+    def _close_files(self) -> None:
+        for file in self.files.values():
+            file.close()
+        self.files = {}
 
     def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self._close_files()
+        for backend in self.backends or []:
+            backend.close()
+        self.backends = None
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _keep_steps_up_to(path: str, step: int) -> None:
+    """Rewrite the JSONL file `path` (if any) with its records of steps <= `step` only."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # blank, or torn by a kill
+            if isinstance(record, dict) and record.get("step", 0) <= step:
+                # A record torn just before its newline still parses: end it, or the next one joins it.
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

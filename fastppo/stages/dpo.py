@@ -203,7 +203,8 @@ class DPOTrainer:
         if not (config.kl_samples and self.kl_prompts) and self.reference is not None:
             self.reference = None  # cached log-probs are all training needs: free the copy
         clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
-        self.metrics = MetricsLogger(config.output_dir, config.tensorboard, append=state is not None)
+        report_to = ["tensorboard"] if config.tensorboard else []
+        self.metrics = MetricsLogger(config.output_dir, report_to, append=state is not None)
         if state is not None:
             self.metrics.truncate_after(self.step_count)
 

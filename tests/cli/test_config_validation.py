@@ -24,6 +24,8 @@ HINTS = typing.get_type_hints(PPOConfig)
 FIELDS = [f.name for f in dataclasses.fields(PPOConfig)]
 # Free-form paths: their bad values are the missing, unreadable and damaged targets of test_validation_files.py.
 PATH_FIELDS = {"policy_model", "tokenizer", "reward_model", "reward_tokenizer", "prompts", "output_dir", "resume_from"}
+PATH_FIELDS |= {"eval_prompts", "critic_model"}
+FREE_TEXT = {"run_name"}  # any string is a valid one
 
 
 def kinds(name: str) -> set:
@@ -75,10 +77,12 @@ def wrong_values(name: str) -> list[tuple[str, object]]:
         cases += [("text", "yes"), ("int", 1), ("list", [True])]
     elif types == {str}:
         cases += [("int", 7), ("list", ["a"]), ("bool", True), ("mapping", {"a": 1})]
-        cases += [] if name in PATH_FIELDS else [("not-a-choice", "no-such-choice")]
+        cases += [] if name in PATH_FIELDS | FREE_TEXT else [("not-a-choice", "no-such-choice")]
     elif types == {list}:
         cases += [("text", "stop"), ("mapping", {"a": 1}), ("int", 3)]
-    elif name == "prompts":
+    elif types == {list, str}:  # a name or a list of names
+        cases += [("int", 3), ("mapping", {"a": 1}), ("list-of-int", ["a", 3]), ("not-a-name", "")]
+    elif name in ("prompts", "eval_prompts"):
         cases += [
             ("int", 3),
             ("float", 2.5),

@@ -16,7 +16,15 @@ from fastppo.engines.hf import end_token_ids, generate
 from fastppo.models import disable_dropout
 from fastppo.ppo.rewards import ModelReward
 from fastppo.runtime.errors import InputError
-from tests.tiny_models import END_OF_TURN, build_tokenizer, count_w7, prompt_list, save_tiny_models, small_config
+from tests.tiny_models import (
+    END_OF_TURN,
+    build_tokenizer,
+    count_w7,
+    logprobs_repeat_exactly,
+    prompt_list,
+    save_tiny_models,
+    small_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +101,7 @@ def test_no_dropout_anywhere_in_the_ppo_loop(released, tmp_path, model):
         old_logprobs="recompute",
     )
     trainer = PPOTrainer(config, prompts=prompt_list())
-    batch = trainer.rollout(prompt_list()[:4])
-    batch.scores = trainer.score(batch)
-    trainer.compute_logprobs(batch)
-    first = (batch.old_logprobs.clone(), batch.old_values.clone())
-    trainer.compute_logprobs(batch)
-    assert torch.equal(first[0], batch.old_logprobs) and torch.equal(first[1], batch.old_values)
+    assert logprobs_repeat_exactly(trainer)
 
     metrics = trainer.step()  # one minibatch: the update sees exactly the rollout-time policy
     assert metrics["policy/ratio_max"] == 1.0 and metrics["policy/clip_frac"] == 0.0

@@ -194,7 +194,7 @@ def test_resume_keeps_whole_records_one_per_line(tmp_path, tail):
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\n{"step": 2}\n' + tail)
-    logger = MetricsLogger(str(tmp_path), tensorboard=False, append=True)
+    logger = MetricsLogger(str(tmp_path), report_to=[], append=True)
     logger.truncate_after(3)
     logger.log({"step": 4})
     logger.close()

@@ -24,7 +24,7 @@ kl/coef optim/grad_norm optim/lr optim/skipped_steps policy/grad_norm value/grad
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "gpt_neox"])
 def test_runs_end_to_end_with_a_reward_model(tiny_models, tmp_path, arch):
     policy, reward = tiny_models[arch]
-    config = small_config(tmp_path, policy_model=policy, reward_model=reward, tensorboard=True)
+    config = small_config(tmp_path, policy_model=policy, reward_model=reward, report_to=["tensorboard"])
     trainer = PPOTrainer(config, prompts=prompt_list())
     history = trainer.train()
     assert len(history) == 2

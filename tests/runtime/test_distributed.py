@@ -313,8 +313,9 @@ def test_single_process_helpers_are_the_identity():
 
 
 def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
-    """`fastppo train --nproc 2` end to end with FSDP2 and real sampling (generation with gathered weights); the
-    moves between world sizes are checked above."""
+    """`fastppo train --nproc 2` end to end with FSDP2 and real sampling (generation with gathered weights), an
+    evaluation whose 3 prompts the two ranks share, the completions table and the final model; the moves between
+    world sizes are checked above."""
     import yaml
 
     from tests.tiny_models import run_cli
@@ -331,7 +332,11 @@ def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
         "mini_batch_size": 4,
         "micro_batch_size": 1,
         "max_new_tokens": 4,
-        "tensorboard": False,
+        "report_to": [],
+        "eval_prompts": ["w1 w2", "w3", "w4 w5 w6"],
+        "eval_every": 1,
+        "log_completions": True,
+        "num_completions_to_print": 0,
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(values))
@@ -340,6 +345,11 @@ def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
     assert proc.stdout.count("done: 1 steps") == 1  # rank 0 reports
     assert len(_metrics_lines(tmp_path / "run")) == 1  # rank 0 writes
     assert (tmp_path / "run" / "checkpoint-1" / "manifest.json").exists()
+    assert "eval/kl" in _metrics_lines(tmp_path / "run")[0]
+    completions = [json.loads(line) for line in open(tmp_path / "run" / "completions.jsonl")]
+    assert [row["split"] for row in completions] == ["train"] * 4 + ["eval"] * 3  # every rank's rows, once each
+    assert [row["prompt"] for row in completions[4:]] == values["eval_prompts"]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()  # gathered from the shards by rank 0
 
 
 def test_nproc_is_checked_before_any_process_starts(tmp_path, capsys):
