@@ -48,12 +48,22 @@ class FunctionReward:
             scores = self.fn(prompts, responses) if self.timeout is None else self._call_in_worker(prompts, responses)
         except (RewardError, signals.StepInterrupted):
             raise
+        except SystemExit as exit_:  # it would end the run with its code, 0 included, mid-step and unsaid
+            raise RewardError(
+                f"reward function {self.name} called sys.exit({exit_.code!r}); a reward returns one score per "
+                "response and reports a failure by raising"
+            ) from None
         except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
             raise RewardError(f"reward function {self.name} raised {type(error).__name__}: {clip(error)}") from error
         try:
-            scores = torch.as_tensor(scores, dtype=torch.float32).flatten()
+            scores = torch.as_tensor(scores, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as error:
             raise RewardError(f"reward function {self.name} must return numbers, got {scores!r:.100}") from error
+        if scores.dim() != 1:  # a (B/2, 2) list flattened would pair scores with the wrong responses
+            raise RewardError(
+                f"reward function {self.name} returned scores of shape {tuple(scores.shape)} for "
+                f"{len(batch.prompts)} responses: expected a flat list, one number per response"
+            )
         return check_scores(scores, len(batch.prompts), self.name)
 
     def _call_in_worker(self, prompts: list[str], responses: list[str]):
@@ -75,7 +85,7 @@ class FunctionReward:
             if time.monotonic() >= deadline:
                 raise RewardError(
                     f"reward function {self.name} did not return within reward_timeout={self.timeout:g} s; the run "
-                    "stops (the last checkpoint is intact). Raise reward_timeout if it is just slow"
+                    "stops. Raise reward_timeout if it is just slow"
                 )
         if "error" in outcome:
             raise outcome["error"]
