@@ -287,21 +287,6 @@ def test_config_checks_the_shares(tmp_path, monkeypatch):
     small_config(tmp_path, parallel="none").validate()  # one process: any mode
 
 
-def test_launcher_is_torchrun():
-    command = distributed.launch_command(4, ["train", "--config", "run.yaml"])
-    assert command[1:] == [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=4",
-        "-m",
-        "fastppo",
-        "train",
-        "--config",
-        "run.yaml",
-    ]
-
-
 def test_single_process_helpers_are_the_identity():
     x, mask = torch.randn(3, 5), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     assert distributed.world_size() == 1 and distributed.is_main()
@@ -314,7 +299,7 @@ def test_single_process_helpers_are_the_identity():
 
 def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
     """`fastppo train --nproc 2` end to end with FSDP2 and real sampling (generation with gathered weights); the
-    moves between world sizes are checked above."""
+    moves between world sizes are checked above, the launcher in test_launcher.py."""
     import yaml
 
     from tests.tiny_models import run_cli
