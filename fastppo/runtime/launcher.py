@@ -4,13 +4,15 @@ one process would: the same exit codes (0, 2, 3, 4, 130, 143), one message, the 
 Each worker gets the environment torchrun would give it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR,
 MASTER_PORT) and runs `fastppo train` again, where `distributed.init` joins the process group. The launcher
 
-- forwards SIGINT and SIGTERM to the workers, which stop together at a step boundary with a checkpoint; a second
-  Ctrl-C a second or more after the first kills them (the user insists);
+- forwards SIGTERM (and a SIGINT not from its terminal, whose Ctrl-C reaches every worker itself) to the workers,
+  which stop together at a step boundary with a checkpoint; a second Ctrl-C a second or more after the first kills
+  them (the user insists);
 - when a worker fails, kills the others at once: they could only wait for it in their next collective, or fail there
   with a traceback of their own that says nothing about the cause;
 - prints the failing rank's message last, alone: each worker writes its one-line error (or its traceback) into a file
   of the launcher's instead of onto the shared stderr, and the launcher picks the first failure that is a reported
-  error (bad input, numerics, the environment) over the collateral ones.
+  error (bad input, numerics, the environment, an interrupt) over tracebacks, which are collateral more often than
+  not (a collective whose peer died).
 
 Workers die with their launcher whatever kills it (`die_with_parent`: the parent-death signal on Linux, a watchdog
 thread elsewhere): a SIGKILL of the launcher stops them at their next step boundary, with a checkpoint, instead of
@@ -32,10 +34,9 @@ import tempfile
 import threading
 import time
 
-from fastppo.runtime.errors import EXIT_BUG, EXIT_ENVIRONMENT, EXIT_INPUT, EXIT_NUMERICS
+from fastppo.runtime.errors import EXIT_BUG
 
 OUTCOMES = "FASTPPO_OUTCOMES"  # the environment variable naming the launcher's directory of outcome files
-REPORTED_CODES = (EXIT_INPUT, EXIT_NUMERICS, EXIT_ENVIRONMENT)
 POLL_S = 0.05
 
 
@@ -59,11 +60,14 @@ def launch(nproc: int, argv: list[str]) -> int:
         subprocess.Popen(worker_command(argv), env={**environment, "RANK": str(r), "LOCAL_RANK": str(r)})
         for r in range(nproc)
     ]
-    signalled: list[float] = []  # when each forwarded signal came
+    signalled: list[float] = []  # when each signal came
+    terminal = _in_terminal_foreground()  # a Ctrl-C there reaches every worker itself
 
     def forward(signum, frame):
         insisting = signum == signal.SIGINT and signalled and time.monotonic() - signalled[0] > 1.0
         signalled.append(time.monotonic())
+        if signum == signal.SIGINT and terminal and not insisting:
+            return
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signal.SIGKILL if insisting else signum)
@@ -102,8 +106,8 @@ def _report(workers: list[subprocess.Popen], outcomes: str, killed: set[int], si
         with open(os.path.join(outcomes, name), encoding="utf-8") as f:
             recorded.append(json.load(f))
     if recorded:  # a reported error first (the cause), the earliest; else the earliest traceback (a bug)
-        cause = min(recorded, key=lambda o: (o["code"] not in REPORTED_CODES, o["time"], o["rank"]))
-        where = "" if cause["code"] in REPORTED_CODES else f"(rank {cause['rank']}) "
+        cause = min(recorded, key=lambda o: (o["code"] == EXIT_BUG, o["time"], o["rank"]))
+        where = f"(rank {cause['rank']}) " if cause["code"] == EXIT_BUG else ""
         print(f"{where}{cause['message'].rstrip()}", file=sys.stderr)
         return cause["code"]
     for rank, worker in enumerate(workers):
@@ -115,6 +119,14 @@ def _report(workers: list[subprocess.Popen], outcomes: str, killed: set[int], si
     if signalled and not codes:
         return 130
     return max(codes, default=EXIT_BUG) if any(codes) else 0
+
+
+def _in_terminal_foreground() -> bool:
+    """Whether this process runs in its terminal's foreground process group (where Ctrl-C signals every process)."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _free_port() -> int:
