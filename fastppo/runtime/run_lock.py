@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import os
 import socket
 import time
+import warnings
 import weakref
 
 from fastppo.runtime.errors import EnvironmentProblem
@@ -98,7 +100,14 @@ def _lock(output_dir: str, directory: str, command: str) -> _Lock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):  # a file system without locks
+                    warnings.warn(
+                        f"output_dir {output_dir}: its file system takes no locks ({error.strerror}): a second run "
+                        "into it would not be noticed",
+                        stacklevel=3,
+                    )
+                    break
                 holder = _holder(fd)
                 os.close(fd)
                 raise EnvironmentProblem(

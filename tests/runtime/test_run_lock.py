@@ -109,3 +109,15 @@ def test_two_runs_into_one_output_dir(tmp_path, tiny_models):
     finally:
         first.kill()
         first.wait()
+
+
+def test_a_file_system_without_locks_is_said_not_refused(tmp_path, monkeypatch):
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="takes no locks .* a second run into it would not be noticed"):
+        lock = run_lock.hold(str(tmp_path / "run"), "train")
+    lock.release()
