@@ -11,19 +11,8 @@ def test_train_from_yaml(tiny_models, tmp_path):
     policy, reward = tiny_models["qwen2"]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) for i in range(8)) + "\n")
-    config = {
-        "policy_model": policy,
-        "reward_model": reward,
-        "prompts": str(prompts),
-        "output_dir": str(tmp_path / "run"),
-        "steps": 3,
-        "rollout_batch_size": 4,
-        "mini_batch_size": 2,
-        "max_new_tokens": 4,
-        "tensorboard": False,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    sizes = {"steps": 3, "rollout_batch_size": 4, "max_new_tokens": 4}
+    path = tiny_run_yaml(tmp_path, policy, reward_model=reward, prompts=str(prompts), **sizes)
     proc = run_cli("train", "--config", str(path), "--set", "steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 2 steps" in proc.stdout

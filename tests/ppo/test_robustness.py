@@ -58,6 +58,14 @@ def wait_until(condition, proc: subprocess.Popen, timeout: float = 240.0) -> Non
         time.sleep(0.05)
 
 
+def signal_after_a_step(proc: subprocess.Popen, run_dir: Path, signum: int) -> tuple[str, str, int]:
+    """Send `signum` to the run once it has logged a step; (stdout, stderr, steps logged) once it has ended."""
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and metric_lines(run_dir), proc)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=240)
+    return out, err, len(metric_lines(run_dir))
+
+
 def metric_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -98,11 +106,8 @@ def test_signal_stops_at_the_step_boundary_with_a_checkpoint(tiny_models, tmp_pa
     run_dir = tmp_path / "run"
     config = write_config(tmp_path, tiny_models, "run", steps=10_000, save_every=0)
     proc = start_cli("train", "--config", str(config))
-    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and metric_lines(run_dir), proc)
-    proc.send_signal(signum)
-    out, err = proc.communicate(timeout=240)
+    out, err, steps = signal_after_a_step(proc, run_dir, signum)
     assert proc.returncode == 128 + signum, err[-3000:]
-    steps = len(metric_lines(run_dir))
     assert f"stopped by {signal.Signals(signum).name} at step {steps}" in out
     assert [Path(path).name for _, path in list_checkpoints(str(run_dir))] == [f"checkpoint-{steps}"]
     assert verify(str(run_dir / f"checkpoint-{steps}")) is None

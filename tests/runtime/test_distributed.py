@@ -300,27 +300,12 @@ def test_single_process_helpers_are_the_identity():
 def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
     """`fastppo train --nproc 2` end to end with FSDP2 and real sampling (generation with gathered weights); the
     moves between world sizes are checked above, the launcher in test_launcher.py."""
-    import yaml
-
-    from tests.tiny_models import run_cli
+    from tests.tiny_models import run_cli, tiny_run_yaml
 
     policy, reward = tiny_models["llama"]
-    values = {
-        "policy_model": policy,
-        "reward_model": reward,
-        "prompts": prompt_list(8),
-        "parallel": "fsdp",
-        "output_dir": str(tmp_path / "run"),
-        "steps": 1,
-        "rollout_batch_size": 4,
-        "mini_batch_size": 4,
-        "micro_batch_size": 1,
-        "max_new_tokens": 4,
-        "tensorboard": False,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(values))
-    proc = run_cli("train", "--nproc", "2", "--config", str(path))
+    sizes = {"steps": 1, "rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 1, "max_new_tokens": 4}
+    path = tiny_run_yaml(tmp_path, policy, reward_model=reward, parallel="fsdp", **sizes)
+    proc = run_cli("train", "--nproc", "2", "--config", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 1 steps") == 1  # rank 0 reports
     assert len(_metrics_lines(tmp_path / "run")) == 1  # rank 0 writes

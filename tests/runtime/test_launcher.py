@@ -180,17 +180,12 @@ def test_a_reward_failing_on_one_rank_ends_the_run_with_its_message(tmp_path, ti
 
 @pytest.mark.slow
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_the_resume_command(tmp_path, tiny_models):
-    from tests.ppo.test_robustness import metric_lines, wait_until
+    from tests.ppo.test_robustness import signal_after_a_step, start_cli
 
-    config = nproc_run(tmp_path, tiny_models, steps=10_000)
-    command, env = cli_command("train", "--nproc", "2", "--config", config)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_cli("train", "--nproc", "2", "--config", nproc_run(tmp_path, tiny_models, steps=10_000))
     run_dir = tmp_path / "run"
-    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and metric_lines(run_dir), proc)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=240)
+    out, err, steps = signal_after_a_step(proc, run_dir, signal.SIGTERM)
     assert proc.returncode == 143, err[-3000:]
-    steps = len(metric_lines(run_dir))
     assert f"stopped by SIGTERM at step {steps}, checkpoint saved; continue with: fastppo train" in out
     assert out.strip().endswith("--nproc 2 --resume") and "Traceback" not in err
     assert (run_dir / f"checkpoint-{steps}" / "manifest.json").exists()
