@@ -23,7 +23,7 @@ from fastppo import ops
 from fastppo.runtime.checkpoint import PAD_SET_BY_FASTPPO, RELEASED_DROPOUT, save_weights
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.library_messages import explain_bitsandbytes_messages, peft_wrapping
-from fastppo.runtime.validation import LOAD_ERRORS, clip
+from fastppo.runtime.validation import LOAD_ERRORS, clip, read_model_config, refuse_adapter_dir
 
 
 def resolve_device(name: str) -> torch.device:
@@ -41,7 +41,7 @@ def load_tokenizer(spec, need_eos: bool = False):
         from transformers import AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(spec)
+            tokenizer = AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
             if _saved_as_generic_fast_tokenizer(spec) and tokenizer.__class__.__name__ not in _GENERIC_FAST:
                 # transformers 5 maps some model types (qwen2) to their own tokenizer class even when the files
                 # hold a plain tokenizers.json tokenizer; that class then mis-tokenizes it. Load it as saved.
@@ -49,7 +49,7 @@ def load_tokenizer(spec, need_eos: bool = False):
 
                 tokenizer = PreTrainedTokenizerFast.from_pretrained(spec)
         except LOAD_ERRORS as error:
-            raise InputError(f"cannot load a tokenizer from {spec}: {clip(error)}") from None
+            raise load_error(spec, error, "a tokenizer") from None
     else:
         tokenizer = spec
     if need_eos and tokenizer.eos_token_id is None:
@@ -90,11 +90,11 @@ def load_model(path: str, auto_class, **kwargs):
     require_local(path, "model")
     try:
         if has_weights(path):
-            return auto_class.from_pretrained(path, **kwargs)
-        config = AutoConfig.from_pretrained(path, **kwargs)
+            return auto_class.from_pretrained(path, trust_remote_code=False, **kwargs)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, **kwargs)
         return auto_class.from_config(config)
     except LOAD_ERRORS as error:
-        raise InputError(f"{path}: cannot load a model from it ({clip(error)})") from None
+        raise load_error(path, error) from None
 
 
 def quantization_config(quantization: str):
@@ -110,15 +110,54 @@ def quantization_config(quantization: str):
 
 
 def load_pretrained(auto_class, path: str, quantization: str, device: torch.device, dtype=None):
-    """`auto_class.from_pretrained(path)` on `device`; `dtype` None keeps the checkpoint's own dtype."""
+    """`auto_class.from_pretrained(path)` on `device`; `dtype` None keeps the checkpoint's own dtype. A directory
+    whose weights do not fill `auto_class` (another model class: a random head) is refused (`refuse_random_weights`),
+    so is a LoRA adapter's."""
+    refuse_adapter_dir("model", path)
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     if quantization != "none":
         kwargs.update(quantization_config=quantization_config(quantization), device_map={"": str(device)})
     try:
-        model = auto_class.from_pretrained(path, **kwargs)
+        model, loading = auto_class.from_pretrained(path, output_loading_info=True, trust_remote_code=False, **kwargs)
     except LOAD_ERRORS as error:
-        raise InputError(f"cannot load a model from {path}: {clip(error)}") from None
+        raise load_error(path, error) from None
+    refuse_random_weights(path, auto_class, loading)
     return model if quantization != "none" else model.to(device)
+
+
+def load_error(path: str, error: Exception, what: str = "a model") -> InputError:
+    """What failed to load from `path`, as an InputError. fastppo runs no Python code from a model directory
+    (transformers' trust_remote_code, always False here): said plainly, not as an option to pass."""
+    if "trust_remote_code" in str(error):
+        return InputError(
+            f"{path} needs its own Python code to load (auto_map in its config; transformers' trust_remote_code), "
+            "and fastppo runs no code from a model directory: it has no trust_remote_code option. Use a checkpoint "
+            "of an architecture transformers ships, or convert this one to it"
+        )
+    return InputError(f"cannot load {what} from {path}: {clip(error)}")
+
+
+def refuse_random_weights(path: str, auto_class, loading: dict) -> None:
+    """Weights `auto_class` has that the directory lacks are initialized at random by transformers (with a warning
+    in a log): a sequence classifier's directory as a causal LM trains a random `lm_head`, a causal LM's as a reward
+    model scores with a random `score` head. Tied weights (an LM head sharing the embeddings) are not missing."""
+    initialized = sorted(loading.get("missing_keys") or ())
+    if not initialized:
+        return
+    architectures = read_model_config("model", path).get("architectures") or ["an unnamed architecture"]
+    listed = ", ".join(initialized[:4]) + (f" and {len(initialized) - 4} more" if len(initialized) > 4 else "")
+    if "CausalLM" in auto_class.__name__:
+        wanted, fix = "a causal LM", "give the causal LM checkpoint (the SFT model, ...ForCausalLM)"
+    else:
+        wanted, fix = (
+            "a 1-label sequence classifier (a reward model)",
+            f"train a reward model from it first (fastppo reward-model --model {path}), or give a "
+            "'module:function' reward",
+        )
+    raise InputError(
+        f"{path} holds a {'/'.join(architectures)} (config.json); loaded as {wanted}, its {listed} would be "
+        f"initialized at random instead of loaded: {fix}"
+    )
 
 
 def load_frozen(auto_class, path: str, quantization: str, device: torch.device):

@@ -148,4 +148,5 @@ def malformed_lines(fields: tuple[str, ...]) -> dict[str, bytes]:
 
 
 def good_line(fields: tuple[str, ...]) -> bytes:
-    return json.dumps({field: "w1 w2" for field in fields}).encode()
+    """A valid record: a different text in each field (a pair's chosen and rejected must differ)."""
+    return json.dumps({field: f"w1 w{i + 2}" for i, field in enumerate(fields)}).encode()

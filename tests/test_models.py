@@ -1,4 +1,7 @@
-"""PolicyValueModel: log-probs equal the plain LM's on every architecture; one backbone; quantized references."""
+"""PolicyValueModel: log-probs equal the plain LM's on every architecture; one backbone; quantized references;
+directories that hold something else than asked (another model class, an adapter, remote code) refused."""
+
+import json
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from fastppo.models import (
     load_trainable_lm,
     reference_logprobs,
 )
+from fastppo.runtime.errors import InputError
 from tests.tiny_models import RELEASE_DTYPE, build_tokenizer, save_tiny_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see tests/conftest.py
@@ -121,3 +125,68 @@ def test_4bit_reference_is_under_a_third_of_fp32(tmp_path):
     approx = reference_logprobs(nf4, input_ids, attention_mask, prompt_ids.shape[1], 1.0, True)
     assert torch.isfinite(approx).all()
     assert (approx - exact)[response_mask.bool()].abs().mean() < 0.5
+
+
+# --- a directory holding another model class, an adapter, remote code: refused, never a random head --------------
+
+
+def with_config(tmp_path, source: str, name: str, **changes) -> str:
+    """A copy of the model directory `source` whose config.json has `changes`."""
+    import json
+    import shutil
+
+    target = tmp_path / name
+    shutil.copytree(source, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps(config | changes))
+    return str(target)
+
+
+def test_a_sequence_classifier_as_the_policy_is_refused_naming_the_random_head(tiny_models):
+    classifier = tiny_models["llama"][1]
+    with pytest.raises(InputError, match=r"LlamaForSequenceClassification .*lm_head\.weight would be initialized"):
+        load_trainable_lm(classifier, torch.device("cpu"))
+
+
+def test_a_causal_lm_with_one_label_as_the_reward_model_is_refused(tiny_models, tmp_path):
+    """num_labels: 1 passes the label check; its `score` head would still be random."""
+    from fastppo.ppo.config import PPOConfig
+    from fastppo.ppo.rewards import load_reward
+
+    one_label = with_config(tmp_path, tiny_models["llama"][0], "lm", id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    with pytest.raises(
+        InputError, match=r"LlamaForCausalLM .*score\.weight would be initialized.*fastppo reward-model"
+    ):
+        load_reward(one_label, PPOConfig(), build_tokenizer(), torch.device("cpu"))
+
+
+def test_tied_embeddings_are_not_missing_weights(tiny_models):
+    """GPT-2's LM head is its input embedding: a GPT-2 classifier's directory holds every weight of the LM."""
+    lm, _ = load_trainable_lm(tiny_models["gpt2"][1], torch.device("cpu"))
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+
+
+def test_a_lora_adapter_directory_says_what_it_is_and_how_to_use_it(tiny_models, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from fastppo.runtime.validation import check_model_dir
+
+    policy = tiny_models["llama"][0]
+    lm = AutoModelForCausalLM.from_pretrained(policy)
+    get_peft_model(lm, LoraConfig(r=4, target_modules="all-linear")).save_pretrained(tmp_path / "adapter")
+    adapter = str(tmp_path / "adapter")
+    expected = rf"policy_model: {adapter} is a LoRA adapter \(adapter_config.json, rank 4\) of {policy}, .*merge"
+    with pytest.raises(InputError, match=expected.replace("merge", "Merge it into its base")):
+        check_model_dir("policy_model", adapter)
+    with pytest.raises(InputError, match="is a LoRA adapter"):
+        load_trainable_lm(adapter, torch.device("cpu"))
+
+
+def test_a_model_needing_remote_code_is_refused_plainly(tmp_path):
+    """No prompt, no 'pass trust_remote_code=True' (an option fastppo does not have)."""
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    auto_map = {"AutoConfig": "configuration_my.MyConfig", "AutoModelForCausalLM": "modeling_my.MyModel"}
+    (custom / "config.json").write_text(f'{{"model_type": "fastppo_custom", "auto_map": {json.dumps(auto_map)}}}')
+    with pytest.raises(InputError, match="fastppo runs no code from a model directory: it has no trust_remote_code"):
+        load_trainable_lm(str(custom), torch.device("cpu"))

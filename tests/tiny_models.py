@@ -188,6 +188,28 @@ def small_config(tmp_path, **overrides):
     return PPOConfig(**values)
 
 
+def tiny_run_yaml(tmp_path, policy: str, **overrides) -> str:
+    """A YAML run file of a PPO run that takes seconds: `policy`, the count_w7 reward, 8 prompts, into
+    tmp_path/run; `overrides` replace any of it."""
+    import yaml
+
+    values = {
+        "policy_model": policy,
+        "reward_model": "tests.tiny_models:count_w7",
+        "prompts": prompt_list(8),
+        "output_dir": str(tmp_path / "run"),
+        "steps": 2,
+        "rollout_batch_size": 2,
+        "mini_batch_size": 2,
+        "max_new_tokens": 2,
+        "report_to": [],
+        **overrides,
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
 def cli_command(*args) -> tuple[list[str], dict]:
     """`fastppo ARGS` as a subprocess command line and environment (one thread: see the one_thread fixture)."""
     return [sys.executable, "-m", "fastppo", *args], {**os.environ, "OMP_NUM_THREADS": "1"}

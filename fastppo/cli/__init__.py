@@ -4,15 +4,22 @@ Each command is a module (or an object, "module:attribute") with `add_arguments(
 it is imported only when its command runs, so `fastppo doctor` does not pay for importing transformers.
 With no command, `fastppo` runs the built-in demo (the same as `fastppo train` with no config). The benchmark suite is
 not a command: it lives in the repository (`python -m bench` from a checkout), not in the installed package.
+
+Errors the user can act on end in one line and an exit code (fastppo/runtime/errors.py has the table); anything else
+is a bug and shows its traceback. Under `fastppo train --nproc N` a worker hands its line to the launcher instead,
+which prints the one that explains the run's end (runtime/launcher.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 
-from fastppo.runtime.errors import InputError
+from fastppo.runtime import launcher, run_lock
+from fastppo.runtime.errors import EXIT_BUG, reported
 from fastppo.runtime.validation import clip
 
 MAX_MESSAGE = 2000  # characters: an error names the culprit, it does not quote a whole file
@@ -51,17 +58,84 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == name:  # only the chosen command's module is imported
             command(module_name).add_arguments(command_parser)
     args = parser.parse_args(argv)
+    if "WORLD_SIZE" in os.environ:  # one of torchrun's (or the launcher's) processes
+        launcher.die_with_parent()
+    unguard = guard_closed_output()
     try:
         return int(command(args.module).run(args) or 0)
-    except InputError as error:  # bad input, found before (or, for a reward, at) the step that needed it
-        print(f"fastppo {args.command}: error: {clip(error, MAX_MESSAGE)}", file=sys.stderr)
-        return 2
-    except FloatingPointError as error:  # the trainer's diagnosis after too many non-finite steps in a row
-        print(f"fastppo {args.command}: stopped: {error}", file=sys.stderr)
-        return 3
     except KeyboardInterrupt:  # a second Ctrl-C: the user insists (see signals.py)
-        print(f"fastppo {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _report(f"fastppo {args.command}: interrupted", 130)
+    except Exception as error:  # noqa: BLE001 - reported in one line, or a bug: its traceback
+        found = reported(error)
+        if found is not None:
+            code, word = found
+            return _report(f"fastppo {args.command}: {word}: {clip(error, MAX_MESSAGE)}", code)
+        if not launcher.is_worker():
+            raise
+        launcher.record_outcome(EXIT_BUG, traceback.format_exc())
+        return EXIT_BUG
+    finally:
+        run_lock.release_all()
+        unguard()
+
+
+def _report(line: str, code: int) -> int:
+    """The one line a stopped command ends with, on stderr (or handed to the launcher, which prints it)."""
+    if launcher.is_worker():
+        launcher.record_outcome(code, line)
+    else:
+        print(line, file=sys.stderr)
+    return code
+
+
+class _ClosedOutputGuard:
+    """A text stream that, once its reader is gone (`fastppo train ... | head`), writes into /dev/null instead of
+    raising BrokenPipeError: the run goes on, saves, and exits as it ends."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._to_devnull()
+
+    def _to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there at the next flush
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def guard_closed_output():
+    """Until the returned function is called (it flushes and puts the streams back), stdout and stderr keep working
+    after their reader has gone (see `_ClosedOutputGuard`)."""
+    guarded = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):  # not a file (pytest's capture): nothing to guard
+            continue
+        guarded[name] = stream
+        setattr(sys, name, _ClosedOutputGuard(stream))
+
+    def unguard() -> None:
+        for name, stream in guarded.items():
+            getattr(sys, name).flush()  # through the guard: a closed pipe's leftovers go to /dev/null
+            setattr(sys, name, stream)
+
+    return unguard
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="N processes on this machine (one per GPU), started by torchrun: the same as "
-        "`torchrun --standalone --nproc_per_node N -m fastppo train ...`",
+        help="N processes on this machine (one per GPU), each with the environment torchrun would give it, ending "
+        "as one process would (exit code, one message); torchrun -m fastppo train ... works too",
     )
     demo = parser.add_argument_group("without --config or --policy-model: the built-in demo (`fastppo demo`)")
     pipeline.add_demo_arguments(demo)
@@ -47,12 +47,14 @@ def run(args) -> int:
     config.validate(world_size=nproc)  # every field checked before any model is loaded (or process started)
     check_inputs(config)
 
-    from fastppo.runtime import distributed
+    if nproc and nproc > 1:  # this process launches the workers, which run the rest of this function
+        from fastppo.runtime import launcher
 
-    if nproc and nproc > 1:  # this process becomes torchrun, whose processes run the rest of this function
-        distributed.launch(args.nproc, ["train", *settings_arguments(args), *(["--resume"] if args.resume else [])])
+        worker_args = ["train", *settings_arguments(args), "--nproc", str(nproc)]  # --nproc: for the resume hint
+        return launcher.launch(nproc, worker_args + (["--resume"] if args.resume else []))
 
     from fastppo.ppo.trainer import PPOTrainer
+    from fastppo.runtime import distributed
 
     trainer = PPOTrainer(config)
     if config.resume_from and trainer.step_count >= config.steps and distributed.is_main():

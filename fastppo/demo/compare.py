@@ -28,6 +28,7 @@ import time
 
 from fastppo.demo import compare_report, pipeline, task
 from fastppo.demo.dpo_stage import DPOSettings, run_dpo_on_demo
+from fastppo.runtime import run_lock
 from fastppo.runtime.validation import refuse_non_empty_dir
 
 # The full comparison (<= 15 min on 2 CPU cores): the demo's SFT and reward model, then half the demo's RL budget per
@@ -76,6 +77,7 @@ def run(args) -> int:
         raise InputError(f"--best-of must be at least 1, got {args.best_of}")
     output_dir = args.output_dir or os.path.join("runs", time.strftime("compare-%Y%m%d-%H%M%S"))
     refuse_non_empty_dir("--output-dir", output_dir)
+    run_lock.hold(output_dir, "compare")  # one run per directory; released when the command ends
     settings, dpo_settings = (QUICK, QUICK_DPO) if args.quick else (FULL, FULL_DPO)
     summary = run_comparison(output_dir, settings, dpo_settings, args.best_of, args.seed)
     print(compare_report.summary_text(summary))

@@ -24,6 +24,7 @@ import statistics
 import time
 
 from fastppo.demo import report, task
+from fastppo.runtime import run_lock
 from fastppo.runtime.validation import refuse_non_empty_dir
 
 EVALUATE_SEED = 1234  # the same sampling seed at every evaluation, so curves differ by the policy, not the dice
@@ -132,6 +133,7 @@ def run(args) -> int:
     algo = getattr(args, "algo", None) or "gae"
     output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)
     refuse_non_empty_dir("--output-dir", output_dir)  # its SFT and reward models would be retrained over
+    run_lock.hold(output_dir, "demo")  # one run per directory (a second demo started meanwhile); ends with the command
     summary = run_pipeline(
         output_dir, QUICK if quick else FULL, kl_control=not no_kl, seed=getattr(args, "seed", None) or 0, algo=algo
     )

@@ -7,7 +7,6 @@ must exist. Every error is an `InputError` that names the field.
 
 from __future__ import annotations
 
-import os
 import typing
 import warnings
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from fastppo.data import is_dataset, read_prompt_records
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
 from fastppo.ppo.trl_keys import TRL_KEYS
-from fastppo.runtime.config_base import Config, check_path, option
+from fastppo.runtime.config_base import RESUME_FROM_HELP, Config, check_path, check_resume_from, option
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.model_sources import is_model_source
 from fastppo.runtime.model_sources import resolve as resolve_model_source
@@ -273,7 +272,12 @@ class PPOConfig(Config):
     steps: int = option(100, "PPO iterations to run.")
     seed: int = option(0, "Seed for sampling, shuffling and initialization.")
     save_every: int = option(0, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
-    resume_from: str | None = option(None, "Run directory (latest valid checkpoint) or checkpoint directory to resume.")
+    resume_from: str | None = option(None, RESUME_FROM_HELP)
+    resume_new_reference: bool = option(
+        False,
+        "On resume, accept a policy_model whose weights differ from those the checkpoint was trained against (the "
+        "KL reference): the KL is measured against the new weights from then on. Refused otherwise.",
+    )
     overwrite_output_dir: bool = option(False, "Allow a fresh run into an output_dir that holds checkpoints.")
     tensorboard: bool | None = option(
         None, "Deprecated: use report_to (true adds tensorboard to it, false takes it out), with a warning."
@@ -613,8 +617,7 @@ class PPOConfig(Config):
         for name in ("prompts", "eval_prompts"):
             if isinstance(getattr(self, name), str):
                 check_path(name, getattr(self, name))  # a file, or a dataset directory (save_to_disk)
-        if self.resume_from is not None:
-            check_path("resume_from", self.resume_from)
+        check_resume_from(self.resume_from, self.output_dir)
         check_writable_dir("output_dir", self.output_dir)
 
     def resolve_model_sources(self) -> PPOConfig:
@@ -671,12 +674,15 @@ def adopt_peft_config(config: PPOConfig, peft_config):
 
 
 def resume_settings(config) -> dict:
-    """The PPO settings `check_resume_settings` compares (JSON values)."""
-    policy = config.policy_model
+    """The PPO settings `check_resume_settings` compares (JSON values); the trainer adds the digests of the prompts
+    and of the reference's weights."""
     return {
         "critic": config.critic if uses_critic(config.advantage_estimator) else "none",
         "lora_rank": config.lora_rank,
         "learning_rate": config.learning_rate,
         "weight_decay": config.weight_decay,
-        "policy_model": os.path.abspath(policy) if isinstance(policy, str) else None,
+        "kl_coef": config.kl_coef,
+        "adaptive_kl_target": config.adaptive_kl_target,
+        "kl_horizon": config.kl_horizon,
+        "seed": config.seed,
     }

@@ -168,9 +168,14 @@ class FunctionReward:
         missing = [value is None for value in result] if isinstance(result, (list, tuple)) else []
         try:
             values = [math.nan if value is None else value for value in result] if missing else result
-            scores = torch.as_tensor(values, dtype=torch.float32).flatten()
+            scores = torch.as_tensor(values, dtype=torch.float32)
         except (TypeError, ValueError, RuntimeError) as error:
             raise RewardError(f"reward function {self.name} must return numbers, got {result!r:.100}") from error
+        if scores.dim() != 1:  # a (B/2, 2) list flattened would pair scores with the wrong responses
+            raise RewardError(
+                f"reward function {self.name} returned scores of shape {tuple(scores.shape)} for {expected} "
+                "responses: expected a flat list, one number per response"
+            )
         not_applied = torch.tensor(missing if len(missing) == scores.numel() else [False] * scores.numel())
         check_scores(scores.masked_fill(not_applied, 0.0), expected, self.name)  # NaN only where None was
         return scores
@@ -200,6 +205,11 @@ def _call_guarded(thunk, name: str, timeout: float | None):
         return thunk() if timeout is None else _call_in_worker(thunk, name, timeout)
     except (RewardError, signals.StepInterrupted):
         raise
+    except SystemExit as exit_:  # it would end the run with its code, 0 included, mid-step and unsaid
+        raise RewardError(
+            f"reward function {name} called sys.exit({exit_.code!r}); a reward returns one score per response and "
+            "reports a failure by raising"
+        ) from None
     except Exception as error:  # noqa: BLE001 - any failure of user code is reported as the reward's
         if timeout is not None and _signal_error(error):  # a signal function the guard does not cover
             raise NeedsTheMainThread from error

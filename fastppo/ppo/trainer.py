@@ -47,19 +47,22 @@ from fastppo.ppo.config import PPOConfig, adopt_peft_config, resume_settings
 from fastppo.ppo.correction import rollout_correction
 from fastppo.ppo.rewards import load_rewards
 from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
-from fastppo.runtime import distributed, precision
+from fastppo.runtime import distributed, precision, run_lock
 from fastppo.runtime.checkpoint import (
     FINAL_MODEL,
     check_resume_settings,
     clear_previous_run,
-    find_resumable,
+    last_checkpoint_note,
     load_checkpoint,
     prune_checkpoints,
     refuse_mixing_runs,
+    remove_partial_checkpoints,
+    resume_checkpoint,
     save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.export import export_model
+from fastppo.runtime.fingerprints import prompts_digest, weights_digest
 from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, Stats, explained_variance, peak_memory_mb
 from fastppo.runtime.rng import rng_state, seed_everything, set_rng_state
 from fastppo.runtime.schedule import adamw_with_schedule
@@ -105,10 +108,14 @@ class PPOTrainer:
         self.uses_reference = config.uses_reference  # False: no reference model, no reference forward
         if config.rollout_engine == "vllm":
             vllm_engine.check_available()  # exit 2 naming the install before any model loads
+        # One run per output_dir (run_lock.py), from before anything is written; rank 0 writes for every rank.
+        with run_lock.held_by(self, config.output_dir, "train", take=distributed.is_main()):
+            self._set_up(policy, tokenizer, reward, prompts, reference, reward_tokenizer)
+
+    def _set_up(self, policy, tokenizer, reward, prompts, reference, reward_tokenizer) -> None:
+        config = self.config
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
-        checkpoint = find_resumable(config.resume_from) if config.resume_from else None  # checked before loading
-        if checkpoint:
-            check_resume_settings(checkpoint, resume_settings(config))
+        checkpoint = resume_checkpoint(config.resume_from, config.output_dir, announce=distributed.is_main())
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         seed_everything(config.seed)  # the same seed on every rank: the same initial weights
@@ -126,6 +133,12 @@ class PPOTrainer:
             config.truncate_long_prompts,
             config.prompts_split,
         )
+        self.fingerprints = self._fingerprints(policy, reference, prompts if prompts is not None else config.prompts)
+        self.resume_changes = {}  # checked before any model loads; honoured by `_resume`
+        if checkpoint:
+            self.resume_changes = check_resume_settings(
+                checkpoint, self._resume_settings(), config.resume_new_reference, log=_say
+            )
         columns = dict.fromkeys(name for prompt in self.prompts for name in prompt.columns)  # for reward functions
         self.reward = load_rewards(config, self.tokenizer, self.device, reward, reward_tokenizer, columns, policy)
         self.reward.trainer_state.max_steps = config.steps
@@ -183,6 +196,7 @@ class PPOTrainer:
             self.engine.stale = checkpoint is not None
         if distributed.is_main():
             clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
+            remove_partial_checkpoints(config.output_dir)
         self.metrics = (
             MetricsLogger(
                 config.output_dir, config.report_to, resume_step is not None, config.run_name, dict(vars(config))
@@ -203,6 +217,21 @@ class PPOTrainer:
             self.checkpoint_dtype if self.config.save_dtype == "auto" else getattr(torch, self.config.save_dtype)
         )
         return lm
+
+    def _fingerprints(self, policy, reference, prompts_source) -> dict:
+        """What a checkpoint records to tell, on resume, whether the prompts and the KL reference are the same
+        (`fingerprints.py`). The reference is policy_model's weights (or the `reference` path given); a model object
+        has no files to digest and is not checked."""
+        source = reference if reference is not None else policy
+        path = os.path.abspath(source) if isinstance(source, str) else None
+        where = prompts_source if isinstance(prompts_source, str) else "(the list given)"
+        return {
+            "prompts": {"count": len(self.prompts), "digest": prompts_digest(self.prompts), "source": where},
+            "reference": {"path": path, "digest": weights_digest(path) if path else None},
+        }
+
+    def _resume_settings(self) -> dict:
+        return resume_settings(self.config) | self.fingerprints
 
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
@@ -548,7 +577,7 @@ class PPOTrainer:
                 raise FloatingPointError(
                     f"{self.skipped_in_a_row} optimizer steps in a row had a non-finite gradient: stopping. "
                     "Lower learning_rate, enable reward_normalization/reward_clip, or check the reward's scale; "
-                    f"the last checkpoint in {self.config.output_dir} is intact."
+                    f"{last_checkpoint_note(self.config.output_dir)}"
                 )
             return norms
         self.skipped_in_a_row = 0
@@ -624,6 +653,9 @@ class PPOTrainer:
                 except StepInterrupted as interrupted:  # a signal during a reward function: see signals.py
                     print(f"fastppo: {interrupted}", file=sys.stderr)
                     break
+                except InputError as error:  # a reward that failed: the run stops; say what it leaves to resume
+                    error.args = (f"{error}; {last_checkpoint_note(cfg.output_dir)}",)
+                    raise
                 history.append(metrics)
                 bar.update(1)
                 shown = {"score": metrics["reward/score_mean"], "kl": metrics.get("policy/kl")}  # kl: no reference
@@ -673,7 +705,7 @@ class PPOTrainer:
                     state,
                     self.config.save_merged_lora,
                     self.save_dtype,
-                    resume_settings(self.config),
+                    self._resume_settings(),
                 )
             )
         if saved is not None and path is None and self.config.save_total_limit:
@@ -708,16 +740,21 @@ class PPOTrainer:
             ) from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_controller.load_state_dict(state["kl_controller"])
+        if "kl_coef" in self.resume_changes:  # honoured (check_resume_settings said so)
+            self.kl_controller.value = self.config.kl_coef
         self.score_moments.load_state_dict(state["score_moments"])
-        self.sampler.load_state_dict(state["sampler"])
+        if "seed" in self.resume_changes or "prompts" in self.resume_changes:  # a new epoch, in the new order
+            self.sampler.epoch, self.sampler.position = state["sampler"]["epoch"] + 1, 0
+        else:
+            self.sampler.load_state_dict(state["sampler"])
         self.skipped_total = state.get("skipped_total", 0)
         set_rng_state(state["rng"])
-        if distributed.world_size() > 1:  # each rank its own stream: as saved, or new ones at a new world size
-            per_rank = state.get("rng_per_rank") or []
-            if len(per_rank) == distributed.world_size():
-                set_rng_state(per_rank[distributed.rank()])
-            else:
-                seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])
+        per_rank = state.get("rng_per_rank") or []
+        new_world = distributed.world_size() > 1 and len(per_rank) != distributed.world_size()
+        if "seed" in self.resume_changes or new_world:
+            seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])  # new streams
+        elif distributed.world_size() > 1:  # each rank its own stream, as saved
+            set_rng_state(per_rank[distributed.rank()])
         self.step_count = state["step"]
         if distributed.is_main():
             print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
@@ -725,6 +762,12 @@ class PPOTrainer:
 
     def _autocast(self):
         return precision.autocast(self.device, self.autocast_dtype)
+
+
+def _say(message: str) -> None:
+    """A note about the run, from rank 0 only."""
+    if distributed.is_main():
+        print(message, file=sys.stderr)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

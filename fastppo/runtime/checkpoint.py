@@ -8,9 +8,12 @@
         trainer_state.pt                                  optimizer, scheduler, KL controller, sampler, RNG, step
         manifest.json                                     sha256 of every file above; written last
 
-A checkpoint is written into a temporary directory beside it and renamed into place, so a crash never leaves a
-half-written `checkpoint-<step>`; the manifest lets a resume detect a corrupted one and fall back to the previous.
-Weights load through safetensors, the state through `torch.load(weights_only=True)`: no pickle runs on resume.
+A checkpoint is written into a temporary directory beside it (`.tmp-checkpoint-<step>-<pid>`) and renamed into
+place, so a crash never leaves a half-written `checkpoint-<step>`; the manifest lets a resume detect a corrupted one
+and fall back to the previous. The space it needs is checked first; a disk that fills up anyway stops the run with an
+`EnvironmentProblem` (exit 4) and the partial directory removed. Partial directories of processes that died (SIGKILL
+inside a save) are removed when the next run starts (`remove_partial_checkpoints`). Weights load through safetensors,
+the state through `torch.load(weights_only=True)`: no pickle runs on resume.
 """
 
 from __future__ import annotations
@@ -20,13 +23,14 @@ import json
 import os
 import re
 import shutil
+import sys
 import warnings
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastppo.runtime.errors import InputError
-from fastppo.runtime.validation import LOAD_ERRORS, clip, refuse_to_overwrite
+from fastppo.runtime.errors import EnvironmentProblem, InputError, out_of_space
+from fastppo.runtime.validation import LOAD_ERRORS, clip, refuse_to_overwrite, same_directory
 
 STATE_FILE, MANIFEST, MASTER_WEIGHTS = "trainer_state.pt", "manifest.json", "master_weights.safetensors"
 STATE_KEYS = ("step", "optimizer", "scheduler", "kl_controller", "score_moments", "sampler", "rng")
@@ -65,11 +69,30 @@ def save_checkpoint(
 ) -> str:
     """Write checkpoint-<step> atomically: the policy in the Hugging Face layout in `dtype` (the user's checkpoint
     dtype), plus what resuming needs bit for bit (the float32 master weights when `dtype` rounds them). `settings`
-    (`resume_settings`) go into the manifest, for `check_resume_settings`."""
+    (`resume_settings`) go into the manifest, for `check_resume_settings`. Not enough space: an
+    `EnvironmentProblem`, before writing when the free space already says so, and nothing left behind."""
     final = os.path.join(output_dir, f"checkpoint-{step}")
     tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    needed = _checkpoint_bytes(model, trainer_state, dtype)
+    free = _free_bytes(output_dir)
+    if free is not None and free < needed:
+        raise EnvironmentProblem(_disk_full(final, needed, free, "not written"))
+    try:
+        os.makedirs(tmp)
+        _write(tmp, step, model, tokenizer, trainer_state, merge_lora, dtype, settings)
+    except BaseException as error:
+        free = _free_bytes(output_dir)  # before the partial directory goes: what the failed write left
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _is_disk_full(error, free):
+            raise EnvironmentProblem(_disk_full(final, needed, free, "the partial checkpoint was removed")) from None
+        raise
+    replace_dir(tmp, final)  # saving the same step again: the old one is moved aside first, then dropped
+    return final
+
+
+def _write(tmp: str, step: int, model, tokenizer, trainer_state: dict, merge_lora: bool, dtype, settings) -> None:
+    """Every file of a checkpoint into the directory `tmp`, the manifest last."""
     lm = model.lm
     save_policy(lm, tmp, merge_lora, dtype)
     if hasattr(lm, "peft_config"):  # the adapter (float32, trained) resumes; the base weights never changed
@@ -92,8 +115,6 @@ def save_checkpoint(
         manifest["settings"] = settings
     with open(os.path.join(tmp, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=1)
-    replace_dir(tmp, final)
-    return final
 
 
 def save_policy(lm, directory: str, merge_lora: bool, dtype: torch.dtype) -> None:
@@ -119,6 +140,99 @@ def replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+# --- space ----------------------------------------------------------------------------------------------------
+
+_SPARE = 16 << 20  # bytes for what is not counted: tokenizer files, config, manifest, pickle framing
+
+
+def _tensor_bytes(value) -> int:
+    """The bytes of every tensor in a (nested) state: dicts, lists, tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _checkpoint_bytes(model, trainer_state: dict, dtype: torch.dtype) -> int:
+    """About what `save_checkpoint` writes: the weights in `dtype` (twice with LoRA: merged and adapter, bounded by
+    the whole model), the float32 master copy when `dtype` is narrower, the critic, the trainer state."""
+    parameters = list(model.lm.parameters())
+    size = sum(p.numel() for p in parameters) * dtype.itemsize
+    if dtype != torch.float32:
+        size += sum(p.numel() for p in parameters) * 4
+    for part in ("value_head", "critic_backbone"):
+        if getattr(model, part, None) is not None:
+            size += sum(p.numel() * p.element_size() for p in getattr(model, part).parameters())
+    return size + _tensor_bytes(trainer_state) + _SPARE
+
+
+def _free_bytes(directory: str) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
+def _is_disk_full(error: BaseException, free: int | None) -> bool:
+    """`errors.out_of_space`, or a write error that says nothing of space (torch.save's C++ stream: "unexpected
+    pos", "iostream error") with almost none left."""
+    if out_of_space(error):
+        return True
+    return isinstance(error, (OSError, RuntimeError)) and free is not None and free < _SPARE
+
+
+def _disk_full(final: str, needed: int, free: int | None, what_happened: str) -> str:
+    output_dir, name = os.path.split(final)
+    have = "unknown" if free is None else f"{free / 2**20:.0f} MiB"
+    return (
+        f"disk full: {name} in {output_dir} needs about {needed / 2**20:.0f} MiB, {have} free; {what_happened}, "
+        f"{last_checkpoint_note(output_dir)}. Free some space (or move output_dir) and continue with --resume"
+    )
+
+
+def last_checkpoint_note(output_dir: str) -> str:
+    """Which checkpoint a stopped run leaves to resume from: the newest complete one (its manifest, written last,
+    is there), or none."""
+    for _, checkpoint in reversed(list_checkpoints(output_dir)):
+        if os.path.isfile(os.path.join(checkpoint, MANIFEST)):
+            return f"the last checkpoint, {checkpoint}, is intact"
+    return f"no checkpoint of this run was saved in {output_dir}"
+
+
+def remove_partial_checkpoints(output_dir: str) -> None:
+    """At start-up, with the run lock held: remove the `.tmp-checkpoint-<step>-<pid>` directories of processes that
+    are no longer alive on this host (a SIGKILL inside a save), and put back a `checkpoint-<step>.old-<pid>` a save of
+    the same step moved aside and died before replacing."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    for name in names:
+        partial = re.fullmatch(r"\.tmp-checkpoint-\d+-(\d+)", name)
+        if partial and _dead(int(partial.group(1))):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            print(f"fastppo: removed {name}, a partial checkpoint of a process that ended", file=sys.stderr)
+        moved = re.fullmatch(r"(checkpoint-\d+)\.old-(\d+)", name)
+        if moved and _dead(int(moved.group(2))):
+            final = os.path.join(output_dir, moved.group(1))
+            if os.path.exists(final):
+                shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            else:
+                os.replace(os.path.join(output_dir, name), final)
+
+
+def _dead(pid: int) -> bool:
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 def save_model(model, tokenizer, output_dir: str) -> None:
@@ -246,26 +360,53 @@ def find_resumable(path: str) -> str:
     raise InputError(f"resume_from: no valid checkpoint in {path}")
 
 
+def resume_checkpoint(resume_from: str | None, output_dir: str, announce: bool = True) -> str | None:
+    """The checkpoint a run resumes from (`find_resumable`), or None for a fresh run: no resume_from, or resume_from
+    is the run's own output_dir and it holds no checkpoint yet (a job stopped before its first save), said in one
+    line when `announce`: a launcher can always pass --resume."""
+    if resume_from is None:
+        return None
+    if same_directory(resume_from, output_dir) and not list_checkpoints(output_dir):
+        if announce:
+            print(f"fastppo: --resume: no checkpoint in {output_dir} yet: starting a fresh run")
+        return None
+    return find_resumable(resume_from)
+
+
 # What a PPO checkpoint's weights and optimizer state were made with: a resumed run must build the same model.
 RESUME_FIXED = ("critic", "lora_rank")
 # Restored from the checkpoint's optimizer state whatever the config says now.
 RESUME_RESTORED = ("learning_rate", "weight_decay")
+# Honoured on resume, and said: the trainer applies the new value (PPOTrainer._resume) instead of the saved state.
+RESUME_HONOURED = {
+    "kl_coef": "the KL coefficient restarts at the new value, not the checkpoint's controller's",
+    "adaptive_kl_target": "the KL controller adapts toward the new target",
+    "kl_horizon": "the KL controller adapts at the new horizon",
+    "seed": "the prompt order starts a new epoch and the random streams are seeded from the new seed",
+}
 
 
-def check_resume_settings(checkpoint: str, settings: dict) -> None:
-    """Before any model loads: a changed RESUME_FIXED setting is refused (the checkpoint holds another model's
-    weights or optimizer state); a changed RESUME_RESTORED one or policy_model gets a warning. Checkpoints saved
-    before settings were recorded are not checked."""
+def check_resume_settings(
+    checkpoint: str, settings: dict, new_reference: bool = False, log=print, fixed: tuple = RESUME_FIXED
+) -> dict:
+    """Before any model loads, what changed since `checkpoint` was saved (returned: name -> (saved, now)):
+    a `fixed` setting is refused (the checkpoint holds another model's weights or optimizer state); so is
+    another reference (`settings["reference"]`: the policy_model whose weights the KL is measured against, by digest)
+    unless `new_reference` (resume_new_reference) accepts it; a RESUME_RESTORED one gets a warning; a RESUME_HONOURED
+    one and other prompts (`settings["prompts"]`) are honoured and said through `log`. Checkpoints saved before
+    settings were recorded are not checked."""
     with open(os.path.join(checkpoint, MANIFEST), encoding="utf-8") as f:
         saved = json.load(f).get("settings") or {}
     changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
-    fixed = [k for k in RESUME_FIXED if k in changed]
-    if fixed:
-        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in fixed)
+    refused = [k for k in fixed if k in changed]
+    if refused:
+        listed = ", ".join(f"{k} {changed[k][0]!r} -> {changed[k][1]!r}" for k in refused)
         raise InputError(
-            f"resume_from: {checkpoint} was trained with other settings ({listed}); its weights and "
-            "optimizer state fit only those: resume with them, or start a new run"
+            f"resume_from: {checkpoint} was trained with other settings ({listed}); its weights, optimizer state "
+            "and batch order fit only those: resume with them, or start a new run"
         )
+    if "reference" in changed:
+        _check_reference(checkpoint, *changed["reference"], new_reference, log)
     for k in RESUME_RESTORED:
         if k in changed:
             warnings.warn(
@@ -273,12 +414,33 @@ def check_resume_settings(checkpoint: str, settings: dict) -> None:
                 f"keeps {changed[k][0]!r}",
                 stacklevel=2,
             )
-    if "policy_model" in changed:
-        warnings.warn(
-            f"policy_model: {checkpoint} was trained from {changed['policy_model'][0]}; its weights load "
-            "into policy_model's model, which must have the same architecture",
-            stacklevel=2,
+    for k, meaning in RESUME_HONOURED.items():
+        if k in changed:
+            log(f"fastppo: resume: {k} {changed[k][0]!r} -> {changed[k][1]!r}: {meaning}")
+    if "prompts" in changed:
+        (old, new) = changed["prompts"]
+        log(
+            f"fastppo: resume: warning: prompts {new['source']} are not those {checkpoint} was trained on "
+            f"({old['count']} prompts, digest {old['digest'][:12]}; now {new['count']}, digest "
+            f"{new['digest'][:12]}): honoured, the sampler starts a new epoch over the new prompts"
         )
+    return changed
+
+
+def _check_reference(checkpoint: str, old: dict, new: dict, accept: bool, log) -> None:
+    """The reference's weights (digests) changed: refused unless accepted; only its path changed: said."""
+    if not (old.get("digest") and new.get("digest")) or old["digest"] == new["digest"]:
+        if old.get("path") != new.get("path"):
+            log(f"fastppo: resume: policy_model {old.get('path')} -> {new.get('path')}: the same weights")
+        return
+    if not accept:
+        raise InputError(
+            f"policy_model: {new['path']} holds other weights than {old['path']}, the reference {checkpoint} was "
+            "trained against (the model the KL penalty pulls toward, and the base of LoRA adapters): resuming with "
+            f"it would change the KL reference silently. Resume with policy_model: {old['path']}, or set "
+            "resume_new_reference: true to measure the KL against the new weights from here on"
+        )
+    log(f"fastppo: resume: resume_new_reference: the KL is measured against {new['path']} from here on")
 
 
 def load_checkpoint(checkpoint: str, model, state_keys: tuple = STATE_KEYS) -> dict:
@@ -301,8 +463,6 @@ def load_checkpoint(checkpoint: str, model, state_keys: tuple = STATE_KEYS) -> d
 
 
 def _load_weights(checkpoint: str, model) -> None:
-    from transformers import AutoModelForCausalLM
-
     lm = model.lm
     if hasattr(lm, "peft_config"):
         from peft import set_peft_model_state_dict
@@ -316,7 +476,7 @@ def _load_weights(checkpoint: str, model) -> None:
             for name, p in lm.named_parameters():
                 p.copy_(master[name])
     else:
-        saved = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)
+        saved = type(lm).from_pretrained(checkpoint, dtype=next(lm.parameters()).dtype)  # a causal LM or a classifier
         lm.load_state_dict(saved.state_dict())
     if getattr(model, "value_head", None) is not None:
         model.value_head.load_state_dict(load_file(os.path.join(checkpoint, "value_head.safetensors")))

@@ -29,7 +29,16 @@ from dataclasses import field
 from typing import ClassVar
 
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.validation import Interval, check_finite, check_int64, check_range, clip, parse_float, short
+from fastppo.runtime.validation import (
+    Interval,
+    check_finite,
+    check_int64,
+    check_range,
+    clip,
+    parse_float,
+    same_directory,
+    short,
+)
 
 MAX_CONFIG_BYTES = 8 << 20  # a run config is a few KB; anything this big is the wrong file (or prompts inline)
 
@@ -249,3 +258,15 @@ def check_path(name: str, path, file: bool = False) -> None:
         raise InputError(f"{name}: {path} is not a file")
     if not os.access(path, os.R_OK):
         raise InputError(f"{name}: {path} is not readable")
+
+
+RESUME_FROM_HELP = (
+    "Run directory (latest valid checkpoint) or checkpoint directory to resume; output_dir itself with no checkpoint "
+    "yet starts a fresh run (so --resume can always be passed)."
+)
+
+
+def check_resume_from(resume_from, output_dir) -> None:
+    """resume_from exists, unless it is output_dir itself: a run that saved nothing yet starts fresh."""
+    if resume_from is not None and not (isinstance(output_dir, str) and same_directory(resume_from, output_dir)):
+        check_path("resume_from", resume_from)

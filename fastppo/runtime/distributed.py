@@ -1,8 +1,9 @@
 """Training on several processes: torchrun, DDP or FSDP2, and the global statistics of a PPO iteration.
 
-fastppo does no process management of its own. `torchrun --nproc_per_node N -m fastppo train --config run.yaml`
-(or `fastppo train --nproc N ...`, which execs torchrun) starts N processes; each joins the process group from
-torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), takes its share of every rollout batch,
+`torchrun --nproc_per_node N -m fastppo train --config run.yaml` (or `fastppo train --nproc N ...`, whose launcher,
+launcher.py, gives its processes the same environment and ends the run as one process would) starts N processes;
+each joins the process group from that environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), dies with its
+launcher (`launcher.die_with_parent`), takes its share of every rollout batch,
 generates and scores it locally, and the ranks meet only where the math needs the whole batch:
 
     reward normalization      running moments of every rank's scores (all-gather)
@@ -26,7 +27,6 @@ import contextlib
 import copy
 import itertools
 import os
-import sys
 import types
 import warnings
 
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastppo import ops
+from fastppo.runtime import launcher
 from fastppo.runtime.metrics import Stats
 
 # --- who am I ---------------------------------------------------------------------------------------------------
@@ -64,6 +65,7 @@ def init(device: torch.device) -> torch.device:
     A no-op returning `device` in a single process. Safe to call again (a second trainer in the same process)."""
     if world_size() <= 1:
         return device
+    launcher.die_with_parent()  # a worker outliving torchrun (SIGKILL) would go on writing into output_dir
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -436,27 +438,3 @@ def _keyed_by_name(model: nn.Module, state: dict) -> dict:
         "state": {names[i]: value for i, value in state["state"].items()},
         "param_groups": [{**group, "params": [names[i] for i in group["params"]]} for group in state["param_groups"]],
     }
-
-
-# --- the launcher ---------------------------------------------------------------------------------------------------
-
-
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """`torchrun --standalone --nproc_per_node N -m fastppo <argv>`, through torchrun's own module."""
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        "-m",
-        "fastppo",
-        *argv,
-    ]
-
-
-def launch(nproc: int, argv: list[str]):
-    """Replace this process with torchrun running `fastppo <argv>` on `nproc` local processes (it never returns)."""
-    command = launch_command(nproc, argv)
-    sys.stdout.flush()
-    os.execv(command[0], command)

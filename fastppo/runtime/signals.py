@@ -75,7 +75,8 @@ def stop_at_step_boundary():
         request.signum, request.received_at = signum, time.monotonic()
         # os.write, not print: the signal may have interrupted a write to stdout (print would then raise).
         name = signal.Signals(signum).name
-        os.write(2, f"\nfastppo: {name} received: stopping after this step, with a checkpoint\n".encode())
+        with contextlib.suppress(OSError):  # stderr's reader gone: the stop goes on without the note
+            os.write(2, f"\nfastppo: {name} received: stopping after this step, with a checkpoint\n".encode())
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     _active.append(request)

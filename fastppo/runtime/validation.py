@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from safetensors import SafetensorError
 
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.run_lock import LOCK_FILE
 
 INT64_MAX = 2**63 - 1  # every integer ends up in a torch or numpy int64 (seeds, sizes, step counts)
 
@@ -134,9 +135,14 @@ def check_writable_dir(name: str, path: str) -> None:
         raise InputError(f"{name}: {existing} is not writable")
 
 
+def same_directory(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def refuse_non_empty_dir(name: str, path: str) -> None:
-    """For commands that write a whole run directory and cannot resume: an existing one is somebody's run."""
-    found = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    """For commands that write a whole run directory and cannot resume: an existing one is somebody's run (a lock file
+    a killed run left behind is not)."""
+    found = sorted(n for n in os.listdir(path) if n != LOCK_FILE) if os.path.isdir(path) else []
     refuse_to_overwrite(name, path, "a previous run", found, "remove it first")
 
 
@@ -190,13 +196,26 @@ def read_jsonl(path: str, name: str = "data") -> Iterator[tuple[int, dict]]:
         raise InputError(f"{name}: cannot read {path} ({error.strerror or error})") from None
 
 
-def read_records(path: str, fields: Sequence[str], name: str = "--data") -> list[dict[str, str]]:
+class Record(dict):
+    """A record of a data file; `.where` is its file:line (or its index in a list), for what is found after reading
+    it (a pair without a preference, one max_length empties)."""
+
+    where = "?"
+
+
+def located(values: dict, where: str) -> Record:
+    found = Record(values)
+    found.where = where
+    return found
+
+
+def read_records(path: str, fields: Sequence[str], name: str = "--data") -> list[Record]:
     """The records of a JSONL file, each an object with a non-empty string for every one of `fields`; blank lines
     skipped; any other line (not UTF-8, not JSON, a field missing or empty) stops with file:line."""
     records = []
-    for line_number, record in read_jsonl(path, name):
+    for line_number, line in read_jsonl(path, name):
         where = f"{path}:{line_number}"
-        records.append({field: require_text(where, field, record.get(field)) for field in fields})
+        records.append(located({field: require_text(where, field, line.get(field)) for field in fields}, where))
     if not records:
         raise InputError(f"{path}: no records")
     return records
@@ -228,10 +247,31 @@ _EMBEDDING = re.compile(r"(embed_tokens|wte|embed_in|word_embeddings)\.weight$")
 _HIDDEN_KEYS, _CONTEXT_KEYS = ("hidden_size", "n_embd", "d_model"), ("max_position_embeddings", "n_positions", "n_ctx")
 
 
+def refuse_adapter_dir(name: str, path: str) -> None:
+    """A LoRA adapter's directory (adapter_config.json) is not a model: say what it is and how to use it."""
+    file = os.path.join(path, "adapter_config.json") if isinstance(path, str) else ""
+    if not os.path.isfile(file):
+        return
+    try:
+        with open(file, encoding="utf-8") as f:
+            adapter = json.load(f)
+    except (OSError, ValueError):
+        adapter = {}
+    adapter = adapter if isinstance(adapter, dict) else {}
+    base, rank = adapter.get("base_model_name_or_path") or "its base model", adapter.get("r")
+    raise InputError(
+        f"{name}: {path} is a LoRA adapter (adapter_config.json{f', rank {rank}' if rank else ''}) of {base}, not a "
+        f"model. Merge it into its base first (peft: PeftModel.from_pretrained(<{base} loaded>, '{path}')"
+        ".merge_and_unload().save_pretrained('merged')) and give the merged directory; lora_rank then trains new "
+        "adapters on it"
+    )
+
+
 def read_model_config(name: str, path: str) -> dict:
-    """The parsed config.json of a model directory `path`."""
+    """The parsed config.json of a model directory `path` (a LoRA adapter's directory is refused, saying so)."""
     if not os.path.isdir(path):
         raise InputError(f"{name}: {path} is not a directory (a model is a directory with config.json)")
+    refuse_adapter_dir(name, path)
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise InputError(f"{name}: {path} has no config.json: not a model directory")

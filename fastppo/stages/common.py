@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,9 @@ import torch
 from fastppo import models
 from fastppo.data import encode
 from fastppo.runtime import validation
+from fastppo.runtime.checkpoint import list_checkpoints
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.fingerprints import prompts_digest
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +67,27 @@ def split_pairs(pairs: list[dict[str, str]], eval_fraction: float, seed: int):
     return [pairs[i] for i in order[n_eval:]], [pairs[i] for i in order[:n_eval]]
 
 
+def without_ties(pairs: list, log=print) -> list:
+    """Preference pairs whose chosen and rejected are the same text carry no preference: their loss is constant and
+    its gradient zero, for DPO as for a reward model. They are dropped and counted; all of them is refused (a column
+    copied twice?), naming the first one's file:line."""
+    tied = [pair["chosen"].strip() == pair["rejected"].strip() for pair in pairs]
+    ties = [pair for pair, tie in zip(pairs, tied, strict=True) if tie]
+    if not ties:
+        return pairs
+    where = getattr(ties[0], "where", "?")
+    if len(ties) == len(pairs):
+        raise InputError(
+            f"{where}: chosen and rejected are the same text, in every one of the {len(pairs)} pairs: there is no "
+            "preference to learn. Check the data (a column copied into both?)"
+        )
+    log(
+        f"fastppo: {len(ties)} of {len(pairs)} pairs have chosen == rejected (the first at {where}): dropped, "
+        "they carry no preference"
+    )
+    return [pair for pair, tie in zip(pairs, tied, strict=True) if not tie]
+
+
 def count_steps(n_items: int, batch_size: int, epochs: float) -> int:
     """Optimizer steps for `epochs` passes (a fraction allowed) over `n_items` in batches of `batch_size`."""
     return max(1, round(epochs * math.ceil(n_items / batch_size)))
@@ -90,6 +114,30 @@ def update(loss: torch.Tensor, model, optimizer, scheduler) -> None:
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+def run_settings(texts: list[str], total_steps: int, batch_size: int, seed: int, max_length: int) -> dict:
+    """What the seeded batch order of `sft` / `reward-model` depends on, recorded in their checkpoints: a resume
+    with anything else would replay another order (`checkpointing.run_steps`)."""
+    return {
+        "data": prompts_digest(texts),
+        "total_steps": total_steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "max_length": max_length,
+    }
+
+
+def stopped(command: str, stop, step: int) -> int:
+    """The line a stage stopped by a signal ends with, and its exit code (130 / 143)."""
+    if step == 0:
+        print(f"fastppo {command}: stopped by {stop.name} during the first step: nothing to save", file=sys.stderr)
+    else:
+        print(
+            f"fastppo {command}: stopped by {stop.name} at step {step}, checkpoint saved; continue with the same "
+            "command and --resume"
+        )
+    return stop.exit_code
+
+
 def training_options(config) -> dict:
     """The options `train_sft` and `train_reward_model` share, from an SFTConfig or a RewardModelConfig."""
     names = ("epochs", "batch_size", "learning_rate", "max_length", "seed", "output_dir")
@@ -110,6 +158,10 @@ def check_inputs(config, fields: Sequence[str]) -> list[dict[str, str]]:
         found = [name for name in MODEL_FILES if os.path.exists(os.path.join(config.output_dir, name))]
         how = "set overwrite_output_dir (--overwrite-output-dir) to replace it"
         validation.refuse_to_overwrite("output_dir", config.output_dir, "a model", found, how)
+        if config.resume_from is None:  # checkpoints of a stopped run: continued with --resume, not mixed
+            found = [os.path.basename(path) for _, path in list_checkpoints(config.output_dir)]
+            how = "continue it with --resume, or set overwrite_output_dir to start over"
+            validation.refuse_to_overwrite("output_dir", config.output_dir, "a stopped run's checkpoints", found, how)
     models.require_local(config.model, "model")
     validation.check_model_dir("model", config.model, need_weights=False)
     if config.tokenizer is not None:

@@ -46,12 +46,13 @@ from fastppo.models import (
     resolve_device,
     response_logprobs,
 )
-from fastppo.runtime import precision
+from fastppo.runtime import precision, run_lock
 from fastppo.runtime.checkpoint import (
     clear_previous_run,
-    find_resumable,
     load_checkpoint,
     refuse_mixing_runs,
+    remove_partial_checkpoints,
+    resume_checkpoint,
     save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
@@ -59,13 +60,15 @@ from fastppo.runtime.metrics import MetricsLogger, peak_memory_mb
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.runtime.signals import stop_at_step_boundary
-from fastppo.runtime.validation import read_records
+from fastppo.runtime.validation import located, read_records
 from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
     shuffled_batches,
     split_pairs,
+    stopped,
     update,
+    without_ties,
 )
 from fastppo.stages.dpo_config import DPOConfig
 
@@ -119,20 +122,27 @@ def read_pairs(source) -> list[dict[str, str]]:
                 )
     if not source:
         raise InputError("data: no pairs")
-    return [{field: record[field] for field in FIELDS} for record in source]
+    return [located({field: pair[field] for field in FIELDS}, f"data[{i}]") for i, pair in enumerate(source)]
 
 
 def encode_pairs(
-    tokenizer, pairs: list[dict[str, str]], max_length: int
+    tokenizer, pairs: list[dict[str, str]], max_length: int, what: str = ""
 ) -> list[tuple[list[int], list[int], list[int]]]:
     """(prompt ids, chosen response ids, rejected response ids) per pair; pairs with no response token left after
-    cutting at max_length are dropped (their loss would be 0 whatever the policy)."""
-    encoded = []
+    cutting at max_length are dropped (their loss would be 0 whatever the policy), and counted on stdout."""
+    encoded, dropped = [], []
     for pair in pairs:
         chosen, n_prompt = encode_prompt_response(tokenizer, pair["prompt"], pair["chosen"], max_length)
         rejected, _ = encode_prompt_response(tokenizer, pair["prompt"], pair["rejected"], max_length)
         if min(len(chosen), len(rejected)) > n_prompt:
             encoded.append((chosen[:n_prompt], chosen[n_prompt:], rejected[n_prompt:]))
+        else:
+            dropped.append(pair)
+    if dropped:
+        print(
+            f"fastppo dpo: {len(dropped)} of {len(pairs)} {what} pairs dropped: their prompt fills max_length="
+            f"{max_length}, leaving no response token (the first: {dropped[0].where})"
+        )
     return encoded
 
 
@@ -167,8 +177,13 @@ class DPOTrainer:
         overrides = {"model": model, "data": pairs}
         config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
         self.config = config.validate()
+        with run_lock.held_by(self, config.output_dir, "dpo"):  # one run per output_dir, before anything is written
+            self._set_up(tokenizer, kl_prompts)
+
+    def _set_up(self, tokenizer, kl_prompts) -> None:
+        config = self.config
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
-        pairs = read_pairs(config.data)  # every input check before the model loads
+        pairs = without_ties(read_pairs(config.data))  # every input check before the model loads
         config.model = resolve_model_source(config.model, "model")  # a known name or a GGUF file: a directory
         self.device = resolve_device(config.device)
         self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
@@ -178,14 +193,14 @@ class DPOTrainer:
             raise InputError("tokenizer: a model object needs a tokenizer (a path or the object)")
         self.tokenizer = load_tokenizer(source, need_eos=True)  # one with an EOS: every encoded response ends with it
         train_pairs, eval_pairs = split_pairs(pairs, config.eval_fraction, config.seed)
-        self.train_data = encode_pairs(self.tokenizer, train_pairs, config.max_length)
-        self.eval_data = encode_pairs(self.tokenizer, eval_pairs, config.max_length)
+        self.train_data = encode_pairs(self.tokenizer, train_pairs, config.max_length, "training")
+        self.eval_data = encode_pairs(self.tokenizer, eval_pairs, config.max_length, "held-out")
         if not self.train_data:
             raise InputError(f"data: no training pair keeps a response token within max_length={config.max_length}")
         self.kl_prompts = list(kl_prompts or dict.fromkeys(p["prompt"] for p in eval_pairs))
         self.total_steps = count_steps(len(self.train_data), config.batch_size, config.epochs)
 
-        checkpoint = find_resumable(config.resume_from) if config.resume_from else None
+        checkpoint = resume_checkpoint(config.resume_from, config.output_dir)
         self.lm, self.reference = self._build_models(config.model)
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
         self.optimizer, self.scheduler = adamw_with_schedule(
@@ -203,6 +218,7 @@ class DPOTrainer:
         if not (config.kl_samples and self.kl_prompts) and self.reference is not None:
             self.reference = None  # cached log-probs are all training needs: free the copy
         clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
+        remove_partial_checkpoints(config.output_dir)
         report_to = ["tensorboard"] if config.tensorboard else []
         self.metrics = MetricsLogger(config.output_dir, report_to, append=state is not None)
         if state is not None:
@@ -439,11 +455,7 @@ def run(config: DPOConfig) -> int:
     trainer = DPOTrainer(config)  # validates the config and reads the pairs before loading the model
     history = trainer.train()
     if trainer.stop_request.requested:
-        print(
-            f"stopped by {trainer.stop_request.name} at step {trainer.step_count}, checkpoint saved; "
-            "continue with the same command and --resume"
-        )
-        return trainer.stop_request.exit_code
+        return stopped("dpo", trainer.stop_request, trainer.step_count)
     last = history[-1] if history else {}
     kl = f", KL {last['eval/kl']:.3f}" if "eval/kl" in last else ""
     accuracy = f", held-out accuracy {last['eval/rewards_accuracy']:.3f}" if "eval/rewards_accuracy" in last else ""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from fastppo.runtime.config_base import Config, check_path, option
+from fastppo.runtime.config_base import RESUME_FROM_HELP, Config, check_path, check_resume_from, option
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.model_sources import is_model_source
 from fastppo.runtime.precision import PRECISION_HELP, PRECISIONS
@@ -74,7 +74,7 @@ class DPOConfig(Config):
     output_dir: str = option("runs/dpo", "Run directory: metrics.jsonl, TensorBoard logs, checkpoints.")
     seed: int = option(0, "Seed of the split, the batch order, initialization and the evaluation's sampling.")
     save_every: int = option(0, "Save a checkpoint every this many steps (and at the end); 0 = only at the end.")
-    resume_from: str | None = option(None, "Run directory (latest valid checkpoint) or checkpoint directory to resume.")
+    resume_from: str | None = option(None, RESUME_FROM_HELP)
     overwrite_output_dir: bool = option(False, "Allow a fresh run into an output_dir that holds checkpoints.")
     tensorboard: bool = option(True, "Also log to TensorBoard in <output_dir>/tb.")
 
@@ -141,4 +141,4 @@ class DPOConfig(Config):
             check_path("data", self.data, file=True)
         elif not isinstance(self.data, list):
             raise InputError(f"data must be a JSONL path or a list of dicts, got {type(self.data).__name__}")
-        check_path("resume_from", self.resume_from)
+        check_resume_from(self.resume_from, self.output_dir)

@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from fastppo.models import load_model, load_tokenizer, resolve_device, score_at_last_token
+from fastppo.runtime import run_lock
 from fastppo.runtime.checkpoint import save_model
 from fastppo.runtime.schedule import adamw_with_schedule
+from fastppo.stages.checkpointing import Checkpointing, run_steps
 from fastppo.stages.common import (
     check_context,
     check_inputs,
@@ -28,10 +30,13 @@ from fastppo.stages.common import (
     encode_prompt_response,
     is_report_step,
     pad_batch,
+    run_settings,
     shuffled_batches,
     split_pairs,
+    stopped,
     training_options,
     update,
+    without_ties,
 )
 from fastppo.stages.reward_model_config import RewardModelConfig
 
@@ -90,10 +95,13 @@ def train_reward_model(
     seed: int = 0,
     output_dir: str | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, float]:
+    checkpointing: Checkpointing | None = None,
+) -> dict:
     """Train `model` in place with the Bradley-Terry loss on `pairs`; save it and the tokenizer if `output_dir`.
+    `checkpointing` (the command's) saves checkpoints, resumes, and stops at a step boundary on SIGINT/SIGTERM.
 
-    Returns {"loss", "train_accuracy", "eval_accuracy" (nan with no held-out split), "pairs", "steps", "seconds"}.
+    Returns {"loss", "train_accuracy", "eval_accuracy" (nan with no held-out split), "pairs", "steps", "seconds",
+    "stop" (as `train_sft`'s)}.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -112,7 +120,8 @@ def train_reward_model(
     optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
     correct: list[float] = []
-    for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
+
+    def train_step(step: int, rows: list[int]) -> None:
         batch = [encoded[i] for i in rows]
         # chosen and rejected in one forward: rows [0, B) are chosen, [B, 2B) rejected.
         rewards = score_tokens(model, [c for c, _ in batch] + [r for _, r in batch], tokenizer.pad_token_id)
@@ -127,14 +136,24 @@ def train_reward_model(
                 f"reward-model step {step + 1}/{total_steps}  loss {sum(losses[window]) / len(losses[window]):.4f}"
                 f"  accuracy {sum(correct[window]) / len(correct[window]):.3f}"
             )
+
+    texts = [f"{p['prompt']}\0{p['chosen']}\0{p['rejected']}" for p in pairs]
+    settings = run_settings(texts, total_steps, batch_size, seed, max_length) | {"eval_fraction": eval_fraction}
+    batches = shuffled_batches(len(encoded), batch_size, total_steps, seed)
+    stop, done = run_steps(
+        model, tokenizer, optimizer, scheduler, batches, train_step, total_steps, checkpointing, settings
+    )
     model.eval()
+    if stop and stop.requested:
+        return {"pairs": len(train_pairs), "steps": done, "stop": stop}
     tail = slice(-max(1, total_steps // 10), None)
     summary = {
-        "loss": sum(losses[tail]) / len(losses[tail]),
-        "train_accuracy": sum(correct[tail]) / len(correct[tail]),
+        "loss": sum(losses[tail]) / len(losses[tail]) if losses else math.nan,
+        "train_accuracy": sum(correct[tail]) / len(correct[tail]) if correct else math.nan,
         "eval_accuracy": pairwise_accuracy(model, tokenizer, eval_pairs, max_length) if eval_pairs else math.nan,
         "pairs": len(train_pairs),
-        "steps": total_steps,
+        "steps": done,
+        "stop": stop,
     }
     if output_dir is not None:
         save_model(model, tokenizer, output_dir)
@@ -147,16 +166,24 @@ def train_reward_model(
 # ----------------------------------------------------------------------------------------------
 
 
-def run(config: RewardModelConfig) -> dict:
+def run(config: RewardModelConfig) -> dict | int:
     """`fastppo reward-model`: every input checked, then the model loaded, trained and saved to output_dir."""
-    pairs = check_inputs(config, ("prompt", "chosen", "rejected"))
+    pairs = without_ties(check_inputs(config, ("prompt", "chosen", "rejected")))
     tokenizer = load_tokenizer(config.tokenizer or config.model, need_eos=True)
     check_context(config, tokenizer, [(p["prompt"], p[side]) for p in pairs for side in ("chosen", "rejected")])
+    run_lock.hold(config.output_dir, "reward-model")  # one run per output_dir; released when the command ends
     torch.manual_seed(config.seed)  # the new score head is drawn as the model loads: the same seed, the same run
     model = load_reward_model(config.model, tokenizer)
     summary = train_reward_model(
-        model, tokenizer, pairs, eval_fraction=config.eval_fraction, **training_options(config)
+        model,
+        tokenizer,
+        pairs,
+        eval_fraction=config.eval_fraction,
+        **training_options(config),
+        checkpointing=Checkpointing.from_config(config, "reward-model"),
     )
+    if summary["stop"] and summary["stop"].requested:
+        return stopped("reward-model", summary["stop"], summary["steps"])
     print(
         f"fastppo reward-model: {summary['pairs']} pairs, {summary['steps']} steps, "
         f"held-out pairwise accuracy {summary['eval_accuracy']:.3f}, {summary['seconds']:.0f}s; "

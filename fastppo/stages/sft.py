@@ -11,15 +11,18 @@ and `fastppo dpo` (encoding, batch schedule, update step, checks) is in `fastppo
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import torch
 
 from fastppo.models import load_model, load_tokenizer, resolve_device
+from fastppo.runtime import run_lock
 from fastppo.runtime.checkpoint import save_model
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.schedule import adamw_with_schedule
+from fastppo.stages.checkpointing import Checkpointing, run_steps
 from fastppo.stages.common import (
     check_context,
     check_inputs,
@@ -27,7 +30,9 @@ from fastppo.stages.common import (
     encode_prompt_response,
     is_report_step,
     pad_batch,
+    run_settings,
     shuffled_batches,
+    stopped,
     training_options,
     update,
 )
@@ -67,10 +72,13 @@ def train_sft(
     seed: int = 0,
     output_dir: str | None = None,
     log: Callable[[str], None] = print,
-) -> dict[str, float]:
-    """Fine-tune `model` in place on `examples`; save it and the tokenizer to `output_dir` if given.
+    checkpointing: Checkpointing | None = None,
+) -> dict:
+    """Fine-tune `model` in place on `examples`; save it and the tokenizer to `output_dir` if given. `checkpointing`
+    (the command's) saves checkpoints, resumes, and stops at a step boundary on SIGINT/SIGTERM.
 
-    Returns {"loss": mean response-token loss over the last tenth of steps, "steps", "examples", "seconds"}.
+    Returns {"loss": mean response-token loss over the last tenth of steps, "steps", "examples", "seconds", "stop":
+    the StopRequest (None without checkpointing; `.requested` when a signal stopped the run, nothing final saved)}.
     """
     start = time.perf_counter()
     torch.manual_seed(seed)
@@ -87,7 +95,8 @@ def train_sft(
     model.to(device).train()
     optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
-    for step, rows in enumerate(shuffled_batches(len(encoded), batch_size, total_steps, seed)):
+
+    def train_step(step: int, rows: list[int]) -> None:
         input_ids, attention_mask, labels = sft_batch([encoded[i] for i in rows], tokenizer.pad_token_id)  # (B, T)
         loss = model(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
@@ -96,15 +105,24 @@ def train_sft(
         losses.append(loss.item())
         if is_report_step(step, total_steps):
             log(f"sft step {step + 1}/{total_steps}  loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
+
+    settings = run_settings(
+        [f"{e['prompt']}\0{e['response']}" for e in examples], total_steps, batch_size, seed, max_length
+    )
+    batches = shuffled_batches(len(encoded), batch_size, total_steps, seed)
+    stop, done = run_steps(
+        model, tokenizer, optimizer, scheduler, batches, train_step, total_steps, checkpointing, settings
+    )
     model.eval()
-    if output_dir is not None:
+    if output_dir is not None and not (stop and stop.requested):
         save_model(model, tokenizer, output_dir)
     tail = losses[-max(1, total_steps // 10) :]
     return {
-        "loss": sum(tail) / len(tail),
-        "steps": total_steps,
+        "loss": sum(tail) / len(tail) if tail else math.nan,
+        "steps": done,
         "examples": len(encoded),
         "seconds": time.perf_counter() - start,
+        "stop": stop,
     }
 
 
@@ -113,16 +131,20 @@ def train_sft(
 # ----------------------------------------------------------------------------------------------
 
 
-def run(config: SFTConfig) -> dict:
+def run(config: SFTConfig) -> dict | int:
     """`fastppo sft`: every input checked, then the model loaded, fine-tuned and saved to output_dir."""
     from transformers import AutoModelForCausalLM
 
     examples = check_inputs(config, ("prompt", "response"))
     tokenizer = load_tokenizer(config.tokenizer or config.model, need_eos=True)
     check_context(config, tokenizer, [(e["prompt"], e["response"]) for e in examples])
+    run_lock.hold(config.output_dir, "sft")  # one run per output_dir; released when the command ends
     torch.manual_seed(config.seed)  # a directory with only a config.json is initialised here
     model = load_model(config.model, AutoModelForCausalLM)
-    summary = train_sft(model, tokenizer, examples, **training_options(config))
+    checkpointing = Checkpointing.from_config(config, "sft")
+    summary = train_sft(model, tokenizer, examples, **training_options(config), checkpointing=checkpointing)
+    if summary["stop"] and summary["stop"].requested:
+        return stopped("sft", summary["stop"], summary["steps"])
     print(
         f"fastppo sft: {summary['examples']} examples, {summary['steps']} steps, final loss {summary['loss']:.4f}, "
         f"{summary['seconds']:.0f}s; checkpoint in {config.output_dir}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastppo.runtime.config_base import Config, option
+from fastppo.runtime.config_base import RESUME_FROM_HELP, Config, check_resume_from, option
 from fastppo.runtime.validation import NON_NEGATIVE, POSITIVE
 
 
@@ -20,7 +20,12 @@ class SFTConfig(Config):
     learning_rate: float = option(5e-5, "AdamW peak learning rate (5% warmup, then linear decay).", aliases=("--lr",))
     max_length: int = option(512, "Tokens per example, prompt included; longer ones are cut at the end.")
     seed: int = option(0, "Seed of the batch order and of a freshly initialised model.")
-    overwrite_output_dir: bool = option(False, "Replace a model already in output_dir.")
+    overwrite_output_dir: bool = option(False, "Replace a model (or a stopped run's checkpoints) in output_dir.")
+    save_every: int = option(
+        0,
+        "Save a checkpoint every this many steps into output_dir/checkpoint-<step>; 0 = only when stopped by a signal.",
+    )
+    resume_from: str | None = option(None, RESUME_FROM_HELP)
 
     RANGES = {
         "epochs": POSITIVE,
@@ -28,6 +33,7 @@ class SFTConfig(Config):
         "learning_rate": POSITIVE,
         "max_length": POSITIVE,
         "seed": NON_NEGATIVE,
+        "save_every": NON_NEGATIVE,
     }
     FOREIGN = {
         "model_name_or_path": "use model",
@@ -36,3 +42,8 @@ class SFTConfig(Config):
         "per_device_train_batch_size": "use batch_size",
         "max_seq_length": "use max_length",
     }
+
+    def validate(self) -> SFTConfig:
+        self.check_fields()  # types, RANGES
+        check_resume_from(self.resume_from, self.output_dir)
+        return self

@@ -174,7 +174,8 @@ def test_examples_longer_than_the_model_context_are_refused(command, out, tmp_pa
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
     fields = COMMANDS[command]
-    data = write_lines(tmp_path / "data.jsonl", [json.dumps({f: " ".join(["w1"] * 12) for f in fields}).encode()])
+    long = {f: " ".join([f"w{i + 1}"] * 12) for i, f in enumerate(fields)}  # a pair's texts differ
+    data = write_lines(tmp_path / "data.jsonl", [json.dumps(long).encode()])
     result = run(supervised_argv(command, tmp_path, tiny_llama, data, model=model), capsys)
     assert_refused(result, "max_length", "8 positions", unchanged=out)
 

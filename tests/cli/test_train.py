@@ -4,26 +4,15 @@ import json
 
 import yaml
 
-from tests.tiny_models import run_cli
+from tests.tiny_models import run_cli, tiny_run_yaml
 
 
 def test_train_from_yaml(tiny_models, tmp_path):
     policy, reward = tiny_models["qwen2"]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) for i in range(8)) + "\n")
-    config = {
-        "policy_model": policy,
-        "reward_model": reward,
-        "prompts": str(prompts),
-        "output_dir": str(tmp_path / "run"),
-        "steps": 3,
-        "rollout_batch_size": 4,
-        "mini_batch_size": 2,
-        "max_new_tokens": 4,
-        "tensorboard": False,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
+    sizes = {"steps": 3, "rollout_batch_size": 4, "max_new_tokens": 4}
+    path = tiny_run_yaml(tmp_path, policy, reward_model=reward, prompts=str(prompts), **sizes)
     proc = run_cli("train", "--config", str(path), "--set", "steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: 2 steps" in proc.stdout
@@ -134,3 +123,62 @@ def test_trl_style_reward_funcs_from_yaml(tiny_llama, tmp_path, capsys):
     foreign = {**config, "num_generations": 4, "max_steps": 3}
     result = run(["train", "--config", write_yaml(tmp_path / "conf" / "foreign.yaml", foreign)], capsys)
     assert_refused(result, "num_generations", "use samples_per_prompt", "max_steps", "use steps")
+
+
+def small_run(tmp_path, tiny_models, **overrides) -> str:
+    return tiny_run_yaml(tmp_path, tiny_models["llama"][0], **overrides)
+
+
+def test_a_closed_stdout_does_not_stop_the_run(tmp_path, tiny_models):
+    """`fastppo train ... | head`: the reader gone, the run trains on, saves, and exits 0, without a traceback."""
+    import subprocess
+
+    from tests.tiny_models import cli_command
+
+    command, env = cli_command("train", "--config", small_run(tmp_path, tiny_models))
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # what `head` does once it has its lines
+    err = proc.stderr.read()
+    assert proc.wait(timeout=240) == 0, err[-3000:]
+    assert "BrokenPipeError" not in err and "Traceback" not in err
+    assert (tmp_path / "run" / "checkpoint-2" / "manifest.json").exists()
+
+
+def test_a_reward_calling_sys_exit_exits_2_naming_it_with_the_last_checkpoint(
+    tmp_path, tiny_models, capsys, monkeypatch
+):
+    from tests.refusal import run
+
+    (tmp_path / "quitting.py").write_text(
+        "import sys\ncalls = []\n\n\ndef reward(prompts, responses):\n    calls.append(1)\n"
+        "    if len(calls) == 2:\n        sys.exit(0)\n    return [1.0] * len(responses)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = small_run(tmp_path, tiny_models, reward_model="quitting:reward", steps=4, save_every=1)
+    code, _, err = run(["train", "--config", config], capsys)
+    assert code == 2, err[-3000:]
+    assert "reward function quitting:reward called sys.exit(0)" in err
+    assert f"the last checkpoint, {tmp_path / 'run' / 'checkpoint-1'}, is intact" in err
+
+
+def test_resume_with_no_checkpoint_yet_starts_fresh(tmp_path, tiny_models, capsys):
+    """A launcher can always pass --resume: before the first checkpoint (even before output_dir exists)."""
+    from tests.refusal import run
+
+    code, out, err = run(["train", "--config", small_run(tmp_path, tiny_models, steps=1), "--resume"], capsys)
+    assert code == 0, err[-3000:]
+    assert f"no checkpoint in {tmp_path / 'run'} yet: starting a fresh run" in out and "done: 1 steps" in out
+
+
+def test_a_disk_that_fills_up_outside_a_checkpoint_exits_4(tmp_path, tiny_models, capsys, monkeypatch):
+    import errno
+
+    from fastppo.runtime.metrics import MetricsLogger
+    from tests.refusal import run
+
+    def full(self, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "metrics.jsonl"))
+
+    monkeypatch.setattr(MetricsLogger, "log", full)
+    code, _, err = run(["train", "--config", small_run(tmp_path, tiny_models, steps=1)], capsys)
+    assert code == 4 and "fastppo train: error: disk full: [Errno 28] No space left on device" in err

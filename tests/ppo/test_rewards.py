@@ -50,6 +50,29 @@ def test_bad_reward_functions_are_reported(fn, message):
         FunctionReward(fn)(fake_batch(["w1", "w2"], ["w3", "w4 w5"]))
 
 
+def exits(code):
+    def reward(prompts, responses):
+        raise SystemExit(code)  # what sys.exit(code) does
+
+    return reward
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0], ids=["main-thread", "worker-thread"])
+@pytest.mark.parametrize("code", [0, 3])
+def test_a_reward_calling_sys_exit_is_the_rewards_failure(timeout, code):
+    """sys.exit() inside a reward would end the run with its code (0 included), mid-step, without a word."""
+    with pytest.raises(RewardError, match=rf"reward function .*reward called sys.exit\({code}\)"):
+        FunctionReward(exits(code), timeout=timeout)(fake_batch(["w1", "w2"], ["w3", "w4 w5"]))
+
+
+def test_scores_of_another_shape_are_refused_not_flattened():
+    """Four responses scored as [[a, b], [c, d]]: flattened, they would pair scores with the wrong responses."""
+    batch = fake_batch(["w1", "w2", "w3", "w4"], ["w5", "w6", "w7", "w8"])
+    with pytest.raises(RewardError, match=r"shape \(2, 2\) for 4 responses"):
+        FunctionReward(lambda p, r: [[1.0, 2.0], [3.0, 4.0]])(batch)
+    assert FunctionReward(lambda p, r: [1.0, 2.0, 3.0, 4.0])(batch).tolist() == [1.0, 2.0, 3.0, 4.0]
+
+
 def test_module_function_spec(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text("def length(prompts, responses):\n    return [len(r) for r in responses]\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -287,21 +287,6 @@ def test_config_checks_the_shares(tmp_path, monkeypatch):
     small_config(tmp_path, parallel="none").validate()  # one process: any mode
 
 
-def test_launcher_is_torchrun():
-    command = distributed.launch_command(4, ["train", "--config", "run.yaml"])
-    assert command[1:] == [
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=4",
-        "-m",
-        "fastppo",
-        "train",
-        "--config",
-        "run.yaml",
-    ]
-
-
 def test_single_process_helpers_are_the_identity():
     x, mask = torch.randn(3, 5), torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]])
     assert distributed.world_size() == 1 and distributed.is_main()
@@ -315,32 +300,15 @@ def test_single_process_helpers_are_the_identity():
 def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
     """`fastppo train --nproc 2` end to end with FSDP2 and real sampling (generation with gathered weights), an
     evaluation whose 3 prompts the two ranks share, the completions table and the final model; the moves between
-    world sizes are checked above."""
-    import yaml
-
-    from tests.tiny_models import run_cli
+    world sizes are checked above, the launcher in test_launcher.py."""
+    from tests.tiny_models import run_cli, tiny_run_yaml
 
     policy, reward = tiny_models["llama"]
-    values = {
-        "policy_model": policy,
-        "reward_model": reward,
-        "prompts": prompt_list(8),
-        "parallel": "fsdp",
-        "output_dir": str(tmp_path / "run"),
-        "steps": 1,
-        "rollout_batch_size": 4,
-        "mini_batch_size": 4,
-        "micro_batch_size": 1,
-        "max_new_tokens": 4,
-        "report_to": [],
-        "eval_prompts": ["w1 w2", "w3", "w4 w5 w6"],
-        "eval_every": 1,
-        "log_completions": True,
-        "num_completions_to_print": 0,
-    }
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(values))
-    proc = run_cli("train", "--nproc", "2", "--config", str(path))
+    eval_prompts = ["w1 w2", "w3", "w4 w5 w6"]
+    sizes = {"steps": 1, "rollout_batch_size": 4, "mini_batch_size": 4, "micro_batch_size": 1, "max_new_tokens": 4}
+    outputs = {"eval_prompts": eval_prompts, "eval_every": 1, "log_completions": True, "num_completions_to_print": 0}
+    path = tiny_run_yaml(tmp_path, policy, reward_model=reward, parallel="fsdp", **sizes, **outputs)
+    proc = run_cli("train", "--nproc", "2", "--config", path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 1 steps") == 1  # rank 0 reports
     assert len(_metrics_lines(tmp_path / "run")) == 1  # rank 0 writes
@@ -348,7 +316,7 @@ def test_fastppo_train_nproc_runs_torchrun(tiny_models, tmp_path):
     assert "eval/kl" in _metrics_lines(tmp_path / "run")[0]
     completions = [json.loads(line) for line in open(tmp_path / "run" / "completions.jsonl")]
     assert [row["split"] for row in completions] == ["train"] * 4 + ["eval"] * 3  # every rank's rows, once each
-    assert [row["prompt"] for row in completions[4:]] == values["eval_prompts"]
+    assert [row["prompt"] for row in completions[4:]] == eval_prompts
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()  # gathered from the shards by rank 0
 
 

@@ -280,6 +280,30 @@ def test_bad_input_exits_2_before_anything_loads(tmp_path, base_model, capsys, m
     assert not loaded and not (tmp_path / "out").exists()
 
 
+def test_pairs_without_a_preference_are_refused_all_or_dropped_counted(tmp_path, base_model, capsys):
+    """chosen == rejected: the loss is log 2 whatever the policy, its gradient zero. Every pair so: exit 2 naming the
+    first one's file:line (no run at loss 0.693); some: dropped and counted."""
+    pairs = sentiment_pairs(8)
+    ties = [{**p, "rejected": p["chosen"]} for p in pairs]
+    data = write_jsonl(tmp_path / "ties.jsonl", ties)
+    argv = ["dpo", "--model", base_model, "--data", data, "--output-dir", str(tmp_path / "out")]
+    assert main(argv) == 2
+    assert f"{data}:1: chosen and rejected are the same text, in every one of the 8 pairs" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    trainer = DPOTrainer(config(tmp_path, base_model, data=pairs[:6] + ties[6:], eval_fraction=0.0))
+    assert len(trainer.train_data) == 6
+    assert "2 of 8 pairs have chosen == rejected (the first at data[6]): dropped" in capsys.readouterr().out
+
+
+def test_pairs_max_length_empties_are_counted(tmp_path, base_model, capsys):
+    pairs = sentiment_pairs(8)
+    long = [{**p, "prompt": " ".join([p["prompt"]] * 20)} for p in pairs[:3]]  # its prompt fills max_length
+    trainer = DPOTrainer(config(tmp_path, base_model, data=long + pairs[3:], eval_fraction=0.0))
+    assert len(trainer.train_data) == 5
+    out = capsys.readouterr().out
+    assert "3 of 8 training pairs dropped: their prompt fills max_length=32" in out and "(the first: data[" in out
+
+
 # ----------------------------------------------------------------------------------------------
 # the demo task: does DPO improve what the hidden gold function measures?
 # ----------------------------------------------------------------------------------------------
