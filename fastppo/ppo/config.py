@@ -15,7 +15,7 @@ from fastppo.data import SOURCES as PROMPT_SOURCES
 from fastppo.data import is_dataset, read_prompt_records
 from fastppo.ops.reference import KL_ESTIMATORS, LOSS_AGGREGATIONS
 from fastppo.ppo.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, uses_critic
-from fastppo.ppo.trl_keys import TRL_KEYS
+from fastppo.ppo.trl_keys import FOREIGN_KEYS
 from fastppo.runtime.config_base import RESUME_FROM_HELP, Config, check_path, check_resume_from, option
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.model_sources import is_model_source
@@ -32,54 +32,6 @@ from fastppo.runtime.validation import (
     is_callable_spec,
     short,
 )
-
-# Settings TRL and OpenRLHF users know under other names: a config using one is refused with fastppo's name for it
-# (docs/from-trl.md has the whole table).
-FOREIGN_KEYS = {
-    "num_generations": "use samples_per_prompt (responses per prompt)",
-    "n_samples_per_prompt": "use samples_per_prompt",
-    "beta": "use kl_loss_coef (the KL as a loss term, GRPO's beta) or kl_coef (the KL penalty in the reward)",
-    "init_kl_coef": "use kl_coef",
-    "epsilon": "use clip_range",
-    "epsilon_high": "use clip_range_high",
-    "cliprange": "use clip_range",
-    "eps_clip": "use clip_range",
-    "cliprange_value": "use clip_range_value",
-    "value_clip": "use clip_range_value",
-    "max_completion_length": "use max_new_tokens",
-    "response_length": "use max_new_tokens",
-    "generate_max_len": "use max_new_tokens",
-    "prompt_max_len": "use max_prompt_length",
-    "num_iterations": "use ppo_epochs",
-    "num_ppo_epochs": "use ppo_epochs",
-    "num_mini_batches": "use mini_batch_size (sequences per optimizer step)",
-    "per_device_train_batch_size": "use micro_batch_size (sequences per forward/backward)",
-    "micro_train_batch_size": "use micro_batch_size",
-    "train_batch_size": "use mini_batch_size (sequences per optimizer step)",
-    "gradient_accumulation_steps": "use mini_batch_size and micro_batch_size (their ratio is the accumulation)",
-    "model_name_or_path": "use policy_model",
-    "sft_model_path": "use policy_model",
-    "reward_model_path": "use reward_model",
-    "num_train_epochs": "use steps (PPO iterations)",
-    "total_episodes": "use steps (PPO iterations of rollout_batch_size sequences each)",
-    "whiten_rewards": "use reward_normalization",
-    "stop_token": "use stop_token_ids or stop_strings",
-    "stop_token_id": "use stop_token_ids (a list)",
-    "loss_type": "use loss_agg (token-mean, seq-mean-token-mean, seq-mean-token-sum)",
-    "scale_rewards": "use advantage_estimator: grpo (scaled by the group's std) or dr_grpo (not scaled)",
-    "use_vllm": "use rollout_engine: vllm",
-    "save_steps": "use save_every",
-    "eval_steps": "use eval_every (with eval_prompts)",
-    "eval_strategy": "use eval_every (steps between evaluations; 0 = never) with eval_prompts",
-    "eval_dataset": "use eval_prompts",
-    "lora_r": "use lora_rank",
-    "use_peft": "set lora_rank > 0 (or pass a peft LoraConfig as PPOTrainer(config, peft_config=...))",
-    "value_model": "use critic: separate with critic_model (a reward model's directory)",
-    "value_model_path": "use critic: separate with critic_model",
-    "critic_pretrain": "use critic: separate with critic_model",
-    "actor_learning_rate": "use learning_rate",
-    "logging_steps": "fastppo logs every step",
-}
 
 
 @dataclass
@@ -404,7 +356,7 @@ class PPOConfig(Config):
         "lora_dropout": Interval(0, 1, high_open=True),
     }
     RENAMED = {"kl_target": "adaptive_kl_target"}  # its unit (nats per sequence) and role differ from target_kl's
-    FOREIGN = {**FOREIGN_KEYS, **TRL_KEYS}
+    FOREIGN = FOREIGN_KEYS  # TRL's and OpenRLHF's names: refused with fastppo's (trl_keys.py)
 
     # --- validation: the one place ---------------------------------------------------------------------------------
 
@@ -633,56 +585,3 @@ class PPOConfig(Config):
         from fastppo.runtime.distributed import world_size
 
         return self.micro_batch_size or self.mini_batch_size // world_size()
-
-
-def adopt_peft_config(config: PPOConfig, peft_config):
-    """A peft `LoraConfig` passed as TRL takes it (`PPOTrainer(config, peft_config=...)`): its settings become the
-    config's lora_* fields (validated, logged and checked on resume like YAML ones); a lora_* field the config sets
-    to something else is refused rather than silently overridden. Returns the copy fastppo wraps the policy with
-    (task_type CAUSAL_LM)."""
-    import copy
-
-    from peft import LoraConfig
-
-    if not isinstance(peft_config, LoraConfig):
-        raise InputError(
-            f"peft_config: a {type(peft_config).__name__}; fastppo trains LoRA adapters: pass a LoraConfig"
-        )
-    task = getattr(peft_config.task_type, "value", peft_config.task_type)
-    if task not in (None, "CAUSAL_LM"):
-        raise InputError(f"peft_config: task_type {task!r}, but the policy is a causal LM: use task_type='CAUSAL_LM'")
-    peft_config = copy.deepcopy(peft_config)
-    peft_config.task_type = "CAUSAL_LM"
-    targets = peft_config.target_modules
-    values = {
-        "lora_rank": peft_config.r,
-        "lora_alpha": float(peft_config.lora_alpha),
-        "lora_dropout": float(peft_config.lora_dropout),
-        "lora_target_modules": sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-        "lora_modules_to_save": list(peft_config.modules_to_save or []),
-    }
-    defaults = PPOConfig()
-    for name, value in values.items():
-        current = getattr(config, name)
-        if current != getattr(defaults, name) and current != value:
-            raise InputError(
-                f"{name}: {short(current)} in the config, {short(value)} in peft_config: give LoRA's settings once "
-                "(peft_config, or the lora_* fields)"
-            )
-        setattr(config, name, value)
-    return peft_config
-
-
-def resume_settings(config) -> dict:
-    """The PPO settings `check_resume_settings` compares (JSON values); the trainer adds the digests of the prompts
-    and of the reference's weights."""
-    return {
-        "critic": config.critic if uses_critic(config.advantage_estimator) else "none",
-        "lora_rank": config.lora_rank,
-        "learning_rate": config.learning_rate,
-        "weight_decay": config.weight_decay,
-        "kl_coef": config.kl_coef,
-        "adaptive_kl_target": config.adaptive_kl_target,
-        "kl_horizon": config.kl_horizon,
-        "seed": config.seed,
-    }

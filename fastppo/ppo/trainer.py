@@ -8,7 +8,8 @@
     6. ppo_update           ppo_epochs x minibatches of the clipped policy + value losses, one optimizer step each
 
 `step()` runs them in this order, one method each, and times each phase (perf/<phase>_s). Every step after the
-rollout has one contract: it fills fields of the batch and returns its statistics (a dict, maybe empty).
+rollout has one contract: it fills fields of the batch and returns its statistics (a dict, maybe empty). How the
+trainer builds its models is in `setup.py`, how it saves and resumes in `checkpointing.py`.
 
 Every heavy step is an op of `fastppo.ops` (fused kernels where the device has them).
 """
@@ -18,54 +19,31 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 
 import torch
 
 from fastppo import ops
-from fastppo.data import PromptSampler, as_prompts, check_prompt_token_ids, read_prompts, tokenize_prompts
+from fastppo.data import as_prompts, tokenize_prompts
 from fastppo.engines import vllm as vllm_engine
-from fastppo.engines.hf import decode_responses, end_token_ids, generate, warn_if_truncated_sampling
+from fastppo.engines.hf import decode_responses, generate
 from fastppo.models import (
-    PolicyValueModel,
-    add_lora,
-    check_critic_model,
-    check_logprob_path,
-    frozen_reference,
-    load_critic,
-    load_tokenizer,
-    load_trainable_lm,
-    lora_config,
     reference_logprobs,
-    resolve_device,
 )
 from fastppo.ops.reference import loss_weights
 from fastppo.ppo import evaluation, groups
-from fastppo.ppo.advantages import estimate_advantages, uses_critic
+from fastppo.ppo.advantages import estimate_advantages
 from fastppo.ppo.batch import RolloutBatch
-from fastppo.ppo.config import PPOConfig, adopt_peft_config, resume_settings
+from fastppo.ppo.checkpointing import Checkpointing
+from fastppo.ppo.config import PPOConfig
 from fastppo.ppo.correction import rollout_correction
-from fastppo.ppo.rewards import load_rewards
-from fastppo.ppo.shaping import KLController, RunningMoments, shape_rewards, shape_scores
+from fastppo.ppo.setup import SetUp, adopt_peft_config
+from fastppo.ppo.shaping import shape_rewards, shape_scores
 from fastppo.runtime import distributed, precision, run_lock
 from fastppo.runtime.checkpoint import (
-    FINAL_MODEL,
-    check_resume_settings,
-    clear_previous_run,
     last_checkpoint_note,
-    load_checkpoint,
-    prune_checkpoints,
-    refuse_mixing_runs,
-    remove_partial_checkpoints,
-    resume_checkpoint,
-    save_checkpoint,
 )
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.export import export_model
-from fastppo.runtime.fingerprints import prompts_digest, weights_digest
-from fastppo.runtime.metrics import MetricsLogger, PhaseTimer, Stats, explained_variance, peak_memory_mb
-from fastppo.runtime.rng import rng_state, seed_everything, set_rng_state
-from fastppo.runtime.schedule import adamw_with_schedule
+from fastppo.runtime.metrics import PhaseTimer, Stats, explained_variance, peak_memory_mb
 from fastppo.runtime.signals import StepInterrupted, stop_at_step_boundary
 
 # The per-token statistics the ops return that are maxima over the tokens, not means (see ops.ppo_policy_loss).
@@ -84,7 +62,7 @@ METRIC_FIELDS = (
 )
 
 
-class PPOTrainer:
+class PPOTrainer(SetUp, Checkpointing):
     def __init__(
         self,
         config: PPOConfig,
@@ -111,171 +89,6 @@ class PPOTrainer:
         # One run per output_dir (run_lock.py), from before anything is written; rank 0 writes for every rank.
         with run_lock.held_by(self, config.output_dir, "train", take=distributed.is_main()):
             self._set_up(policy, tokenizer, reward, prompts, reference, reward_tokenizer)
-
-    def _set_up(self, policy, tokenizer, reward, prompts, reference, reward_tokenizer) -> None:
-        config = self.config
-        refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
-        checkpoint = resume_checkpoint(config.resume_from, config.output_dir, announce=distributed.is_main())
-        self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
-        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
-        seed_everything(config.seed)  # the same seed on every rank: the same initial weights
-
-        policy = policy if policy is not None else config.policy_model
-        if policy is None:
-            raise InputError("policy_model: no policy given (a path or a model)")
-        self.tokenizer = load_tokenizer(tokenizer or config.tokenizer or (policy if isinstance(policy, str) else None))
-        if config.critic_model is not None:  # before any model loads
-            check_critic_model(config.critic_model, self.tokenizer)
-        self.prompts = read_prompts(
-            prompts if prompts is not None else config.prompts,
-            self.tokenizer,
-            config.max_prompt_length,
-            config.truncate_long_prompts,
-            config.prompts_split,
-        )
-        self.fingerprints = self._fingerprints(policy, reference, prompts if prompts is not None else config.prompts)
-        self.resume_changes = {}  # checked before any model loads; honoured by `_resume`
-        if checkpoint:
-            self.resume_changes = check_resume_settings(
-                checkpoint, self._resume_settings(), config.resume_new_reference, log=_say
-            )
-        columns = dict.fromkeys(name for prompt in self.prompts for name in prompt.columns)  # for reward functions
-        self.reward = load_rewards(config, self.tokenizer, self.device, reward, reward_tokenizer, columns, policy)
-        self.reward.trainer_state.max_steps = config.steps
-        held_out, limits = config.eval_prompts, (config.max_prompt_length, config.truncate_long_prompts)
-        self.eval_prompts = (
-            []
-            if held_out is None
-            else read_prompts(held_out, self.tokenizer, *limits, config.prompts_split, "eval_prompts")
-        )
-
-        lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
-        self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
-        vocab_size = lm.get_input_embeddings().num_embeddings
-        check_prompt_token_ids(self.prompts + self.eval_prompts, self.tokenizer, vocab_size, self.end_ids)
-        self._check_logprob_path(lm)
-        self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
-        self.model = self._build_policy(lm)
-        # The decode's own log-probs and values serve as the old ones (see config.old_logprobs): not with a
-        # separate critic, whose values need its own backbone's forward.
-        wanted = config.old_logprobs == "rollout" or (config.old_logprobs == "auto" and self.autocast_dtype is None)
-        self.old_logprobs_from_rollout = wanted and config.rollout_engine == "hf" and self.model.critic_backbone is None
-        resume_state = load_checkpoint(checkpoint, self.model) if checkpoint else None  # into the unwrapped model
-        # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
-        self.parallel = distributed.Parallel(config.parallel)
-        self.model, self.reference = self.parallel.wrap(self.model, self.reference, self.device)
-        if distributed.world_size() > 1:
-            seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
-        updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size
-        self.optimizer, self.scheduler = adamw_with_schedule(
-            self.model.parameters(),
-            config.learning_rate,
-            config.steps * updates_per_step,
-            config.weight_decay,
-            config.warmup_steps,
-            config.lr_scheduler,
-        )
-        self.kl_controller = KLController(config.kl_coef, config.adaptive_kl_target, config.kl_horizon)
-        self.score_moments = RunningMoments()
-        self.sampler = PromptSampler(len(self.prompts), config.seed)
-        self.step_count = 0
-        self.exported: set[str] = set()  # save_model's folders: this trainer may replace them
-        self.timer = PhaseTimer()  # the current step's phases (`step` starts a new one)
-        self.skipped_in_a_row = self.skipped_total = 0
-        self.param_groups = {"policy": [], "value": []}  # trainable parameters, for the gradient norms
-        for name, p in self.model.named_parameters():
-            if p.requires_grad:
-                self.param_groups["value" if "value_head" in name or "critic_backbone" in name else "policy"].append(p)
-
-        if distributed.is_main():
-            warn_if_truncated_sampling(config.top_k, config.top_p)
-        resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
-        # The vLLM engine starts from the policy's files; resumed weights are pushed before the first rollout.
-        self.engine = vllm_engine.build_engine(policy, config, self.device) if config.rollout_engine == "vllm" else None
-        if self.engine is not None:
-            self.engine.stale = checkpoint is not None
-        if distributed.is_main():
-            clear_previous_run(config.output_dir, config.resume_from, config.overwrite_output_dir)
-            remove_partial_checkpoints(config.output_dir)
-        self.metrics = (
-            MetricsLogger(
-                config.output_dir, config.report_to, resume_step is not None, config.run_name, dict(vars(config))
-            )
-            if distributed.is_main()
-            else distributed.NullLogger()
-        )
-        if resume_step is not None:
-            self.metrics.truncate_after(resume_step)
-
-    # --- setup ----------------------------------------------------------------------------------------------------
-
-    def _load_policy_lm(self, policy):
-        """The policy LM with float32 master weights (see `load_trainable_lm`); checkpoints are saved back in the
-        dtype it came in unless `save_dtype` says otherwise."""
-        lm, self.checkpoint_dtype = load_trainable_lm(policy, self.device)
-        self.save_dtype = (
-            self.checkpoint_dtype if self.config.save_dtype == "auto" else getattr(torch, self.config.save_dtype)
-        )
-        return lm
-
-    def _fingerprints(self, policy, reference, prompts_source) -> dict:
-        """What a checkpoint records to tell, on resume, whether the prompts and the KL reference are the same
-        (`fingerprints.py`). The reference is policy_model's weights (or the `reference` path given); a model object
-        has no files to digest and is not checked."""
-        source = reference if reference is not None else policy
-        path = os.path.abspath(source) if isinstance(source, str) else None
-        where = prompts_source if isinstance(prompts_source, str) else "(the list given)"
-        return {
-            "prompts": {"count": len(self.prompts), "digest": prompts_digest(self.prompts), "source": where},
-            "reference": {"path": path, "digest": weights_digest(path) if path else None},
-        }
-
-    def _resume_settings(self) -> dict:
-        return resume_settings(self.config) | self.fingerprints
-
-    def _check_logprob_path(self, lm) -> None:
-        """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
-        length = min(self.config.max_prompt_length, 32)  # cut short for speed, not by the user's setting: no warning
-        ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, length, warn=False)
-        tolerance = 1e-3 if self.autocast_dtype is None else 5e-2  # float32 vs bf16 autocast rounding
-        was_training = lm.training
-        lm.eval()
-        with self._autocast():
-            check_logprob_path(lm, ids.to(self.device), mask.to(self.device), self.config.fused_logprobs, tolerance)
-        lm.train(was_training)
-
-    def _build_policy(self, lm) -> PolicyValueModel:
-        cfg = self.config
-        if cfg.gradient_checkpointing:
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.lora_rank > 0:
-            settings = (cfg.lora_rank, cfg.lora_alpha, cfg.lora_target_modules, cfg.lora_dropout)
-            lora = self.peft_config or lora_config(*settings, cfg.lora_modules_to_save)
-            lm = add_lora(lm, cfg.lora_rank, cfg.lora_alpha, lora)
-        critic = cfg.critic if uses_critic(cfg.advantage_estimator) else "none"  # critic-free: no value head
-        critic_init = load_critic(cfg.critic_model, self.device) if cfg.critic_model else None
-        model = PolicyValueModel(lm, critic=critic, fused_logprobs=cfg.fused_logprobs, critic_init=critic_init)
-        model.train()
-        return model
-
-    def _build_reference(self, lm, policy, reference):
-        """The frozen reference LM (see `frozen_reference`), or None when it is the policy with LoRA adapters
-        disabled, or when nothing reads it (no KL in the reward nor in the loss: `PPOConfig.uses_reference`).
-        `lm` is the loaded policy before LoRA is added: its weights are the reference's."""
-        if not self.uses_reference:
-            if reference is not None or self.config.reference_quantization != "none":
-                warnings.warn(
-                    "reference: not loaded, nothing uses it (no KL in the reward: kl_coef 0 or kl_in_reward false; "
-                    "none in the loss: kl_loss_coef 0); measure_kl: true keeps it to log the KL",
-                    stacklevel=3,
-                )
-            return None
-        if self.config.reference == "adapter":
-            return None
-        given = reference if reference is not None and not isinstance(reference, str) else None
-        return frozen_reference(
-            reference or policy, lm, self.config.reference_quantization, self.device, self.checkpoint_dtype, given
-        )
 
     # --- the six steps ------------------------------------------------------------------------------------------
 
@@ -601,7 +414,7 @@ class PPOTrainer:
             norms[f"{name}/grad_norm"] = float(self.parallel.full_tensor(norm))
         return norms
 
-    # --- metrics, generation, saving ----------------------------------------------------------------------------
+    # --- metrics, training, generation ------------------------------------------------------------------------
 
     def _metrics(self, batch, kl_per_sequence) -> dict:
         seconds = self.timer.seconds
@@ -678,96 +491,8 @@ class PPOTrainer:
         rank calls it (the weights are gathered)."""
         return self.rollout(prompts, temperature).responses
 
-    def save(self, path: str | None = None) -> str:
-        """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`).
-        Under torchrun every rank calls it (the weights are gathered) and rank 0 writes it."""
-        state = {
-            "step": self.step_count,
-            "optimizer": self.parallel.optimizer_state_dict(self.model, self.optimizer),
-            "scheduler": self.scheduler.state_dict(),
-            "kl_controller": self.kl_controller.state_dict(),
-            "score_moments": self.score_moments.state_dict(),
-            "sampler": self.sampler.state_dict(),
-            "skipped_total": self.skipped_total,
-            "rng": rng_state(),
-        }
-        if distributed.world_size() > 1:
-            state["rng_per_rank"] = distributed.all_gather_objects(rng_state())
-        with self.parallel.model_for_saving(self.model) as model:  # rank 0: the full weights; others: None
-            saved = (
-                None
-                if model is None
-                else save_checkpoint(
-                    path or self.config.output_dir,
-                    self.step_count,
-                    model,
-                    self.tokenizer,
-                    state,
-                    self.config.save_merged_lora,
-                    self.save_dtype,
-                    self._resume_settings(),
-                )
-            )
-        if saved is not None and path is None and self.config.save_total_limit:
-            prune_checkpoints(self.config.output_dir, self.config.save_total_limit, saved)
-        return distributed.broadcast_object(saved)
-
-    def save_model(self, path: str | None = None) -> str:
-        """The final model at `path` (default <output_dir>/final): the policy alone, in the checkpoint's dtype, with
-        its tokenizer, chat template and generation config, LoRA merged or as an adapter (save_merged_lora), that
-        `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load (see `runtime.export`).
-        `fastppo train` writes it at the end of a finished run. Under torchrun every rank calls it."""
-        final = os.path.abspath(os.path.join(self.config.output_dir, FINAL_MODEL))
-        path = os.path.abspath(path or final)
-        taken = path not in (final, *self.exported) and os.path.isdir(path) and bool(os.listdir(path))
-        if distributed.broadcast_object(taken):  # rank 0's view: every rank stops, none waits in the gathering
-            raise InputError(f"save_model: {path} is not empty; name a new folder (nothing already there is replaced)")
-        probes = [str(p) for p in self.prompts[:8]]
-        with self.parallel.model_for_saving(self.model) as model:
-            if model is not None:
-                export_model(model.lm, self.tokenizer, path, self.config.save_merged_lora, self.save_dtype, probes)
-        self.exported.add(path)
-        return distributed.broadcast_object(path)
-
-    def _resume(self, checkpoint: str, state: dict) -> int:
-        """Restore the trainer `state` of `checkpoint`, whose weights were loaded before wrapping the model."""
-        try:
-            self.parallel.load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as error:  # a checkpoint from before settings were recorded
-            raise InputError(
-                f"resume_from: the optimizer state of {checkpoint} does not fit this model ({error}): "
-                "did critic, advantage_estimator or lora_rank change?"
-            ) from None
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.kl_controller.load_state_dict(state["kl_controller"])
-        if "kl_coef" in self.resume_changes:  # honoured (check_resume_settings said so)
-            self.kl_controller.value = self.config.kl_coef
-        self.score_moments.load_state_dict(state["score_moments"])
-        if "seed" in self.resume_changes or "prompts" in self.resume_changes:  # a new epoch, in the new order
-            self.sampler.epoch, self.sampler.position = state["sampler"]["epoch"] + 1, 0
-        else:
-            self.sampler.load_state_dict(state["sampler"])
-        self.skipped_total = state.get("skipped_total", 0)
-        set_rng_state(state["rng"])
-        per_rank = state.get("rng_per_rank") or []
-        new_world = distributed.world_size() > 1 and len(per_rank) != distributed.world_size()
-        if "seed" in self.resume_changes or new_world:
-            seed_everything(self.config.seed + distributed.rank() + 7919 * state["step"])  # new streams
-        elif distributed.world_size() > 1:  # each rank its own stream, as saved
-            set_rng_state(per_rank[distributed.rank()])
-        self.step_count = state["step"]
-        if distributed.is_main():
-            print(f"fastppo: resumed from {checkpoint} at step {self.step_count}")
-        return self.step_count
-
     def _autocast(self):
         return precision.autocast(self.device, self.autocast_dtype)
-
-
-def _say(message: str) -> None:
-    """A note about the run, from rank 0 only."""
-    if distributed.is_main():
-        print(message, file=sys.stderr)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

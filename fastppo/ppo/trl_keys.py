@@ -1,6 +1,6 @@
-"""TRL 0.29's names (GRPOConfig, trl.experimental.ppo.PPOConfig and their TrainingArguments) that fastppo spells
-otherwise or does without, beyond config.FOREIGN_KEYS: a config using one is refused with what to write instead.
-docs/from-trl.md has the whole table and the reasons."""
+"""The names TRL 0.29 (GRPOConfig, trl.experimental.ppo.PPOConfig and their TrainingArguments) and OpenRLHF give
+settings that fastppo spells otherwise or does without: a config using one is refused with what to write instead
+(`FOREIGN_KEYS`, PPOConfig's FOREIGN). docs/from-trl.md has the whole table and the reasons."""
 
 TRL_KEYS = {
     "max_steps": "use steps (PPO iterations)",
@@ -53,3 +53,54 @@ TRL_KEYS = {
     "generation_kwargs": "use temperature, top_k, top_p, stop_strings and stop_token_ids",
     "chat_template_kwargs": "render the chat yourself and give prompt strings (chat messages use the template as is)",
 }
+
+
+# Settings TRL and OpenRLHF users know under other names: a config using one is refused with fastppo's name for it
+# (docs/from-trl.md has the whole table).
+COMMON_KEYS = {
+    "num_generations": "use samples_per_prompt (responses per prompt)",
+    "n_samples_per_prompt": "use samples_per_prompt",
+    "beta": "use kl_loss_coef (the KL as a loss term, GRPO's beta) or kl_coef (the KL penalty in the reward)",
+    "init_kl_coef": "use kl_coef",
+    "epsilon": "use clip_range",
+    "epsilon_high": "use clip_range_high",
+    "cliprange": "use clip_range",
+    "eps_clip": "use clip_range",
+    "cliprange_value": "use clip_range_value",
+    "value_clip": "use clip_range_value",
+    "max_completion_length": "use max_new_tokens",
+    "response_length": "use max_new_tokens",
+    "generate_max_len": "use max_new_tokens",
+    "prompt_max_len": "use max_prompt_length",
+    "num_iterations": "use ppo_epochs",
+    "num_ppo_epochs": "use ppo_epochs",
+    "num_mini_batches": "use mini_batch_size (sequences per optimizer step)",
+    "per_device_train_batch_size": "use micro_batch_size (sequences per forward/backward)",
+    "micro_train_batch_size": "use micro_batch_size",
+    "train_batch_size": "use mini_batch_size (sequences per optimizer step)",
+    "gradient_accumulation_steps": "use mini_batch_size and micro_batch_size (their ratio is the accumulation)",
+    "model_name_or_path": "use policy_model",
+    "sft_model_path": "use policy_model",
+    "reward_model_path": "use reward_model",
+    "num_train_epochs": "use steps (PPO iterations)",
+    "total_episodes": "use steps (PPO iterations of rollout_batch_size sequences each)",
+    "whiten_rewards": "use reward_normalization",
+    "stop_token": "use stop_token_ids or stop_strings",
+    "stop_token_id": "use stop_token_ids (a list)",
+    "loss_type": "use loss_agg (token-mean, seq-mean-token-mean, seq-mean-token-sum)",
+    "scale_rewards": "use advantage_estimator: grpo (scaled by the group's std) or dr_grpo (not scaled)",
+    "use_vllm": "use rollout_engine: vllm",
+    "save_steps": "use save_every",
+    "eval_steps": "use eval_every (with eval_prompts)",
+    "eval_strategy": "use eval_every (steps between evaluations; 0 = never) with eval_prompts",
+    "eval_dataset": "use eval_prompts",
+    "lora_r": "use lora_rank",
+    "use_peft": "set lora_rank > 0 (or pass a peft LoraConfig as PPOTrainer(config, peft_config=...))",
+    "value_model": "use critic: separate with critic_model (a reward model's directory)",
+    "value_model_path": "use critic: separate with critic_model",
+    "critic_pretrain": "use critic: separate with critic_model",
+    "actor_learning_rate": "use learning_rate",
+    "logging_steps": "fastppo logs every step",
+}
+
+FOREIGN_KEYS = {**COMMON_KEYS, **TRL_KEYS}

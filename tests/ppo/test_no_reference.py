@@ -5,22 +5,23 @@
 import pytest
 
 from fastppo import PPOTrainer
+from fastppo.ppo import setup as ppo_setup
 from fastppo.ppo import trainer as trainer_module
 from tests.tiny_models import count_w7, prompt_list, small_config
 
 NO_KL = [{"kl_coef": 0.0}, {"kl_in_reward": False}]
 
 
-def forbid(monkeypatch, name):
+def forbid(monkeypatch, name, module=trainer_module):
     def called(*args, **kwargs):
         raise AssertionError(f"{name} was called")
 
-    monkeypatch.setattr(trainer_module, name, called)
+    monkeypatch.setattr(module, name, called)
 
 
 @pytest.mark.parametrize("no_kl", NO_KL, ids=["kl_coef=0", "kl_in_reward=false"])
 def test_no_reference_is_loaded_or_run(tiny_llama, tmp_path, monkeypatch, no_kl):
-    forbid(monkeypatch, "frozen_reference")  # no reference model object
+    forbid(monkeypatch, "frozen_reference", ppo_setup)  # no reference model object
     forbid(monkeypatch, "reference_logprobs")  # no reference forward
     config = small_config(tmp_path, policy_model=tiny_llama[0], **no_kl)
     trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
