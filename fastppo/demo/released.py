@@ -26,11 +26,11 @@ class ReleasedSettings:
     """The RL budget on a released model. FULL is sized for 2 CPU cores (docs/demo-results.md has its timing);
     QUICK is the plumbing check the tests run on tiny models."""
 
-    steps: int = 60
+    steps: int = 40
     rollout_batch_size: int = 32
     mini_batch_size: int = 16
-    ppo_epochs: int = 2
-    learning_rate: float = 3e-6
+    ppo_epochs: int = 1
+    learning_rate: float = 1e-5
     lora_rank: int = 0
     temperature: float = 0.7
     max_new_tokens: int = 32
@@ -106,6 +106,7 @@ def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: 
         adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
         seed=seed,
         save_every=0,
+        precision=compute_precision(),
         **algorithm_overrides(algo, settings.steps),
     )
     trainer = PPOTrainer(config, prompts=[conversation(r) for r in train_rows])
@@ -142,6 +143,16 @@ def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: 
         for row, old, new in zip(held_out, before["responses"], after["responses"], strict=True):
             f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "before": old, "after": new}) + "\n")
     return summary
+
+
+def compute_precision() -> str:
+    """bf16 autocast where the CPU multiplies bf16 natively (AMX, AVX512-BF16: `fastppo doctor`), else float32:
+    the budget of FULL is sized by the matmuls of training, which bf16 speeds up there and slows down elsewhere."""
+    import torch
+
+    from fastppo.runtime.precision import cpu_multiplies_bf16
+
+    return "bf16" if torch.cuda.is_available() or cpu_multiplies_bf16() else "float32"
 
 
 def evaluate(trainer, rows: list[dict]) -> dict:

@@ -150,14 +150,15 @@ class SetUp:
         return lm
 
     def _check_logprob_path(self, lm) -> None:
-        """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`)."""
+        """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`). The check
+        is of the architecture's logit transform, not of the precision: it runs in float32 whatever `precision` says,
+        where the two paths agree to rounding; under bf16 autocast a deep model's rounding alone (SmolLM2-135M's
+        30 layers) outgrew the tolerance, which must stay small to catch a transform."""
         length = min(self.config.max_prompt_length, 32)  # cut short for speed, not by the user's setting: no warning
         ids, mask = tokenize_prompts(self.prompts[:4], self.tokenizer, length, warn=False)
-        tolerance = 1e-3 if self.autocast_dtype is None else 5e-2  # float32 vs bf16 autocast rounding
         was_training = lm.training
         lm.eval()
-        with self._autocast():
-            check_logprob_path(lm, ids.to(self.device), mask.to(self.device), self.config.fused_logprobs, tolerance)
+        check_logprob_path(lm, ids.to(self.device), mask.to(self.device), self.config.fused_logprobs, tolerance=1e-3)
         lm.train(was_training)
 
     def _build_policy(self, lm) -> PolicyValueModel:
