@@ -26,7 +26,7 @@ class ReleasedSettings:
     """The RL budget on a released model. FULL is sized for 2 CPU cores (docs/demo-results.md has its timing);
     QUICK is the plumbing check the tests run on tiny models."""
 
-    steps: int = 40
+    steps: int = 52
     rollout_batch_size: int = 32
     mini_batch_size: int = 16
     ppo_epochs: int = 1
