@@ -5,7 +5,8 @@ one: 1 for the right last number, 0.2 more for a short answer that ends its turn
 held-out problems greedily; the run prints the held-out accuracy, the answers' length and the KL to the starting
 model, writes the trained policy to <output_dir>/final (an ordinary checkpoint: `AutoModelForCausalLM`), and keeps
 summary.json and the held-out answers beside it. `--model` takes any local instruct checkpoint with a chat template
-(or a GGUF file) too; `--algo`, `--seed`, `--no-kl-control` and `--quick` mean what they mean for the built-in demo.
+(or a GGUF file) too; `--algo` (here RLOO unless given), `--seed`, `--no-kl-control` and `--quick` mean what they mean
+for the built-in demo.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ import time
 from fastppo.demo import arithmetic
 
 EVALUATE_SEED = 1234
+# RLOO unless --algo says otherwise: its baseline is the other answers to the same problem, where PPO's critic starts
+# as a random value head over a sparse end-of-answer reward (docs/demo-results.md compares the two).
+DEFAULT_ALGO = "rloo"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ def run(args) -> int:
         output_dir,
         QUICK if args.quick else FULL,
         seed=args.seed or 0,
-        algo=args.algo or "gae",
+        algo=args.algo or DEFAULT_ALGO,
         kl_control=not args.no_kl_control,
     )
     print(summary_text(summary))
