@@ -13,7 +13,7 @@ Tokens/s counts prompt + response tokens. fastppo's phases are then set against 
 (`hardware_ratios`): the FLOP/s of each phase against a matmul of the LM head's shape, and the decode's weight reads
 against a memory copy.
 
-    python -m bench.e2e [--size default|large|quick] [--out bench/results/e2e-....json]
+    python -m bench.e2e [--size default|large|quick|smollm2] [--out bench/results/e2e-....json]
 """
 
 from __future__ import annotations
@@ -64,7 +64,26 @@ QUICK = {
     "iterations": 2,
     "repeats": 1,
 }
-SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK}
+# A released model's shape and its real answers: SmolLM2-135M-Instruct (grouped-query attention, tied embeddings,
+# vocabulary 49,152) from the `smollm2` extra, on arithmetic problems rendered with its chat template. Its answers end
+# at <|im_end|> at lengths of their own, so a batch is mostly shorter than `response`. The reward model is the same
+# checkpoint with a new 1-label head (its scores are noise; the cost is what is measured).
+SMOLLM2 = {
+    "model": "smollm2-135m-instruct",
+    "hidden": 576,
+    "layers": 30,
+    "heads": 9,
+    "kv_heads": 3,
+    "intermediate": 1536,
+    "vocab": 49152,
+    "batch": 16,
+    "micro_batch": 8,
+    "prompt": 0,  # set by build_models: every prompt has the same length (TRL pads the dataset's rows on the right)
+    "response": 64,
+    "iterations": 2,
+    "repeats": 1,
+}
+SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK, "smollm2": SMOLLM2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +115,8 @@ def random_prompts(vocab_size: int, count: int, length: int) -> list[str]:
 
 
 def build_models(cfg: dict, directory: Path) -> None:
+    if "model" in cfg:
+        return build_released(cfg, directory)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -122,6 +143,35 @@ def build_models(cfg: dict, directory: Path) -> None:
     (directory / "prompts.json").write_text(json.dumps(prompts))
 
 
+def build_released(cfg: dict, directory: Path) -> None:
+    """The released model as the policy, the same checkpoint with a seeded new score head as the reward model, and
+    chat-rendered problems of one token length (the most common one) as prompts; the length goes to cfg.json."""
+    import collections
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fastppo.demo import arithmetic
+    from fastppo.runtime.model_sources import resolve
+
+    source = Path(resolve(cfg["model"], "--size smollm2"))
+    (directory / "policy").symlink_to(source, target_is_directory=True)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    reward = AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, dtype=torch.bfloat16)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(directory / "reward")
+    tokenizer.save_pretrained(directory / "reward")
+    train, _ = arithmetic.split(0)
+    chats = [[{"role": "user", "content": row["prompt"]}] for row in train]
+    texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    length = collections.Counter(lengths).most_common(1)[0][0]
+    prompts = [t for t, n in zip(texts, lengths, strict=True) if n == length][: cfg["batch"] * cfg["iterations"]]
+    (directory / "prompts.json").write_text(json.dumps(prompts))
+    (directory / "cfg.json").write_text(json.dumps({"prompt": length}))
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -139,7 +189,8 @@ def run_trl(cfg: dict, directory: Path) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(directory / "policy")
     prompts = json.loads((directory / "prompts.json").read_text())
-    dataset = Dataset.from_dict({"input_ids": [tokenizer(p)["input_ids"] for p in prompts]})
+    special = "model" not in cfg  # a chat-rendered prompt has its special tokens already
+    dataset = Dataset.from_dict({"input_ids": [tokenizer(p, add_special_tokens=special)["input_ids"] for p in prompts]})
     args = PPOConfig(
         output_dir=str(directory / "runs" / "trl"),
         per_device_train_batch_size=cfg["micro_batch"],
@@ -200,7 +251,7 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
         seed=0,
         save_every=0,
         device="cpu",
-        tensorboard=False,
+        report_to=[],
         **options,
     )
     trainer = PPOTrainer(config, prompts=prompts)
@@ -215,6 +266,12 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
         "iterations": len(history),
         "phase_seconds": phase_s,
         "response_tokens": sum(float(m["rollout/response_length_mean"]) for m in history) / len(history),
+        # real tokens over computed ones in each phase after the rollout (1.0: no padding paid for)
+        "real_token_fraction": {
+            phase: sum(m[f"perf/{phase}_real_frac"] for m in history) / len(history)
+            for phase in ("reward", "logprobs", "train")
+            if f"perf/{phase}_real_frac" in history[0]
+        },
         "old_logprobs_from_rollout": trainer.old_logprobs_from_rollout,
     }
 
@@ -242,7 +299,8 @@ def hardware_ratios(cfg: dict, phase_s: dict, response_tokens: float, recomputed
     import torch
 
     H, L, V, B = cfg["hidden"], cfg["layers"], cfg["vocab"], cfg["batch"]
-    body = L * (4 * H * H + 3 * H * (H * 8 // 3))  # attention + SwiGLU MLP weights per model
+    kv = H * cfg.get("kv_heads", 1) // cfg.get("heads", 1)  # grouped-query attention's key/value width
+    body = L * (2 * H * H + 2 * H * kv + 3 * H * cfg.get("intermediate", H * 8 // 3))  # attention + SwiGLU MLP
     tokens = B * (cfg["prompt"] + response_tokens)
     head_tokens = B * response_tokens
     forward = 2 * body * tokens + 2 * H * V * head_tokens  # one policy-shaped forward
@@ -289,6 +347,8 @@ RUNNERS = {
 
 
 def child(name: str, cfg: dict, directory: Path) -> None:
+    if (directory / "cfg.json").is_file():  # what build_models measured (the released model's prompt length)
+        cfg = cfg | json.loads((directory / "cfg.json").read_text())
     result = RUNNERS[name](cfg, directory)
     tokens = cfg["batch"] * (cfg["prompt"] + cfg["response"])
     result.update(framework=name, tokens_per_s=tokens / result["seconds_per_iteration"], peak_memory_mb=peak_rss_mb())
@@ -332,6 +392,8 @@ def main(out: Path, size: str = "default") -> dict:
                     print(f"e2e: {name} failed: {last}", file=sys.stderr)
                 else:
                     tries[name].append(json.loads(lines[-1][len("RESULT ") :]))
+        if (directory / "cfg.json").is_file():
+            cfg = cfg | json.loads((directory / "cfg.json").read_text())
     data = {"machine": machine_info(), "size": size, "config": cfg, "runs": [median_run(t) for t in tries.values()]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(data, indent=2))

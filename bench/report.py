@@ -26,7 +26,7 @@ def newest(pattern: str) -> Path | None:
 
 def newest_e2e() -> list[Path]:
     """The newest end-to-end result of each size (e2e-<size>-<stamp>.json)."""
-    return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large")) if p]
+    return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large", "smollm2")) if p]
 
 
 def newest_gpu_proof(directory: Path = RESULTS) -> Path | None:
@@ -96,9 +96,10 @@ def phase_table(run: dict, base: dict | None = None) -> str:
         f"and a {hw['copy_gb_per_s']:.1f} GB/s copy (old log-probs "
         f"{'from the rollout' if run['old_logprobs_from_rollout'] else 'recomputed'}):",
         "",
-        "| phase | s / iteration | share | achieved | of the machine |",
-        "|---|---:|---:|---:|---:|",
+        "| phase | s / iteration | share | achieved | of the machine | real / computed tokens |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
+    real = run.get("real_token_fraction", {})  # absent from results measured before padding was trimmed
     total = sum(phases.values()) or 1.0
     for phase, seconds in phases.items():
         if phase == "advantages":
@@ -108,7 +109,8 @@ def phase_table(run: dict, base: dict | None = None) -> str:
             of = f"{hw['decode_of_copy']:.0%} of the copy"
         else:
             achieved, of = f"{hw[phase + '_gflops']:.0f} GFLOP/s", f"{hw[phase + '_of_matmul']:.0%} of the matmul"
-        lines.append(f"| {phase} | {seconds:.3f} | {seconds / total:.0%} | {achieved} | {of} |")
+        fraction = f"{real[phase]:.0%}" if phase in real else ""
+        lines.append(f"| {phase} | {seconds:.3f} | {seconds / total:.0%} | {achieved} | {of} | {fraction} |")
     if "floor_seconds" in hw:
         floor = hw["floor_seconds"]
         bound = f": {base['seconds_per_iteration'] / floor:.2f}x TRL's time at most" if base else ""

@@ -94,7 +94,7 @@ QUICK = Settings(
 # ----------------------------------------------------------------------------------------------
 
 
-DEMO_FLAGS = ("quick", "no_kl_control", "algo", "model")  # the demo's own; --seed and --output-dir are shared
+DEMO_FLAGS = ("quick", "no_kl_control", "algo", "model", "proxy")  # the demo's own; --seed and --output-dir are shared
 
 
 def add_arguments(parser) -> None:
@@ -122,6 +122,12 @@ def add_demo_arguments(parser) -> None:
         help="a released chat model instead of the generated task's tiny one: smollm2-135m-instruct, a local "
         "instruct checkpoint or a GGUF file, trained by PPO on arithmetic with a verifier's reward (demo/released.py)",
     )
+    parser.add_argument(
+        "--proxy",
+        action="store_true",
+        help="with --model: train a reward model from it on length-biased, verifier-labelled pairs and optimize that "
+        "proxy with and without KL control, the verifier as gold (demo/released_proxy.py)",
+    )
 
 
 def run(args) -> int:
@@ -129,6 +135,10 @@ def run(args) -> int:
         from fastppo.demo import released
 
         return released.run(args)
+    if getattr(args, "proxy", False):
+        from fastppo.runtime.errors import InputError
+
+        raise InputError("--proxy needs --model: the built-in demo always optimizes a learned reward model")
     quick, no_kl = bool(getattr(args, "quick", False)), bool(getattr(args, "no_kl_control", False))
     algo = getattr(args, "algo", None) or "gae"
     output_dir = getattr(args, "output_dir", None) or default_output_dir(no_kl, algo)

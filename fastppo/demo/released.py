@@ -56,6 +56,11 @@ def conversation(row: dict) -> dict:
 def run(args) -> int:
     from fastppo.runtime.validation import refuse_non_empty_dir
 
+    if getattr(args, "proxy", False):
+        from fastppo.demo import released_proxy
+
+        return released_proxy.run(args)
+
     output_dir = args.output_dir or os.path.join("runs", time.strftime("demo-released-%Y%m%d-%H%M%S"))
     refuse_non_empty_dir("--output-dir", output_dir)
     summary = run_released(
@@ -72,8 +77,6 @@ def run(args) -> int:
 
 def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: int, algo: str, kl_control: bool):
     from fastppo.demo.pipeline import algorithm_overrides
-    from fastppo.engines.hf import end_token_ids
-    from fastppo.models import load_tokenizer
     from fastppo.ppo.config import PPOConfig
     from fastppo.ppo.trainer import PPOTrainer
     from fastppo.runtime.model_sources import resolve
@@ -81,21 +84,11 @@ def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: 
     start = time.perf_counter()
     os.makedirs(output_dir, exist_ok=True)
     source = resolve(model, "--model")
-    tokenizer = load_tokenizer(source)
-    if not getattr(tokenizer, "chat_template", None):
-        from fastppo.runtime.errors import InputError
-
-        raise InputError(f"--model {model}: its tokenizer has no chat template; the task is asked as a chat")
-    from transformers import GenerationConfig
-
-    generation = (
-        GenerationConfig.from_pretrained(source) if os.path.isfile(f"{source}/generation_config.json") else None
-    )
-    end_ids = end_token_ids(tokenizer, None, tuple(_as_list(getattr(generation, "eos_token_id", None))))
+    end_ids = end_ids_of(source, model)
     train_rows, held_out = arithmetic.split(seed, n_held_out=settings.held_out)
     config = PPOConfig(
         policy_model=source,
-        reward_funcs=[arithmetic.correctness, arithmetic.short_and_ended(end_ids)],
+        reward_funcs=verifier_rewards(end_ids),
         output_dir=os.path.join(output_dir, "run"),
         steps=settings.steps,
         rollout_batch_size=settings.rollout_batch_size,
@@ -147,6 +140,28 @@ def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: 
         for row, old, new in zip(held_out, before["responses"], after["responses"], strict=True):
             f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "before": old, "after": new}) + "\n")
     return summary
+
+
+def end_ids_of(source: str, model: str | None = None) -> list[int]:
+    """The ids that end the model's turn (its tokenizer's EOS and its generation config's), after checking it has a
+    chat template: the task is asked as a chat. `model` is the name the user gave, for the message."""
+    from transformers import GenerationConfig
+
+    from fastppo.engines.hf import end_token_ids
+    from fastppo.models import load_tokenizer
+    from fastppo.runtime.errors import InputError
+
+    tokenizer = load_tokenizer(source)
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"--model {model or source}: its tokenizer has no chat template; the task is asked as a chat")
+    has_generation_config = os.path.isfile(f"{source}/generation_config.json")
+    generation = GenerationConfig.from_pretrained(source) if has_generation_config else None
+    return end_token_ids(tokenizer, None, tuple(_as_list(getattr(generation, "eos_token_id", None))))
+
+
+def verifier_rewards(end_ids) -> list:
+    """The verifier, as TRL reward functions: the right last number, and 0.2 for a short answer that ends its turn."""
+    return [arithmetic.correctness, arithmetic.short_and_ended(end_ids)]
 
 
 def compute_precision() -> str:

@@ -6,9 +6,27 @@ old and reference log-probs, rewards, advantages) and returns its statistics.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
+
+# The (B, T) fields: aligned with the response positions, cut with them by `RolloutBatch.trimmed`.
+RESPONSE_FIELDS = (
+    "response_ids",
+    "response_mask",
+    "old_logprobs",
+    "ref_logprobs",
+    "old_values",
+    "rewards",
+    "kl",
+    "advantages",
+    "returns",
+    "sampler_logprobs",
+    "sampler_values",
+    "token_weights",
+)
 
 
 @dataclass
@@ -59,3 +77,52 @@ class RolloutBatch:
                 value = [value[i] for i in index.tolist()]
             values[f.name] = value
         return RolloutBatch(**values)
+
+    def trimmed(self) -> RolloutBatch:
+        """The same rows without the columns none of them uses: the prompts' leading pad columns (they are
+        left-padded) and the response columns after the last real token of any row. A forward over it costs what
+        its rows' tokens cost, not the whole rollout's widest row; `widen` puts its (b, t) results back at T."""
+        prompt_used = self.prompt_mask.any(dim=0).nonzero()
+        response_used = self.response_mask.any(dim=0).nonzero()
+        start = int(prompt_used[0]) if len(prompt_used) else 0
+        end = int(response_used[-1]) + 1 if len(response_used) else 1
+        if start == 0 and end == self.response_ids.shape[1]:
+            return self
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values["prompt_ids"], values["prompt_mask"] = self.prompt_ids[:, start:], self.prompt_mask[:, start:]
+        for name in RESPONSE_FIELDS:
+            if values[name] is not None:
+                values[name] = values[name][:, :end]
+        return RolloutBatch(**values)
+
+    def real_and_computed_tokens(self) -> tuple[int, int]:
+        """(real tokens, tokens a forward over this batch computes): the padding a forward pays for."""
+        return int(self.prompt_mask.sum() + self.response_mask.sum()), self.input_ids.numel()
+
+
+def micro_batches(batch: RolloutBatch, rows: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
+    """(rows, trimmed sub-batch) for every micro-batch of `size` rows of `rows`, rows of similar length together
+    (sorted by response, then prompt length), so that trimming leaves little padding in each. Order does not change
+    a sum of gradients or a row's result: callers put the rows' results back at their own places."""
+    response_length = batch.response_mask.sum(dim=1).cpu()
+    prompt_length = batch.prompt_mask.sum(dim=1).cpu()
+    key = response_length * (batch.prompt_ids.shape[1] + 1) + prompt_length  # (B,)
+    ordered = rows[torch.argsort(key[rows], stable=True)]
+    for chunk in ordered.split(size):
+        yield chunk, batch.select(chunk).trimmed()
+
+
+def widen(x: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """(b, t) results of a trimmed micro-batch at the batch's width T (zeros where no row of it had a token)."""
+    return None if x is None else F.pad(x, (0, width - x.shape[1]))
+
+
+def in_row_order(parts: list[torch.Tensor | None], rows: list[torch.Tensor]) -> torch.Tensor | None:
+    """Results computed micro-batch by micro-batch (`micro_batches`' order), back in the batch's row order."""
+    if parts[0] is None:
+        return None
+    order = torch.cat(rows)
+    result = torch.cat(parts)
+    out = torch.empty_like(result)
+    out[order.to(result.device)] = result
+    return out

@@ -79,6 +79,9 @@ class Rewards:
             if applied.numel():
                 stats[f"rewards/{name}/mean"] = float(applied.mean())
                 stats[f"rewards/{name}/std"] = float(applied.std()) if applied.numel() > 1 else 0.0
+        fractions = [r.real_frac for r in self.rewards if getattr(r, "real_frac", None) is not None]
+        if fractions:  # the reward models' forwards: real tokens over computed ones
+            stats["perf/reward_real_frac"] = sum(fractions) / len(fractions)
         return stats
 
 
@@ -90,8 +93,18 @@ def _unique(names: list[str]) -> list[str]:
 class ModelReward:
     """A sequence classifier with one label, scoring prompt + response."""
 
-    def __init__(self, model, tokenizer, policy_tokenizer, max_length: int = 4096, name: str | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        policy_tokenizer,
+        max_length: int = 4096,
+        name: str | None = None,
+        rows_per_forward: int | None = None,
+    ):
         self.model = freeze(model)
+        self.rows_per_forward = rows_per_forward  # None: the whole batch in one forward
+        self.real_frac = None  # of the last batch: real tokens over the tokens its forwards computed
         disable_dropout(model)
         self.tokenizer = tokenizer
         if model.config.pad_token_id is None:
@@ -115,14 +128,25 @@ class ModelReward:
                 self.encode(p, r, bool(e)) for p, r, e in zip(batch.prompts, batch.responses, batch.ended, strict=True)
             ]
         rows = [r[-self.max_length :] for r in rows]  # too long: drop the start of the prompt
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for i, r in enumerate(rows):  # right-padded: the score is read at the last real token
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention_mask[i, : len(r)] = 1
-        scores = self._score(input_ids.to(device), attention_mask.to(device))
-        return check_scores(scores.float().cpu(), len(rows), self.name)
+        # Rows of similar length together, `rows_per_forward` at a time, each as wide as its longest: the forwards
+        # pay for real tokens, not for the batch's longest row.
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        size = self.rows_per_forward or len(rows)
+        scores = torch.empty(len(rows))
+        real = computed = 0
+        for start in range(0, len(order), size):
+            chunk = order[start : start + size]
+            width = max(len(rows[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros_like(input_ids)
+            for j, i in enumerate(chunk):  # right-padded: the score is read at the last real token
+                input_ids[j, : len(rows[i])] = torch.tensor(rows[i])
+                attention_mask[j, : len(rows[i])] = 1
+            chunk_scores = self._score(input_ids.to(device), attention_mask.to(device)).float().cpu()
+            scores[chunk] = check_scores(chunk_scores, len(chunk), self.name)
+            real, computed = real + int(attention_mask.sum()), computed + input_ids.numel()
+        self.real_frac = real / max(computed, 1)
+        return scores
 
     def encode(self, prompt: str, response: str, ended: bool) -> list[int]:
         """Token ids of (prompt, response) in the reward model's own tokenizer, as it saw them in training."""
@@ -199,7 +223,8 @@ def load_reward(
     if isinstance(spec, str):
         model = load_frozen(AutoModelForSequenceClassification, spec, config.reward_quantization, device)
         tokenizer = load_tokenizer(tokenizer if tokenizer is not None else spec)
-        return _model_reward(model, tokenizer, policy_tokenizer, field, os.path.basename(os.path.normpath(spec)))
+        name = os.path.basename(os.path.normpath(spec))
+        return _model_reward(model, tokenizer, policy_tokenizer, field, name, getattr(config, "micro_batch", None))
     if isinstance(spec, torch.nn.Module):
         name = getattr(spec, "name_or_path", "") or ""
         if tokenizer is not None:
@@ -212,13 +237,13 @@ def load_reward(
             dtype = next(spec.parameters()).dtype
             model = quantized_copy(spec, AutoModelForSequenceClassification, config.reward_quantization, device, dtype)
         name = os.path.basename(os.path.normpath(name)) if name else type(spec).__name__
-        return _model_reward(model, tokenizer, policy_tokenizer, field, name)
+        return _model_reward(model, tokenizer, policy_tokenizer, field, name, getattr(config, "micro_batch", None))
     if callable(spec):
         return FunctionReward(spec, timeout=config.reward_timeout, columns=columns)
     raise InputError(f"{field}: cannot use a {type(spec).__name__} as a reward")
 
 
-def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str) -> ModelReward:
+def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, rows_per_forward=None) -> ModelReward:
     """A ModelReward, after checking `model` is a 1-label classifier whose embeddings hold every id of `tokenizer`
     (another model's tokenizer would index past them, or score other tokens than the text's)."""
     labels = getattr(model.config, "num_labels", None)
@@ -230,7 +255,7 @@ def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str) -> 
             f"{field} ({name}): its tokenizer has {len(tokenizer)} tokens and the model {rows} embeddings: it is "
             "not this model's tokenizer; give the model's own (PPOTrainer(reward_tokenizer=...) or reward_tokenizer)"
         )
-    return ModelReward(model, tokenizer, policy_tokenizer, name=name)
+    return ModelReward(model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows_per_forward)
 
 
 def _tokenizer_of(model):

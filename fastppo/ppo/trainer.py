@@ -32,7 +32,7 @@ from fastppo.models import (
 from fastppo.ops.reference import loss_weights
 from fastppo.ppo import evaluation, groups
 from fastppo.ppo.advantages import estimate_advantages
-from fastppo.ppo.batch import RolloutBatch
+from fastppo.ppo.batch import RolloutBatch, in_row_order, micro_batches, widen
 from fastppo.ppo.checkpointing import Checkpointing
 from fastppo.ppo.config import PPOConfig
 from fastppo.ppo.correction import rollout_correction
@@ -237,18 +237,19 @@ class PPOTrainer(SetUp, Checkpointing):
         the hf engine's decode computed (`old_logprobs`: rollout), or a forward of the policy over the batch, the
         same as training's. With vLLM, the gap to the sampler's own log-probs and `rollout_correction`'s token
         weights (returns the gap's stats)."""
-        cfg, P = self.config, batch.prompt_ids.shape[1]
+        cfg, T = self.config, batch.response_ids.shape[1]
         from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
-        old_logprobs, old_values, ref_logprobs = [], [], []
-        for rows in torch.arange(len(batch.prompts)).split(cfg.micro_batch):
-            micro = batch.select(rows)
-            input_ids, attention_mask = micro.input_ids, micro.attention_mask
+        old_logprobs, old_values, ref_logprobs, order = [], [], [], []
+        real = computed = 0
+        for rows, micro in micro_batches(batch, torch.arange(len(batch.prompts)), cfg.micro_batch):
+            input_ids, attention_mask, P = micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1]
+            real, computed = (a + b for a, b in zip((real, computed), micro.real_and_computed_tokens(), strict=True))
             # FSDP: the LMs are called below without their root's forward, which would unshard the root's weights.
             with self._autocast(), self.parallel.root_params(self.model), self.parallel.root_params(self.reference):
                 if not from_rollout:
                     logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
-                    old_logprobs.append(logprobs)
-                    old_values.append(values)
+                    old_logprobs.append(widen(logprobs, T))
+                    old_values.append(widen(values, T))
                 if not self.uses_reference:
                     ref = None  # nothing reads it: no reference forward
                 elif self.reference is None:
@@ -258,16 +259,18 @@ class PPOTrainer(SetUp, Checkpointing):
                     ref = reference_logprobs(
                         self.reference, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs
                     )
-            ref_logprobs.append(ref)
-        batch.ref_logprobs = torch.cat(ref_logprobs) if self.uses_reference else None
+            ref_logprobs.append(widen(ref, T))
+            order.append(rows)
+        stats = {"perf/logprobs_real_frac": real / max(computed, 1)} if self.uses_reference or not from_rollout else {}
+        batch.ref_logprobs = in_row_order(ref_logprobs, order) if self.uses_reference else None
         if from_rollout:
             batch.old_logprobs, batch.old_values = batch.sampler_logprobs, batch.sampler_values
-            return {}
-        batch.old_logprobs = torch.cat(old_logprobs)
-        batch.old_values = None if old_values[0] is None else torch.cat(old_values)  # None: critic-free
+            return stats
+        batch.old_logprobs = in_row_order(old_logprobs, order)
+        batch.old_values = in_row_order(old_values, order)  # None: critic-free
         if self.engine is None:
-            return {}
-        stats = rollout_correction(batch, cfg)
+            return stats
+        stats |= rollout_correction(batch, cfg)
         stats["perf/weight_sync_s"] = self.engine.last_sync_s
         return stats
 
@@ -285,9 +288,10 @@ class PPOTrainer(SetUp, Checkpointing):
         """Step 6: ppo_epochs passes over shuffled minibatches; one optimizer step per minibatch, accumulated over
         micro-batches whose losses are normalized by the whole minibatch's token (or sequence) count. Returns the
         statistics averaged over the optimizer steps (maxima: the largest)."""
-        cfg, P, B = self.config, batch.prompt_ids.shape[1], len(batch.prompts)
+        cfg, B = self.config, len(batch.prompts)
         mini_batch = cfg.mini_batch_size // distributed.world_size()  # this rank's share of every minibatch
         step_stats, n_updates, early_stopped = Stats(), 0, False
+        tokens = [0, 0]  # real, computed: the padding the forwards and backwards paid for
         for _ in range(cfg.ppo_epochs):
             if early_stopped:
                 break
@@ -297,12 +301,12 @@ class PPOTrainer(SetUp, Checkpointing):
                 denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = Stats()
-                micro_batches = minibatch_rows.split(cfg.micro_batch)
-                for i, rows in enumerate(micro_batches):
-                    micro = batch.select(rows)
+                micros = [micro for _, micro in micro_batches(batch, minibatch_rows, cfg.micro_batch)]
+                for i, micro in enumerate(micros):
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
-                    with self.parallel.no_sync(last=i == len(micro_batches) - 1):
-                        self._micro_step(micro, P, denominator, token_share, stats)
+                    tokens = [a + b for a, b in zip(tokens, micro.real_and_computed_tokens(), strict=True)]
+                    with self.parallel.no_sync(last=i == len(micros) - 1):
+                        self._micro_step(micro, micro.prompt_ids.shape[1], denominator, token_share, stats)
                 stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
                 if cfg.target_kl is not None and stats.totals.get("policy/approx_kl", 0.0) > cfg.target_kl:
                     self.optimizer.zero_grad(set_to_none=True)  # the policy has moved far enough: no more updates
@@ -318,7 +322,7 @@ class PPOTrainer(SetUp, Checkpointing):
                 n_updates += 1
         if not n_updates:  # target_kl stopped the first minibatch: its stats stand for this step
             step_stats, n_updates = stats, 1
-        averaged = step_stats.averaged(n_updates)
+        averaged = step_stats.averaged(n_updates) | {"perf/train_real_frac": tokens[0] / max(tokens[1], 1)}
         return averaged | ({"optim/early_stopped": float(early_stopped)} if cfg.target_kl is not None else {})
 
     def _micro_step(self, micro: RolloutBatch, P: int, denominator: float, token_share: float, stats: Stats) -> None:

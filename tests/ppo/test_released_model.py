@@ -45,6 +45,15 @@ def chat(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 
 
+def one_step_config(tmp_path, **overrides):
+    """One PPO step on the released model: two prompts, six new tokens."""
+    from fastppo import PPOConfig
+
+    settings = {"steps": 1, "rollout_batch_size": 2, "mini_batch_size": 2, "max_new_tokens": 6}
+    settings |= {"max_prompt_length": 64, "report_to": []}
+    return PPOConfig(policy_model=NAME, output_dir=str(tmp_path / "run"), **settings | overrides)
+
+
 def last_number_reward(prompts, responses):
     """1 when the response's last number is the sum the prompt asks for."""
     import re
@@ -69,21 +78,11 @@ def test_the_name_resolves_to_an_ordinary_llama_checkpoint(smollm2):
 def test_one_ppo_step_then_plain_transformers_reloads_and_tokenizes_the_same(smollm2, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fastppo import PPOConfig, PPOTrainer
+    from fastppo import PPOTrainer
     from fastppo.data import encode
 
     questions = [f"What is {a} + {b}? Answer with the number only." for a, b in ((3, 4), (12, 7))]
-    config = PPOConfig(
-        policy_model=NAME,
-        output_dir=str(tmp_path / "run"),
-        steps=1,
-        rollout_batch_size=2,
-        mini_batch_size=2,
-        max_new_tokens=6,
-        max_prompt_length=64,
-        learning_rate=1e-6,
-        tensorboard=False,
-    )
+    config = one_step_config(tmp_path, learning_rate=1e-6)
     tokenizer = AutoTokenizer.from_pretrained(smollm2)
     prompts = [tokenizer.apply_chat_template(chat(q), tokenize=False, add_generation_prompt=True) for q in questions]
     trainer = PPOTrainer(config, reward=last_number_reward, prompts=prompts)
@@ -104,7 +103,7 @@ def test_pad_is_eos_and_every_end_of_turn_survives(smollm2, tmp_path, monkeypatc
     and user turns; and the reward model reads the response's end of turn."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
 
-    from fastppo import PPOConfig, PPOTrainer
+    from fastppo import PPOTrainer
     from fastppo.data import encode
     from fastppo.ppo import rewards
     from tests.ppo.test_real_checkpoints import force_tokens
@@ -128,17 +127,7 @@ def test_pad_is_eos_and_every_end_of_turn_survives(smollm2, tmp_path, monkeypatc
 
     questions = ["What is 3 + 4?", "What is twelve plus seven? Answer with the number only, please."]
     prompts = [tokenizer.apply_chat_template(chat(q), tokenize=False, add_generation_prompt=True) for q in questions]
-    config = PPOConfig(
-        policy_model=NAME,
-        reward_model=str(reward_dir),
-        output_dir=str(tmp_path / "run"),
-        rollout_batch_size=2,
-        mini_batch_size=2,
-        max_new_tokens=6,
-        max_prompt_length=96,
-        kl_coef=0.1,
-        tensorboard=False,
-    )
+    config = one_step_config(tmp_path, reward_model=str(reward_dir), max_prompt_length=96, kl_coef=0.1)
     trainer = PPOTrainer(config, prompts=prompts)
     seen = {}
     score = rewards.ModelReward._score
@@ -168,3 +157,24 @@ def test_pad_is_eos_and_every_end_of_turn_survives(smollm2, tmp_path, monkeypatc
     score_position = batch.rewards + config.kl_coef * batch.kl  # the score alone: at the end of turn, nowhere else
     assert torch.allclose(score_position[:, 2], batch.scores) and (score_position[:, :2] == 0).all()
     assert (batch.returns[:, 3:] == 0).all() and (batch.advantages[:, 3:] == 0).all()
+
+
+def test_lora_with_the_adapter_free_reference_trains_and_exports_merged(smollm2, tmp_path):
+    """LoRA on the real model (the demo's default is full fine-tuning): the reference is the policy with its adapters
+    off, only the adapters train, and the export is a plain checkpoint with the adapters merged in."""
+    from transformers import AutoModelForCausalLM
+
+    from fastppo import PPOTrainer
+
+    config = one_step_config(tmp_path, learning_rate=1e-3, lora_rank=8, reference="adapter")
+    prompts = [chat(f"What is {a} + {b}? Answer with the number only.") for a, b in ((3, 4), (12, 7))]
+    trainer = PPOTrainer(config, reward=last_number_reward, prompts=prompts)
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    assert 0 < trainable < 0.05 * sum(p.numel() for p in trainer.model.parameters())
+    metrics = trainer.step()
+    assert torch.isfinite(torch.tensor(metrics["policy/loss"]))
+    exported = AutoModelForCausalLM.from_pretrained(trainer.save_model(str(tmp_path / "final")))
+    base = AutoModelForCausalLM.from_pretrained(smollm2)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not any("lora" in key for key in exported.state_dict())
+    assert not torch.equal(exported.state_dict()[name], base.state_dict()[name])  # the adapters, merged in

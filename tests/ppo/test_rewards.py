@@ -98,6 +98,22 @@ def test_model_reward_same_scores_from_ids_and_from_text(tiny_models):
     torch.testing.assert_close(direct(batch)[1:], alone)  # padding does not change a score
 
 
+def test_model_reward_scores_rows_of_similar_length_together_and_returns_them_in_order(tiny_models):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"][1], dtype=torch.float32)
+    tokenizer = build_tokenizer()
+    prompts, responses = ["w1 w2", "w3", "w1", "w2 w3 w4"], [" w4 w5 w6 w7 w8 w9", " w7", " w5 w6", " w8"]
+    batch = fake_batch(prompts, responses)
+    whole = ModelReward(model, tokenizer, tokenizer)
+    expected = whole(batch)
+    assert whole.real_frac < 1.0  # one forward as wide as the longest row
+    chunked = ModelReward(model, tokenizer, tokenizer, rows_per_forward=2)
+    torch.testing.assert_close(chunked(batch), expected)
+    assert whole.real_frac < chunked.real_frac <= 1.0
+    one = ModelReward(model, tokenizer, tokenizer)
+    alone = [one(fake_batch([p], [r])) for p, r in zip(prompts, responses, strict=True)]
+    torch.testing.assert_close(torch.cat(alone), expected)
+
+
 def test_reward_training_and_ppo_read_the_same_token_when_pad_is_eos(tiny_llama):
     """pad == EOS: `fastppo reward-model` and PPO both read each row at its last attended token, the response's EOS,
     whatever the padding; Hugging Face's own pooling (the last non-pad id) would read the token before it."""

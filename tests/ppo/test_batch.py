@@ -1,0 +1,134 @@
+"""Trimmed, length-sorted micro-batches: the same PPO step as the padded one, paying for real tokens only."""
+
+import copy
+from dataclasses import fields
+
+import pytest
+import torch
+
+from fastppo import PPOTrainer
+from fastppo.ppo import trainer as trainer_module
+from fastppo.ppo.batch import RESPONSE_FIELDS, RolloutBatch, in_row_order, micro_batches, widen
+from tests.tiny_models import count_w7, prompt_list, small_config
+
+
+def synthetic_batch(prompt_lengths, response_lengths, P=6, T=8, K=3) -> RolloutBatch:
+    """Left-padded prompts and right-padded responses of the given lengths; every (B, T) field filled with its row
+    and column numbers, so a cut in the wrong place shows."""
+    B = len(prompt_lengths)
+    prompt_mask = torch.zeros(B, P, dtype=torch.long)
+    response_mask = torch.zeros(B, T, dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
+        prompt_mask[i, P - p :] = 1
+        response_mask[i, :r] = 1
+    grid = torch.arange(B * T, dtype=torch.float32).view(B, T)
+    values = {name: grid.clone() for name in RESPONSE_FIELDS}
+    values["response_ids"] = grid.long() * response_mask
+    values["response_mask"] = response_mask
+    return RolloutBatch(
+        prompt_ids=torch.arange(B * P).view(B, P) * prompt_mask,
+        prompt_mask=prompt_mask,
+        ended=torch.ones(B, dtype=torch.bool),
+        prompts=[f"p{i}" for i in range(B)],
+        responses=[f"r{i}" for i in range(B)],
+        reward_scores=torch.zeros(B, K),  # (B, K): not a response field, never cut
+        **values,
+    )
+
+
+def test_every_response_aligned_field_is_cut_and_nothing_else():
+    batch = synthetic_batch(prompt_lengths=[2, 3], response_lengths=[1, 4], P=6, T=8, K=8)
+    trimmed = batch.trimmed()
+    assert trimmed.prompt_ids.shape == (2, 3) and torch.equal(trimmed.prompt_ids, batch.prompt_ids[:, 3:])
+    for name in RESPONSE_FIELDS:
+        assert torch.equal(getattr(trimmed, name), getattr(batch, name)[:, :4]), name
+    assert trimmed.reward_scores.shape == (2, 8)  # as wide as T, and still not cut
+    # Every (B, T) tensor field is listed: a field added to the batch without it would keep its padding.
+    two_d = {f.name for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    assert two_d - set(RESPONSE_FIELDS) == {"prompt_ids", "prompt_mask", "ended", "reward_scores"}
+    assert batch.real_and_computed_tokens() == (10, 28) and trimmed.real_and_computed_tokens() == (10, 14)
+
+
+@pytest.mark.parametrize("response_lengths", [[8, 8, 8], [0, 0, 0], [1, 0, 8]])
+def test_full_empty_and_mixed_rows(response_lengths):
+    batch = synthetic_batch(prompt_lengths=[6, 1, 3], response_lengths=response_lengths)
+    trimmed = batch.trimmed()
+    assert trimmed.response_ids.shape[1] == max(max(response_lengths), 1)  # T=1 at least: a forward needs a column
+    assert trimmed.prompt_ids.shape[1] == 6
+    assert torch.equal(widen(trimmed.old_logprobs * trimmed.response_mask, 8), batch.old_logprobs * batch.response_mask)
+
+
+def test_micro_batches_group_by_length_and_results_return_to_their_rows():
+    lengths = [8, 1, 7, 2, 8, 1, 3, 6]
+    batch = synthetic_batch(prompt_lengths=[2] * 8, response_lengths=lengths)
+    rows, parts = [], []
+    for chunk, micro in micro_batches(batch, torch.arange(8), size=2):
+        assert micro.response_ids.shape[1] == max(lengths[i] for i in chunk.tolist())
+        rows.append(chunk)
+        parts.append(widen(micro.old_logprobs, 8))
+    assert [micro.response_ids.shape[1] for _, micro in micro_batches(batch, torch.arange(8), 2)] == [1, 3, 7, 8]
+    restored = in_row_order(parts, rows)
+    mask = batch.response_mask.bool()
+    assert torch.equal(restored[mask], batch.old_logprobs[mask])
+    assert torch.all(restored[:, 7:][torch.tensor(lengths) < 7] == 0)  # past its micro-batch's width: zeros
+
+
+def padded_micro_batches(batch, rows, size):
+    """Before trimming: the minibatch's rows in order, every micro-batch at the rollout's full width."""
+    for chunk in rows.split(size):
+        yield chunk, batch.select(chunk)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "rloo"])
+def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypatch, estimator):
+    """Answers of 2 to 16 tokens and prompts of 2 to 5: the same losses, statistics and weights after the step."""
+    config = small_config(
+        tmp_path,
+        policy_model=tiny_models["llama"][0],
+        rollout_batch_size=8,
+        mini_batch_size=4,
+        micro_batch_size=2,
+        max_new_tokens=16,
+        old_logprobs="recompute",  # the policy's forward in step 3 too
+        precision="float32",
+        device="cpu",
+        advantage_estimator=estimator,
+        samples_per_prompt=1 if estimator == "gae" else 2,
+    )
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    rollout = trainer.rollout(prompt_list(8, seed=3))
+    for i, length in enumerate([16, 2, 9, 4, 2, 13, 6, 3]):
+        rollout.response_mask[i, length:] = 0
+        rollout.response_ids[i, length:] = trainer.tokenizer.pad_token_id
+    model_state = copy.deepcopy(trainer.model.state_dict())
+    optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
+
+    def one_step():
+        batch = copy.deepcopy(rollout)
+        torch.manual_seed(1)  # the minibatches' shuffle
+        trainer.score(batch)
+        stats = trainer.compute_logprobs(batch)
+        trainer.shape_rewards(batch)
+        trainer.estimate_advantages(batch)
+        stats |= trainer.ppo_update(batch)
+        weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+        return batch, stats, weights
+
+    trimmed_batch, trimmed_stats, trimmed_weights = one_step()
+    trainer.model.load_state_dict(model_state)
+    trainer.optimizer.load_state_dict(optimizer_state)
+    monkeypatch.setattr(trainer_module, "micro_batches", padded_micro_batches)
+    padded_batch, padded_stats, padded_weights = one_step()
+
+    mask = rollout.response_mask.bool()
+    for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns"):
+        trimmed, padded = getattr(trimmed_batch, name), getattr(padded_batch, name)
+        if padded is not None:
+            torch.testing.assert_close(trimmed[mask], padded[mask], atol=1e-5, rtol=1e-5, msg=name)
+    for name, value in padded_stats.items():
+        if not name.startswith("perf/"):
+            assert trimmed_stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for name, weight in padded_weights.items():
+        torch.testing.assert_close(trimmed_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    assert padded_stats["perf/train_real_frac"] < trimmed_stats["perf/train_real_frac"] <= 1.0
+    assert padded_stats["perf/logprobs_real_frac"] < trimmed_stats["perf/logprobs_real_frac"] <= 1.0
