@@ -27,6 +27,21 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")  # what decides float32 and bf16 matmul speed on a CPU
+
+
+def _cpu_flags() -> str:
+    """The CPU's vector flags that matter here (lscpu's), so that a result names the CPU it ran on."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return " ".join(flag for flag in SIMD_FLAGS if flag in present) or "none of " + " ".join(SIMD_FLAGS)
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine_info() -> dict:
     import torch
 
@@ -37,6 +52,7 @@ def machine_info() -> dict:
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "triton": package_version("triton"),
