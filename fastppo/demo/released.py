@@ -76,8 +76,6 @@ def run(args) -> int:
 
 
 def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: int, algo: str, kl_control: bool):
-    from fastppo.demo.pipeline import algorithm_overrides
-    from fastppo.ppo.config import PPOConfig
     from fastppo.ppo.trainer import PPOTrainer
     from fastppo.runtime.model_sources import resolve
 
@@ -86,26 +84,8 @@ def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: 
     source = resolve(model, "--model")
     end_ids = end_ids_of(source, model)
     train_rows, held_out = arithmetic.split(seed, n_held_out=settings.held_out)
-    config = PPOConfig(
-        policy_model=source,
-        reward_funcs=verifier_rewards(end_ids),
-        output_dir=os.path.join(output_dir, "run"),
-        steps=settings.steps,
-        rollout_batch_size=settings.rollout_batch_size,
-        mini_batch_size=settings.mini_batch_size,
-        ppo_epochs=settings.ppo_epochs,
-        learning_rate=settings.learning_rate,
-        lora_rank=settings.lora_rank,
-        temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens,
-        max_prompt_length=settings.max_prompt_length,
-        kl_coef=settings.kl_coef if kl_control else 0.0,
-        adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
-        seed=seed,
-        save_every=0,
-        precision=compute_precision(),
-        **algorithm_overrides(algo, settings.steps),
-    )
+    rewards = verifier_rewards(end_ids)
+    config = ppo_config(source, settings, rewards, os.path.join(output_dir, "run"), seed, algo, kl_control)
     trainer = PPOTrainer(config, prompts=[conversation(r) for r in train_rows])
     setup_seconds = time.perf_counter() - start
 
@@ -140,6 +120,35 @@ def run_released(model: str, output_dir: str, settings: ReleasedSettings, seed: 
         for row, old, new in zip(held_out, before["responses"], after["responses"], strict=True):
             f.write(json.dumps({"prompt": row["prompt"], "answer": row["answer"], "before": old, "after": new}) + "\n")
     return summary
+
+
+def ppo_config(source, settings, rewards, output_dir, seed, algo, kl_control, reward_weights=None):
+    """The RL run's PPOConfig: `settings` (ReleasedSettings or a subclass), `rewards` as TRL's reward_funcs."""
+    from fastppo.demo.pipeline import algorithm_overrides
+    from fastppo.ppo.config import PPOConfig
+
+    return PPOConfig(
+        policy_model=source,
+        reward_funcs=rewards,
+        reward_weights=reward_weights,
+        output_dir=output_dir,
+        steps=settings.steps,
+        rollout_batch_size=settings.rollout_batch_size,
+        mini_batch_size=settings.mini_batch_size,
+        ppo_epochs=settings.ppo_epochs,
+        learning_rate=settings.learning_rate,
+        lora_rank=settings.lora_rank,
+        temperature=settings.temperature,
+        max_new_tokens=settings.max_new_tokens,
+        max_prompt_length=settings.max_prompt_length,
+        kl_coef=settings.kl_coef if kl_control else 0.0,
+        adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
+        measure_kl=True,  # a run without KL control reports its KL too
+        seed=seed,
+        save_every=0,
+        precision=compute_precision(),
+        **algorithm_overrides(algo, settings.steps),
+    )
 
 
 def end_ids_of(source: str, model: str | None = None) -> list[int]:

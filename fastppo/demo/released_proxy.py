@@ -27,9 +27,9 @@ from fastppo.demo.pipeline import write_jsonl
 from fastppo.demo.released import (
     DEFAULT_ALGO,
     ReleasedSettings,
-    compute_precision,
     conversation,
     end_ids_of,
+    ppo_config,
     verifier_rewards,
 )
 
@@ -214,34 +214,12 @@ def make_trainer(
 ):
     """A trainer from `source` whose reward is `reward_model` (the verifier's functions at weight 0 beside it, logged
     only); without a reward model, the verifier alone (the pair sampler, which never trains)."""
-    from fastppo.demo.pipeline import algorithm_overrides
-    from fastppo.ppo.config import PPOConfig
     from fastppo.ppo.trainer import PPOTrainer
 
     gold = verifier_rewards(end_ids)
     rewards = gold if reward_model is None else [reward_model, *gold]
-    config = PPOConfig(
-        policy_model=source,
-        reward_funcs=rewards,
-        reward_weights=None if reward_model is None else [1.0] + [0.0] * len(gold),
-        output_dir=os.path.join(output_dir, name),
-        steps=settings.steps,
-        rollout_batch_size=settings.rollout_batch_size,
-        mini_batch_size=settings.mini_batch_size,
-        ppo_epochs=settings.ppo_epochs,
-        learning_rate=settings.learning_rate,
-        lora_rank=settings.lora_rank,
-        temperature=settings.temperature,
-        max_new_tokens=settings.max_new_tokens,
-        max_prompt_length=settings.max_prompt_length,
-        kl_coef=settings.kl_coef if kl_control else 0.0,
-        adaptive_kl_target=settings.adaptive_kl_target if kl_control else None,
-        measure_kl=True,  # the arm without KL control reports its KL too
-        seed=seed,
-        save_every=0,
-        precision=compute_precision(),
-        **algorithm_overrides(algo, settings.steps),
-    )
+    weights = None if reward_model is None else [1.0] + [0.0] * len(gold)
+    config = ppo_config(source, settings, rewards, os.path.join(output_dir, name), seed, algo, kl_control, weights)
     return PPOTrainer(config, prompts=[conversation(r) for r in rows])
 
 

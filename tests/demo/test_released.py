@@ -25,3 +25,9 @@ def test_the_demo_command_takes_a_model(tiny_models, tmp_path, capsys):
     assert main(["demo", "--model", tiny_models["llama"][0], "--quick", "--output-dir", str(out)]) == 0
     assert "held-out accuracy" in capsys.readouterr().out
     assert os.path.isfile(out / "final" / "config.json") and os.path.isfile(out / "summary.json")
+
+
+def test_without_kl_control_the_kl_is_still_measured(tiny_models, tmp_path):
+    run = str(tmp_path / "run")
+    summary = released.run_released(tiny_models["llama"][0], run, released.QUICK, seed=0, algo="rloo", kl_control=False)
+    assert summary["kl_control"] is False and summary["kl"] == summary["kl"]  # a number, not NaN or missing
