@@ -26,14 +26,13 @@ from fastppo.demo import arithmetic
 from fastppo.demo.pipeline import write_jsonl
 from fastppo.demo.released import (
     DEFAULT_ALGO,
+    EVALUATE_SEED,
     ReleasedSettings,
     conversation,
     end_ids_of,
     ppo_config,
     verifier_rewards,
 )
-
-EVALUATE_SEED = 1234
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,15 +142,15 @@ def label_pairs(source, rows, settings, seed, end_ids, output_dir) -> tuple[list
     sampler = make_trainer(source, rows, settings, seed, False, output_dir, "sampler", end_ids=end_ids)
     prompts = [conversation(r)["prompt"] for r in rows for _ in range(2)]
     answers = [r["answer"] for r in rows for _ in range(2)]
-    responses, golds = [], []
+    texts, responses, golds = [], [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), settings.rollout_batch_size):
             batch = sampler.rollout(prompts[i : i + settings.rollout_batch_size], settings.pair_temperature)
+            texts += [str(p) for p in batch.prompts]  # rendered with the chat template, as PPO's rollouts hold them
             responses += batch.responses
             golds += gold_scores(batch, answers[i : i + settings.rollout_batch_size], end_ids)
     del sampler
-    text = rendered_prompts(source, [conversation(r)["prompt"] for r in rows])
     pairs, decided_by_gold = [], 0
     for k in range(len(rows)):
         (a, b), (gold_a, gold_b) = responses[2 * k : 2 * k + 2], golds[2 * k : 2 * k + 2]
@@ -163,18 +162,9 @@ def label_pairs(source, rows, settings, seed, end_ids, output_dir) -> tuple[list
         else:
             first_wins = len(a) >= len(b)
         chosen, rejected = (a, b) if first_wins else (b, a)
-        pairs.append({"prompt": text[k], "chosen": chosen, "rejected": rejected})
+        pairs.append({"prompt": texts[2 * k], "chosen": chosen, "rejected": rejected})
     random.Random(seed).shuffle(pairs)
     return pairs, decided_by_gold / max(1, len(pairs))
-
-
-def rendered_prompts(source, conversations) -> list[str]:
-    """Each conversation as the text the policy sees (chat template, generation prompt): the reward model is
-    trained on what PPO's rollouts will hold."""
-    from fastppo.models import load_tokenizer
-
-    tokenizer = load_tokenizer(source)
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
 
 
 def train_proxy(source, pairs, settings, seed, directory) -> dict:
@@ -272,11 +262,11 @@ def rl_arm(source, reward_path, rows, held_out, settings, seed, algo, kl_control
 
 
 def gold_scores(batch, answers, end_ids) -> list[float]:
-    """The verifier's score of each response of `batch`: correctness plus the short-and-ended format reward."""
+    """The verifier's score of each response of `batch`: the sum of `verifier_rewards`, called as PPO calls them."""
     ids = [row[mask].tolist() for row, mask in zip(batch.response_ids, batch.response_mask.bool(), strict=True)]
-    correct = arithmetic.correctness(batch.responses, answers)
-    formatted = arithmetic.short_and_ended(end_ids)(batch.responses, ids)
-    return [c + f for c, f in zip(correct, formatted, strict=True)]
+    rewards = verifier_rewards(end_ids)
+    columns = [fn(completions=batch.responses, completion_ids=ids, answer=answers) for fn in rewards]
+    return [sum(scores) for scores in zip(*columns, strict=True)]
 
 
 # ----------------------------------------------------------------------------------------------

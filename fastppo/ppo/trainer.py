@@ -243,7 +243,8 @@ class PPOTrainer(SetUp, Checkpointing):
         real = computed = 0
         for rows, micro in micro_batches(batch, torch.arange(len(batch.prompts)), cfg.micro_batch):
             input_ids, attention_mask, P = micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1]
-            real, computed = (a + b for a, b in zip((real, computed), micro.real_and_computed_tokens(), strict=True))
+            real_tokens, computed_tokens = micro.real_and_computed_tokens()
+            real, computed = real + real_tokens, computed + computed_tokens
             # FSDP: the LMs are called below without their root's forward, which would unshard the root's weights.
             with self._autocast(), self.parallel.root_params(self.model), self.parallel.root_params(self.reference):
                 if not from_rollout:
@@ -291,7 +292,7 @@ class PPOTrainer(SetUp, Checkpointing):
         cfg, B = self.config, len(batch.prompts)
         mini_batch = cfg.mini_batch_size // distributed.world_size()  # this rank's share of every minibatch
         step_stats, n_updates, early_stopped = Stats(), 0, False
-        tokens = [0, 0]  # real, computed: the padding the forwards and backwards paid for
+        real = computed = 0  # tokens: the padding the forwards and backwards paid for
         for _ in range(cfg.ppo_epochs):
             if early_stopped:
                 break
@@ -304,9 +305,10 @@ class PPOTrainer(SetUp, Checkpointing):
                 micros = [micro for _, micro in micro_batches(batch, minibatch_rows, cfg.micro_batch)]
                 for i, micro in enumerate(micros):
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
-                    tokens = [a + b for a, b in zip(tokens, micro.real_and_computed_tokens(), strict=True)]
+                    real_tokens, computed_tokens = micro.real_and_computed_tokens()
+                    real, computed = real + real_tokens, computed + computed_tokens
                     with self.parallel.no_sync(last=i == len(micros) - 1):
-                        self._micro_step(micro, micro.prompt_ids.shape[1], denominator, token_share, stats)
+                        self._micro_step(micro, denominator, token_share, stats)
                 stats = distributed.reduce_stats(stats)  # each rank held its share of the sums
                 if cfg.target_kl is not None and stats.totals.get("policy/approx_kl", 0.0) > cfg.target_kl:
                     self.optimizer.zero_grad(set_to_none=True)  # the policy has moved far enough: no more updates
@@ -322,17 +324,17 @@ class PPOTrainer(SetUp, Checkpointing):
                 n_updates += 1
         if not n_updates:  # target_kl stopped the first minibatch: its stats stand for this step
             step_stats, n_updates = stats, 1
-        averaged = step_stats.averaged(n_updates) | {"perf/train_real_frac": tokens[0] / max(tokens[1], 1)}
+        averaged = step_stats.averaged(n_updates) | {"perf/train_real_frac": real / max(computed, 1)}
         return averaged | ({"optim/early_stopped": float(early_stopped)} if cfg.target_kl is not None else {})
 
-    def _micro_step(self, micro: RolloutBatch, P: int, denominator: float, token_share: float, stats: Stats) -> None:
+    def _micro_step(self, micro: RolloutBatch, denominator: float, token_share: float, stats: Stats) -> None:
         """Forward and backward of one micro-batch; its statistics go into `stats`: the losses are already parts
         of the minibatch's loss (the shared denominator) and add up, the others are token means over the micro-batch
         and count by its share of the minibatch's tokens, maxima stay maxima."""
         cfg = self.config
         with self._autocast():
             logprobs, entropy, values = self.parallel.train_model(
-                micro.input_ids, micro.attention_mask, P, cfg.temperature
+                micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1], cfg.temperature
             )
         mask = micro.response_mask
         policy_loss, policy_stats = ops.ppo_policy_loss(

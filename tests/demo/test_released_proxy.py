@@ -20,8 +20,11 @@ def test_the_lesson_trains_a_proxy_and_runs_both_arms(tiny_models, tmp_path):
     assert summary["arms"]["kl"]["kl_control"] and not summary["arms"]["no_kl"]["kl_control"]
     pairs = [json.loads(line) for line in open(tmp_path / "run" / "data" / "preferences.jsonl")]
     assert pairs and all(p["chosen"] != p["rejected"] for p in pairs)
+    from fastppo.models import load_tokenizer
+
     first = [{"role": "user", "content": pairs[0]["prompt"].split("user: ")[-1].split(" <|im_end|>")[0]}]
-    assert pairs[0]["prompt"] == released_proxy.rendered_prompts(policy, [first])[0]  # as the policy sees it
+    rendered = load_tokenizer(policy).apply_chat_template(first, tokenize=False, add_generation_prompt=True)
+    assert pairs[0]["prompt"] == rendered  # as the policy sees it
     assert os.path.isfile(tmp_path / "run" / "curves.png")
     assert os.path.isfile(tmp_path / "run" / "reward_model" / "config.json")
 

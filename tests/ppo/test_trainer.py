@@ -182,7 +182,7 @@ def test_the_entropy_bonus_is_aggregated_like_the_policy_loss(tiny_models, tmp_p
     lengths = mask.sum(-1).double()
     denominator = float(lengths.sum()) if loss_agg == "token-mean" else float((lengths > 0).sum())
     trainer.optimizer.zero_grad()
-    trainer._micro_step(batch, P, denominator, token_share=1.0, stats=Stats())
+    trainer._micro_step(batch, denominator, token_share=1.0, stats=Stats())
     ours = [p.grad.clone() for p in trainer.model.lm.parameters()]
 
     trainer.optimizer.zero_grad()
