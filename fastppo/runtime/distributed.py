@@ -23,6 +23,7 @@ In a single process (no torchrun environment) every helper here is the identity 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import itertools
@@ -71,6 +72,9 @@ def init(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # Torn down before the interpreter exits: left to the C++ destructors, a rank could end in "terminate called
+        # without an active exception" (SIGABRT) after a complete run.
+        atexit.register(dist.destroy_process_group)
     return device
 
 
