@@ -4,7 +4,8 @@ Each framework runs in a subprocess of its own (so peak RSS is its own), on the 
 reward model and prompts (saved in bf16, as released checkpoints are; both frameworks compute in float32 on a CPU:
 TRL loads every model as float32, fastppo trains a float32 copy of the policy and reads the frozen models' bf16
 matrices as float32, the same numbers at half their memory), with the same batch (16 prompts, one PPO epoch, one
-minibatch of 16 in two micro-batches; 32 prompt + 64 response tokens at the default size, 64 + 256 at `large`). TRL
+minibatch of 16 in two micro-batches; 32 prompt + 64 response tokens at the default size, 64 + 256 at `large`, 32 + up
+to 256 at `varlen`, whose answers end at EOS at lengths of their own). TRL
 keeps a separate value model, as it must; fastppo shares the backbone. Each framework's whole `train()` of
 `iterations` iterations is timed, the first included (no warm-up is left out); s / iteration is that time over the
 iterations. The frameworks take turns for `repeats` rounds (3 at the default size) and each one's median try is
@@ -13,7 +14,7 @@ Tokens/s counts prompt + response tokens. fastppo's phases are then set against 
 (`hardware_ratios`): the FLOP/s of each phase against a matmul of the LM head's shape, and the decode's weight reads
 against a memory copy.
 
-    python -m bench.e2e [--size default|large|quick|smollm2] [--out bench/results/e2e-....json]
+    python -m bench.e2e [--size default|large|quick|varlen|smollm2] [--out bench/results/e2e-....json]
 """
 
 from __future__ import annotations
@@ -64,6 +65,19 @@ QUICK = {
     "iterations": 2,
     "repeats": 1,
 }
+# Answers of their own lengths: a random policy over 64 tokens ends an answer at EOS after about 64 tokens (one chance
+# in 64 a step), so most rows of a batch are far shorter than its longest; what padding and finished rows cost shows.
+VARLEN = {
+    "hidden": 512,
+    "layers": 8,
+    "vocab": 64,
+    "batch": 16,
+    "micro_batch": 8,
+    "prompt": 32,
+    "response": 256,
+    "iterations": 2,
+    "repeats": 1,
+}
 # A released model's shape and its real answers: SmolLM2-135M-Instruct (grouped-query attention, tied embeddings,
 # vocabulary 49,152) from the `smollm2` extra, on arithmetic problems rendered with its chat template. Its answers end
 # at <|im_end|> at lengths of their own, so a batch is mostly shorter than `response`. The reward model is the same
@@ -83,7 +97,7 @@ SMOLLM2 = {
     "iterations": 2,
     "repeats": 1,
 }
-SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK, "smollm2": SMOLLM2}
+SIZES = {"default": DEFAULT, "large": LARGE, "quick": QUICK, "varlen": VARLEN, "smollm2": SMOLLM2}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,7 +244,8 @@ def run_trl(cfg: dict, directory: Path) -> dict:
     return {"seconds_per_iteration": seconds / iterations, "iterations": iterations}
 
 
-def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
+def fastppo_trainer(cfg: dict, directory: Path, **options):
+    """fastppo's PPOTrainer on the shared setup in `directory`, with the bench's batch and settings."""
     from fastppo import PPOConfig, PPOTrainer
 
     prompts = json.loads((directory / "prompts.json").read_text())
@@ -256,6 +271,11 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
     )
     trainer = PPOTrainer(config, prompts=prompts)
     trainer.save = lambda *args, **kwargs: None  # the final checkpoint is not part of an iteration (TRL saves none)
+    return trainer
+
+
+def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
+    trainer = fastppo_trainer(cfg, directory, **options)
     start = time.perf_counter()
     history = trainer.train()
     seconds = time.perf_counter() - start
@@ -269,7 +289,7 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
         # real tokens over computed ones in each phase after the rollout (1.0: no padding paid for)
         "real_token_fraction": {
             phase: sum(m[f"perf/{phase}_real_frac"] for m in history) / len(history)
-            for phase in ("reward", "logprobs", "train")
+            for phase in ("rollout", "reward", "logprobs", "train")
             if f"perf/{phase}_real_frac" in history[0]
         },
         "old_logprobs_from_rollout": trainer.old_logprobs_from_rollout,

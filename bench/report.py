@@ -26,7 +26,7 @@ def newest(pattern: str) -> Path | None:
 
 def newest_e2e() -> list[Path]:
     """The newest end-to-end result of each size (e2e-<size>-<stamp>.json)."""
-    return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large", "smollm2")) if p]
+    return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large", "varlen", "smollm2")) if p]
 
 
 def newest_gpu_proof(directory: Path = RESULTS) -> Path | None:

@@ -1,6 +1,7 @@
 """The benchmark harness runs end to end at tiny sizes (no timing is checked: numbers here mean nothing)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,3 +49,15 @@ def test_e2e_harness_runs(tmp_path):
     assert fastppo["seconds_per_iteration"] > 0 and fastppo["peak_memory_mb"] > 0
     assert set(fastppo["phase_seconds"]) == {"rollout", "reward", "logprobs", "advantages", "train"}
     assert "of the matmul" in render(None, [path])
+
+
+@pytest.mark.slow
+def test_memory_profile_and_forward_cost_run():
+    from bench import forward_cost, memory
+
+    data = memory.profile("quick")
+    assert set(data["phase_peak_mb"]) == {"rollout", "reward", "logprobs", "advantages", "train"}
+    assert data["peak_mb"] >= data["after_loading_mb"]["VmRSS"] > data["imports_mb"]["VmRSS"] > 0
+    assert data["held_mb"]["policy + value head weights"] > 0 and "| rollout |" in memory.table(data)
+    cost = forward_cost.main("quick")
+    assert all(math.isfinite(cost[mode]["overhead_tokens"]) for mode in ("forward", "forward + backward"))

@@ -13,13 +13,13 @@ again (`old_logprobs: auto`). The rollout's share of an iteration is in the end-
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import warnings
 from typing import NamedTuple
 
 import torch
+from transformers import Cache
 
 from fastppo import ops
 from fastppo.engines.lean_decode import DecodeLinear, LeanDecoder
@@ -36,10 +36,11 @@ def warn_if_truncated_sampling(top_k: int, top_p: float) -> None:
         )
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float):
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, uniforms=None):
     """(tokens, logprobs): (B,) next tokens from (B, V) logits, and their (B,) log-probs at `temperature` from the
     sampler when it drew from the full distribution (None when greedy, temperature 0, or truncated by top-k /
-    top-p: PPO's log-probs are the full distribution's, which the caller then computes)."""
+    top-p: PPO's log-probs are the full distribution's, which the caller then computes). `uniforms` (B,): the
+    draws in [0, 1) that pick the tokens, `torch.rand(B)` when not given."""
     if temperature == 0:
         return logits.argmax(-1), None
     truncated = top_k > 0 or top_p < 1.0
@@ -56,7 +57,9 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     # Inverse-CDF sampling (see ops.sample_tokens): torch.multinomial and an exponential race (argmax p / E) each cost
     # about a whole decode step of the bench's model on CPU logits; the native kernel reads the logits three times and
     # writes nothing but the tokens and their log-probs (the sample_tokens rows of bench/README.md).
-    tokens, logprobs = ops.sample_tokens(logits, torch.rand(logits.shape[0], device=logits.device), temperature)
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0], device=logits.device)
+    tokens, logprobs = ops.sample_tokens(logits, uniforms, temperature)
     if bool((tokens < 0).any()):
         rows = (tokens < 0).nonzero().flatten().tolist()
         raise FloatingPointError(
@@ -82,24 +85,27 @@ def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
     return sorted({int(i) for i in ids if i is not None})
 
 
-@contextlib.contextmanager
-def decode_layout(lm, rows: int):
+class DecodeLayout:
     """CPU only: while decoding, nn.Linear layers multiply their `rows`-row inputs by a copy of their weight
     prepared once for it (`DecodeLinear`: packed for MKL's GEMM, which otherwise repacks every weight on every
-    step). The copies live for one rollout, about as big as the linear weights (the trainer frees the gradients
-    before it, which are as big). The same products up to float32 rounding."""
-    if next(lm.parameters()).device.type != "cpu":
-        yield
-        return
-    patched = []
-    for module in lm.modules():
-        if plain_linear(module):
+    step), prepared again by `for_rows` when finished rows leave the decode. The copies live for one rollout, about
+    as big as the linear weights (the trainer frees the gradients before it, which are as big). The same products up
+    to float32 rounding."""
+
+    def __init__(self, module, rows: int):
+        on_cpu = next(module.parameters()).device.type == "cpu"
+        self.patched = [m for m in module.modules() if plain_linear(m)] if on_cpu else []
+        self.for_rows(rows)
+
+    def for_rows(self, rows: int) -> None:
+        for module in self.patched:
             module.forward = DecodeLinear(module.weight, module.bias, rows)
-            patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
+
+    def __enter__(self) -> DecodeLayout:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for module in self.patched:
             del module.forward  # the class's forward again
 
 
@@ -145,12 +151,19 @@ def _filled_prefix_layer():
     return _FilledPrefixLayer
 
 
+# Finished rows leave the decode once this fraction of the rows still decoding has ended: their rows of the KV cache,
+# the mask and the positions are dropped and the decode's weights prepared again for the smaller step. Each leaving
+# costs about one pass over the weights (the repack) and saves the finished rows' share of every later step.
+LEAVE_FRACTION = 0.25
+
+
 class Generation(NamedTuple):
     response_ids: torch.Tensor  # (B, T) long, pad after the end
     response_mask: torch.Tensor  # (B, T) long, 1 = generated token (the end token included)
     ended: torch.Tensor  # (B,) bool: an end id or a stop string ended the row (else max_new_tokens cut it)
     logprobs: torch.Tensor | None  # (B, T) float32 the sampled tokens' log-probs at `temperature` (1 when greedy)
     values: torch.Tensor | None  # (B, T) float32 value_head of the hidden states, None without a value head
+    decoded_tokens: int = 0  # rows x steps the decode computed, finished rows still in it included
 
 
 # A CPU decodes in float32 under any autocast the caller runs (precision: bf16): the decode is memory-bound, and its
@@ -189,48 +202,67 @@ def generate(
     position_ids = position_ids_for(prompt_mask)
     backbone = backbone_of(lm)
     cache_name = _cache_name(backbone)
-    cache = {cache_name: static_cache(lm, P + max_new_tokens)}
-    lean = LeanDecoder.build(lm, cache[cache_name], B)  # Llama-family on a CPU: steps without transformers' machinery
-    steps = 0
-    with decode_layout(lm if lean is None else unwrap(lm).get_output_embeddings(), B):
+    kv = static_cache(lm, P + max_new_tokens)
+    lean = LeanDecoder.build(lm, kv, B)  # Llama-family on a CPU: steps without transformers' machinery
+    active = torch.arange(B, device=device)  # (A,) the rows still decoding: the rows of every per-step tensor below
+    steps = decoded_tokens = 0
+    with DecodeLayout(lm if lean is None else unwrap(lm).get_output_embeddings(), B) as layout:
         out = backbone(
-            input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids, use_cache=True, **cache
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{cache_name: kv},
         )
-        hidden = out.last_hidden_state[:, -1]  # (B, H): predicts the next token
-        next_position = position_ids[:, -1:] + 1
+        kv = getattr(out, cache_name)  # the static cache itself, or the dynamic one transformers made
+        hidden = out.last_hidden_state[:, -1]  # (A, H): predicts the next token
+        next_position = position_ids[:, -1:] + 1  # (A, 1)
         for t in range(max_new_tokens):
-            logits = model_logits(lm, hidden)  # (B, V)
-            token, logprob = sample_next(logits, temperature, top_k, top_p)
-            token = torch.where(finished, torch.full_like(token, pad_id), token)
-            response_ids[:, t] = token
-            response_mask[:, t] = (~finished).long()
+            logits = model_logits(lm, hidden)  # (A, V)
+            decoded_tokens += len(active)
+            # One draw for each of the B rows, running or not, as when every row stayed: the running rows' tokens
+            # do not depend on when the others left.
+            uniforms = torch.rand(B, device=device)[active] if temperature > 0 else None
+            token, logprob = sample_next(logits, temperature, top_k, top_p, uniforms)
+            done = finished[active]
+            token = torch.where(done, torch.full_like(token, pad_id), token)
+            response_ids[active, t] = token
+            response_mask[active, t] = (~done).long()
             if logprobs is not None:  # from the sampler, or of the full distribution when it drew from another
-                logprobs[:, t] = (
+                logprobs[active, t] = (
                     logprob if logprob is not None else ops.token_logprobs(logits, token, temperature or 1.0)
                 )
             if values is not None:
-                values[:, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
-            finished |= torch.isin(token, end_ids)
+                values[active, t] = value_head(hidden.to(value_head.weight.dtype)).squeeze(-1).float()
+            finished[active] = done | torch.isin(token, end_ids)
             if stop_strings:
                 finished |= _hit_stop_string(tokenizer, response_ids[:, : t + 1], finished, stop_strings)
             steps = t + 1
             if bool(finished.all()) or t == max_new_tokens - 1:
                 break
+            running = (~finished[active]).nonzero().flatten()  # positions in the step's tensors
+            left = len(active) - len(running)
+            if left and left >= LEAVE_FRACTION * len(active) and isinstance(kv, Cache):
+                active, token, next_position = active[running], token[running], next_position[running]
+                attention_mask = attention_mask[running]
+                kv.reorder_cache(running)  # every transformers cache layer keeps the rows asked for (beam search)
+                layout.for_rows(len(active))
+                if lean is not None:
+                    lean.for_rows(len(active))
             if lean is not None:
                 hidden = lean.step(token, next_position, attention_mask[:, : P + t + 1])
             else:
-                cache = {cache_name: getattr(out, cache_name)}  # the static cache itself, or the grown dynamic one
                 out = backbone(
                     input_ids=token.unsqueeze(1),
                     attention_mask=attention_mask[:, : P + t + 1],
                     position_ids=next_position,
                     use_cache=True,
-                    **cache,
+                    **{cache_name: kv},
                 )
-                hidden = out.last_hidden_state[:, -1]
+                kv, hidden = getattr(out, cache_name), out.last_hidden_state[:, -1]
             next_position = next_position + 1
     logprobs, values = (None if x is None else x[:, :steps] for x in (logprobs, values))
-    return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs, values)
+    return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs, values, decoded_tokens)
 
 
 def _hit_stop_string(tokenizer, response_ids, finished, stop_strings) -> torch.Tensor:

@@ -13,6 +13,7 @@ model's forward up to float32 rounding (tests/engines/test_lean_decode.py).
 
     decoder = LeanDecoder.build(lm, cache, rows)   # None: not a supported model, or not plain float32 layers
     hidden = decoder.step(token, position_ids, attention_mask)   # (B, H) for the next token's logits
+    decoder.for_rows(rows)                                       # after the cache kept `rows` of its rows
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class DecodeLinear:
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
         return cls(torch.cat([m.weight.detach() for m in linears]), bias, rows)
 
+    def for_rows(self, rows: int) -> DecodeLinear:
+        """The same product prepared for `rows`-row steps (after finished rows left the decode)."""
+        return DecodeLinear(self.weight, self.bias, rows)
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.packed is not None:
             out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
@@ -82,6 +87,10 @@ class _Layer:
         self.gate_up = DecodeLinear.stacked([mlp.gate_proj, mlp.up_proj], rows)
         self.down = DecodeLinear.stacked([mlp.down_proj], rows)
         self.heads, self.scaling = attn.config.num_attention_heads, attn.scaling
+
+    def for_rows(self, rows: int) -> None:
+        for name in ("qkv", "o", "gate_up", "down"):
+            setattr(self, name, getattr(self, name).for_rows(rows))
 
     def __call__(self, x, cos, sin, key_mask):  # x (B, H), cos/sin (B, 1, head_dim), key_mask (B, n) bool
         h = F.rms_norm(x, x.shape[-1:], self.norm_in.weight, self.norm_in.variance_epsilon)
@@ -149,6 +158,11 @@ class LeanDecoder:
         self.layers = [
             _Layer(layer, cache_layer, rows) for layer, cache_layer in zip(backbone.layers, cache.layers, strict=True)
         ]
+
+    def for_rows(self, rows: int) -> None:
+        """Prepare the weights for `rows`-row steps: the cache's rows were selected with it (`reorder_cache`)."""
+        for layer in self.layers:
+            layer.for_rows(rows)
 
     @torch.no_grad()
     def step(self, token: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

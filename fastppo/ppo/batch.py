@@ -12,6 +12,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
+from fastppo.runtime import distributed
+from fastppo.runtime.micro_batches import FORWARD_OVERHEAD_TOKENS, cut_sorted
+
 # The (B, T) fields: aligned with the response positions, cut with them by `RolloutBatch.trimmed`.
 RESPONSE_FIELDS = (
     "response_ids",
@@ -100,16 +103,50 @@ class RolloutBatch:
         return int(self.prompt_mask.sum() + self.response_mask.sum()), self.input_ids.numel()
 
 
-def micro_batches(batch: RolloutBatch, rows: torch.Tensor, size: int) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
-    """(rows, trimmed sub-batch) for every micro-batch of `size` rows of `rows`, rows of similar length together
-    (sorted by response, then prompt length), so that trimming leaves little padding in each. Order does not change
-    a sum of gradients or a row's result: callers put the rows' results back at their own places."""
+def micro_batches(
+    batch: RolloutBatch, rows: torch.Tensor, size: int, tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
+    """(rows, trimmed sub-batch) for each micro-batch of `rows` (`plan_micro_batches`; on a CPU, the cut that
+    computes the fewest tokens). Where the count depends on the lengths, each rank cuts its own rows, then all take
+    the largest count: FSDP's collectives in every forward need as many on each rank. Order does not change a sum of
+    gradients or a row's result: callers put the rows' results back."""
+    overhead = FORWARD_OVERHEAD_TOKENS if batch.prompt_ids.device.type == "cpu" else None
+    chunks = plan_micro_batches(batch, rows, size, tokens, overhead)
+    if (tokens is not None or overhead is not None) and distributed.world_size() > 1:
+        count = distributed.max_over_ranks(len(chunks))
+        chunks = plan_micro_batches(batch, rows, size, tokens, overhead, count=count)
+    for chunk in chunks:
+        yield chunk, batch.select(chunk).trimmed()
+
+
+def plan_micro_batches(
+    batch: RolloutBatch,
+    rows: torch.Tensor,
+    size: int,
+    tokens: int | None = None,
+    overhead: int | None = None,
+    count: int = 1,
+) -> list[torch.Tensor]:
+    """`rows` sorted by length (response, then prompt) and cut by `cut_sorted`: a micro-batch of rows x (their
+    longest prompt + longest response) computed tokens. Then, while there are fewer than `count` (every rank must
+    run as many forwards under FSDP), the costliest one is halved."""
     response_length = batch.response_mask.sum(dim=1).cpu()
     prompt_length = batch.prompt_mask.sum(dim=1).cpu()
     key = response_length * (batch.prompt_ids.shape[1] + 1) + prompt_length  # (B,)
-    ordered = rows[torch.argsort(key[rows], stable=True)]
-    for chunk in ordered.split(size):
-        yield chunk, batch.select(chunk).trimmed()
+    ordered = rows[torch.argsort(key[rows], stable=True)].tolist()
+    lengths = [(int(prompt_length[i]), max(1, int(response_length[i]))) for i in ordered]  # trimmed keeps T >= 1
+    chunks = cut_sorted(lengths, size, tokens, overhead)
+
+    def cost(chunk: list[int]) -> int:
+        return len(chunk) * (max(lengths[i][0] for i in chunk) + max(lengths[i][1] for i in chunk))
+
+    while len(chunks) < count:
+        costliest = max((c for c in chunks if len(c) > 1), key=cost, default=None)
+        if costliest is None:
+            break
+        i, half = chunks.index(costliest), len(costliest) // 2
+        chunks[i : i + 1] = [costliest[:half], costliest[half:]]
+    return [torch.tensor([ordered[i] for i in chunk], dtype=rows.dtype) for chunk in chunks]
 
 
 def widen(x: torch.Tensor | None, width: int) -> torch.Tensor | None:

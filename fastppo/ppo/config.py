@@ -167,7 +167,15 @@ class PPOConfig(Config):
     )
     ppo_epochs: int = option(1, "Passes over each rollout batch.")
     mini_batch_size: int = option(16, "Sequences per optimizer step; must divide rollout_batch_size.")
-    micro_batch_size: int | None = option(None, "Sequences per forward/backward (gradient accumulation); None = mini.")
+    micro_batch_size: int | None = option(
+        None, "Sequences per forward/backward at most (gradient accumulation); None = mini_batch_size."
+    )
+    micro_batch_tokens: int | None = option(
+        None,
+        "Tokens per forward/backward at most after the rollout (rows x their longest prompt + response, padding "
+        "included). Rows of similar length go together either way (on a CPU, cut where padding costs more than a "
+        "forward). None: no token cap.",
+    )
     learning_rate: float = option(1e-5, "AdamW learning rate.", aliases=("--lr",))
     weight_decay: float = option(0.0, "AdamW weight decay.")
     lr_scheduler: str = option("constant", "'constant', 'linear' or 'cosine' decay after warmup.")
@@ -322,6 +330,7 @@ class PPOConfig(Config):
         "ppo_epochs": POSITIVE,
         "mini_batch_size": POSITIVE,
         "micro_batch_size": POSITIVE,
+        "micro_batch_tokens": POSITIVE,
         "learning_rate": POSITIVE,
         "target_kl": POSITIVE,
         "weight_decay": NON_NEGATIVE,

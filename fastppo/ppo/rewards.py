@@ -31,6 +31,7 @@ from fastppo.ppo.reward_functions import (
     run_coroutines,
 )
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.micro_batches import sorted_micro_batches
 from fastppo.runtime.validation import LOAD_ERRORS, is_callable_spec, read_model_config
 
 __all__ = ["FunctionReward", "ModelReward", "RewardError", "Rewards", "load_reward", "load_rewards"]
@@ -101,9 +102,12 @@ class ModelReward:
         max_length: int = 4096,
         name: str | None = None,
         rows_per_forward: int | None = None,
+        tokens_per_forward: int | None = None,
     ):
         self.model = freeze(model)
         self.rows_per_forward = rows_per_forward  # None: the whole batch in one forward
+        self.tokens_per_forward = tokens_per_forward  # None: rows_per_forward rows whatever their length
+        self.on_cpu = next(model.parameters()).device.type == "cpu"
         self.real_frac = None  # of the last batch: real tokens over the tokens its forwards computed
         disable_dropout(model)
         self.tokenizer = tokenizer
@@ -128,14 +132,12 @@ class ModelReward:
                 self.encode(p, r, bool(e)) for p, r, e in zip(batch.prompts, batch.responses, batch.ended, strict=True)
             ]
         rows = [r[-self.max_length :] for r in rows]  # too long: drop the start of the prompt
-        # Rows of similar length together, `rows_per_forward` at a time, each as wide as its longest: the forwards
-        # pay for real tokens, not for the batch's longest row.
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-        size = self.rows_per_forward or len(rows)
+        # Rows of similar length together, at most `rows_per_forward` (and `tokens_per_forward`) at a time, each as
+        # wide as its longest: the forwards pay for real tokens, not for the batch's longest row.
         scores = torch.empty(len(rows))
         real = computed = 0
-        for start in range(0, len(order), size):
-            chunk = order[start : start + size]
+        lengths = [len(r) for r in rows]
+        for chunk in sorted_micro_batches(lengths, self.rows_per_forward, self.tokens_per_forward, self.on_cpu):
             width = max(len(rows[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
@@ -224,7 +226,7 @@ def load_reward(
         model = load_frozen(AutoModelForSequenceClassification, spec, config.reward_quantization, device)
         tokenizer = load_tokenizer(tokenizer if tokenizer is not None else spec)
         name = os.path.basename(os.path.normpath(spec))
-        return _model_reward(model, tokenizer, policy_tokenizer, field, name, getattr(config, "micro_batch", None))
+        return _model_reward(model, tokenizer, policy_tokenizer, field, name, config)
     if isinstance(spec, torch.nn.Module):
         name = getattr(spec, "name_or_path", "") or ""
         if tokenizer is not None:
@@ -237,15 +239,16 @@ def load_reward(
             dtype = next(spec.parameters()).dtype
             model = quantized_copy(spec, AutoModelForSequenceClassification, config.reward_quantization, device, dtype)
         name = os.path.basename(os.path.normpath(name)) if name else type(spec).__name__
-        return _model_reward(model, tokenizer, policy_tokenizer, field, name, getattr(config, "micro_batch", None))
+        return _model_reward(model, tokenizer, policy_tokenizer, field, name, config)
     if callable(spec):
         return FunctionReward(spec, timeout=config.reward_timeout, columns=columns)
     raise InputError(f"{field}: cannot use a {type(spec).__name__} as a reward")
 
 
-def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, rows_per_forward=None) -> ModelReward:
-    """A ModelReward, after checking `model` is a 1-label classifier whose embeddings hold every id of `tokenizer`
-    (another model's tokenizer would index past them, or score other tokens than the text's)."""
+def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, config) -> ModelReward:
+    """A ModelReward, its forwards cut as the config's micro-batches are, after checking `model` is a 1-label
+    classifier whose embeddings hold every id of `tokenizer` (another model's tokenizer would index past them, or
+    score other tokens than the text's)."""
     labels = getattr(model.config, "num_labels", None)
     if labels != 1:
         raise InputError(f"{field} ({name}): expected a sequence classifier with 1 label, got {labels}")
@@ -255,7 +258,8 @@ def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, row
             f"{field} ({name}): its tokenizer has {len(tokenizer)} tokens and the model {rows} embeddings: it is "
             "not this model's tokenizer; give the model's own (PPOTrainer(reward_tokenizer=...) or reward_tokenizer)"
         )
-    return ModelReward(model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows_per_forward)
+    rows, tokens = getattr(config, "micro_batch", None), getattr(config, "micro_batch_tokens", None)
+    return ModelReward(model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows, tokens_per_forward=tokens)
 
 
 def _tokenizer_of(model):

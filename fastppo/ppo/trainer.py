@@ -152,8 +152,11 @@ class PPOTrainer(SetUp, Checkpointing):
 
         def roll_out() -> RolloutBatch:
             drawn = groups.repeat_each(self.sampler.next_indices(cfg.rollout_batch_size // G), G)
+            self.decode_real_frac = None  # the hf engine's, set by `rollout` (vLLM schedules its own tokens)
             with self.timer("rollout"):
                 batch = self.rollout([self.prompts[i] for i in distributed.share(drawn)])  # this rank's groups
+            if self.decode_real_frac is not None:
+                score_stats["perf/rollout_real_frac"] = self.decode_real_frac
             with self.timer("reward"):
                 score_stats.update(self.score(batch))
             return batch
@@ -207,7 +210,8 @@ class PPOTrainer(SetUp, Checkpointing):
                     with_logprobs=self.old_logprobs_from_rollout,  # the old log-probs, or nobody's
                 )
             self.model.train()
-            response_ids, response_mask, ended, sampler_logprobs, sampler_values = generation
+            response_ids, response_mask, ended, sampler_logprobs, sampler_values, decoded = generation
+            self.decode_real_frac = float(response_mask.sum()) / max(decoded, 1)
         responses = decode_responses(self.tokenizer, response_ids, response_mask)
         return RolloutBatch(
             prompt_ids,
@@ -241,7 +245,9 @@ class PPOTrainer(SetUp, Checkpointing):
         from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
         old_logprobs, old_values, ref_logprobs, order = [], [], [], []
         real = computed = 0
-        for rows, micro in micro_batches(batch, torch.arange(len(batch.prompts)), cfg.micro_batch):
+        for rows, micro in micro_batches(
+            batch, torch.arange(len(batch.prompts)), cfg.micro_batch, cfg.micro_batch_tokens
+        ):
             input_ids, attention_mask, P = micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1]
             real_tokens, computed_tokens = micro.real_and_computed_tokens()
             real, computed = real + real_tokens, computed + computed_tokens
@@ -302,7 +308,9 @@ class PPOTrainer(SetUp, Checkpointing):
                 denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = Stats()
-                micros = [micro for _, micro in micro_batches(batch, minibatch_rows, cfg.micro_batch)]
+                micros = [
+                    micro for _, micro in micro_batches(batch, minibatch_rows, cfg.micro_batch, cfg.micro_batch_tokens)
+                ]
                 for i, micro in enumerate(micros):
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
                     real_tokens, computed_tokens = micro.real_and_computed_tokens()

@@ -20,6 +20,7 @@ from fastppo.runtime import validation
 from fastppo.runtime.checkpoint import list_checkpoints
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.fingerprints import prompts_digest
+from fastppo.runtime.micro_batches import sorted_micro_batches
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 
 # ----------------------------------------------------------------------------------------------
@@ -98,9 +99,9 @@ def is_report_step(step: int, total_steps: int) -> bool:
     return (step + 1) % max(1, total_steps // 10) == 0 or step + 1 == total_steps
 
 
-def update(loss: torch.Tensor, model, optimizer, scheduler) -> None:
-    """One update of the supervised stages: backward, clip the gradient norm to 1, step, zero."""
-    loss.backward()
+def optimizer_step(model, optimizer, scheduler) -> None:
+    """One update of the supervised stages, after their micro-batches' backwards: clip the accumulated gradients'
+    norm to 1, step, zero."""
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     scheduler.step()
@@ -138,9 +139,16 @@ def stopped(command: str, stop, step: int) -> int:
     return stop.exit_code
 
 
+def micro_batches(lengths: list[int], micro_batch_size, micro_batch_tokens, device) -> list[list[int]]:
+    """Indices of a step's examples (of `lengths` tokens) in micro-batches of similar length: the forwards pay for
+    real tokens (`runtime.micro_batches`); the caller's loss keeps the whole step's denominator."""
+    return sorted_micro_batches(lengths, micro_batch_size, micro_batch_tokens, device.type == "cpu")
+
+
 def training_options(config) -> dict:
     """The options `train_sft` and `train_reward_model` share, from an SFTConfig or a RewardModelConfig."""
-    names = ("epochs", "batch_size", "learning_rate", "max_length", "seed", "output_dir")
+    names = ("epochs", "batch_size", "micro_batch_size", "micro_batch_tokens", "learning_rate", "max_length", "seed")
+    names += ("output_dir",)
     return {name: getattr(config, name) for name in names}
 
 

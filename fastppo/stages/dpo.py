@@ -64,10 +64,11 @@ from fastppo.runtime.validation import located, read_records
 from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
+    micro_batches,
+    optimizer_step,
     shuffled_batches,
     split_pairs,
     stopped,
-    update,
     without_ties,
 )
 from fastppo.stages.dpo_config import DPOConfig
@@ -308,9 +309,18 @@ class DPOTrainer:
             raise RuntimeError(f"the run is complete: all {self.total_steps} steps (epochs x pairs / batch_size) done")
         start = time.perf_counter()
         rows = next(self.batches)
-        pairs = [self.train_data[i] for i in rows]
-        loss, metrics = self._pair_loss(pairs, self.reference_logps["train"][rows])
-        update(loss, self.lm, self.optimizer, self.scheduler)
+        pairs, reference_logps = [self.train_data[i] for i in rows], self.reference_logps["train"][rows]
+        metrics = {}
+        # Pairs of similar length together; each micro-batch's mean loss and stats weigh by its share of the pairs.
+        lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
+        cfg = self.config
+        for chunk in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, self.device):
+            loss, stats = self._pair_loss([pairs[i] for i in chunk], reference_logps[chunk])
+            share = len(chunk) / len(pairs)
+            (loss * share).backward()
+            for name, value in stats.items():
+                metrics[name] = metrics.get(name, 0.0) + value * share
+        optimizer_step(self.lm, self.optimizer, self.scheduler)
         self.step_count += 1
         seconds = time.perf_counter() - start
         tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs)

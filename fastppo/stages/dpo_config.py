@@ -61,6 +61,12 @@ class DPOConfig(Config):
     )
     epochs: float = option(1.0, "Passes over the training pairs (fractions allowed).")
     batch_size: int = option(16, "Pairs per optimizer step (chosen and rejected go through one forward: 2x rows).")
+    micro_batch_size: int | None = option(
+        None, "Pairs per forward/backward (gradient accumulation, by length); None: batch_size."
+    )
+    micro_batch_tokens: int | None = option(
+        None, "Tokens per forward/backward (pairs x the longest prompt + answer), micro_batch_size pairs at most."
+    )
     # --- evaluation, run --------------------------------------------------------------------------------------
     eval_every: int = option(
         10, "Steps between evaluations (held-out loss/accuracy/margin, sampled KL); 0 = at the end."
@@ -89,6 +95,8 @@ class DPOConfig(Config):
         "learning_rate": POSITIVE,
         "epochs": POSITIVE,
         "batch_size": POSITIVE,
+        "micro_batch_size": POSITIVE,
+        "micro_batch_tokens": POSITIVE,
         "max_new_tokens": POSITIVE,
         "lora_rank": NON_NEGATIVE,
         "lora_alpha": POSITIVE,
@@ -104,7 +112,7 @@ class DPOConfig(Config):
         "model_name_or_path": "use model",
         "ref_model": "the reference is a frozen copy of model (or model with LoRA off)",
         "num_train_epochs": "use epochs",
-        "per_device_train_batch_size": "use batch_size (pairs per optimizer step)",
+        "per_device_train_batch_size": "use batch_size (pairs per optimizer step) and micro_batch_size (per forward)",
         "loss_type": "use loss",
     }
 

@@ -29,13 +29,14 @@ from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
     is_report_step,
+    micro_batches,
+    optimizer_step,
     pad_batch,
     run_settings,
     shuffled_batches,
     split_pairs,
     stopped,
     training_options,
-    update,
     without_ties,
 )
 from fastppo.stages.reward_model_config import RewardModelConfig
@@ -89,6 +90,8 @@ def train_reward_model(
     *,
     epochs: float = 1.0,
     batch_size: int = 16,
+    micro_batch_size: int | None = None,
+    micro_batch_tokens: int | None = None,
     learning_rate: float = 1e-5,
     max_length: int = 512,
     eval_fraction: float = 0.1,
@@ -123,13 +126,20 @@ def train_reward_model(
 
     def train_step(step: int, rows: list[int]) -> None:
         batch = [encoded[i] for i in rows]
-        # chosen and rejected in one forward: rows [0, B) are chosen, [B, 2B) rejected.
-        rewards = score_tokens(model, [c for c, _ in batch] + [r for _, r in batch], tokenizer.pad_token_id)
-        margin = rewards[: len(batch)] - rewards[len(batch) :]  # (B,)
-        loss = -F.logsigmoid(margin).mean()
-        update(loss, model, optimizer, scheduler)
-        losses.append(loss.item())
-        correct.append((margin > 0).float().mean().item())
+        loss, right = 0.0, 0
+        # Pairs of similar length together; each micro-batch adds its pairs' losses over the step's pair count.
+        lengths = [max(len(c), len(r)) for c, r in batch]
+        for chunk in micro_batches(lengths, micro_batch_size, micro_batch_tokens, device):
+            pairs = [batch[i] for i in chunk]
+            # chosen and rejected in one forward: rows [0, b) are chosen, [b, 2b) rejected.
+            rewards = score_tokens(model, [c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id)
+            margin = rewards[: len(pairs)] - rewards[len(pairs) :]  # (b,)
+            part = -F.logsigmoid(margin).sum() / len(batch)
+            part.backward()
+            loss, right = loss + part.item(), right + int((margin > 0).sum())
+        optimizer_step(model, optimizer, scheduler)
+        losses.append(loss)
+        correct.append(right / len(batch))
         if is_report_step(step, total_steps):
             window = slice(-20, None)
             log(

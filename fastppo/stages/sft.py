@@ -29,12 +29,13 @@ from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
     is_report_step,
+    micro_batches,
+    optimizer_step,
     pad_batch,
     run_settings,
     shuffled_batches,
     stopped,
     training_options,
-    update,
 )
 from fastppo.stages.sft_config import SFTConfig
 
@@ -67,6 +68,8 @@ def train_sft(
     *,
     epochs: float = 3.0,
     batch_size: int = 16,
+    micro_batch_size: int | None = None,
+    micro_batch_tokens: int | None = None,
     learning_rate: float = 5e-5,
     max_length: int = 512,
     seed: int = 0,
@@ -97,12 +100,23 @@ def train_sft(
     losses: list[float] = []
 
     def train_step(step: int, rows: list[int]) -> None:
-        input_ids, attention_mask, labels = sft_batch([encoded[i] for i in rows], tokenizer.pad_token_id)  # (B, T)
-        loss = model(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), labels=labels.to(device)
-        ).loss
-        update(loss, model, optimizer, scheduler)
-        losses.append(loss.item())
+        examples = [encoded[i] for i in rows]
+        # The loss is the mean over the step's response tokens (the first token predicts nothing): each micro-batch
+        # adds its sum over that count, as transformers' `num_items_in_batch` does for gradient accumulation.
+        targets = sum(len(ids) - max(n_prompt, 1) for ids, n_prompt in examples)
+        loss = 0.0
+        for chunk in micro_batches([len(ids) for ids, _ in examples], micro_batch_size, micro_batch_tokens, device):
+            input_ids, attention_mask, labels = sft_batch([examples[i] for i in chunk], tokenizer.pad_token_id)
+            part = model(
+                input_ids=input_ids.to(device),  # (b, t)
+                attention_mask=attention_mask.to(device),
+                labels=labels.to(device),
+                num_items_in_batch=targets,
+            ).loss
+            part.backward()
+            loss += part.item()
+        optimizer_step(model, optimizer, scheduler)
+        losses.append(loss)
         if is_report_step(step, total_steps):
             log(f"sft step {step + 1}/{total_steps}  loss {sum(losses[-20:]) / len(losses[-20:]):.4f}")
 

@@ -17,6 +17,12 @@ class SFTConfig(Config):
     tokenizer: str | None = option(None, "Tokenizer directory; defaults to model.")
     epochs: float = option(3.0, "Passes over the data (fractions allowed).")
     batch_size: int = option(16, "Examples per optimizer step.")
+    micro_batch_size: int | None = option(
+        None, "Examples per forward/backward (gradient accumulation, by length); None: batch_size."
+    )
+    micro_batch_tokens: int | None = option(
+        None, "Tokens per forward/backward (rows x the longest, padding included), micro_batch_size rows at most."
+    )
     learning_rate: float = option(5e-5, "AdamW peak learning rate (5% warmup, then linear decay).", aliases=("--lr",))
     max_length: int = option(512, "Tokens per example, prompt included; longer ones are cut at the end.")
     seed: int = option(0, "Seed of the batch order and of a freshly initialised model.")
@@ -30,6 +36,8 @@ class SFTConfig(Config):
     RANGES = {
         "epochs": POSITIVE,
         "batch_size": POSITIVE,
+        "micro_batch_size": POSITIVE,
+        "micro_batch_tokens": POSITIVE,
         "learning_rate": POSITIVE,
         "max_length": POSITIVE,
         "seed": NON_NEGATIVE,
@@ -39,7 +47,7 @@ class SFTConfig(Config):
         "model_name_or_path": "use model",
         "dataset_name": "use data (a JSONL file)",
         "num_train_epochs": "use epochs",
-        "per_device_train_batch_size": "use batch_size",
+        "per_device_train_batch_size": "use batch_size (per optimizer step) and micro_batch_size (per forward)",
         "max_seq_length": "use max_length",
     }
 

@@ -1,6 +1,8 @@
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import fastppo.engines.hf as rollout
 from fastppo.data import tokenize_prompts
 from fastppo.engines.hf import generate, sample_next, static_cache
 from tests.tiny_models import build_tokenizer
@@ -36,19 +38,18 @@ def test_the_static_cache_hands_attention_its_filled_prefix_only(tiny_models, mo
         return keys, values
 
     monkeypatch.setattr(type(cache.layers[0]), "update", recording_update)  # every full-attention layer's class
+    kv = {rollout._cache_name(lm.model): cache}  # `cache` in newer transformers, `past_key_values` in older
     with torch.no_grad():
-        out = lm.model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        out = lm.model(input_ids=ids, attention_mask=mask, use_cache=True, **kv)
         step = lm.model(
             input_ids=ids[:, -1:],
             attention_mask=torch.cat([mask, mask[:, -1:]], 1),
-            cache=cache,
             position_ids=mask.sum(-1, keepdim=True),
             use_cache=True,
+            **kv,
         )
     assert seen[:: len(cache.layers)] == [ids.shape[1], ids.shape[1] + 1] and out.last_hidden_state.isfinite().all()
     assert step.last_hidden_state.isfinite().all()
-
-    import fastppo.engines.hf as rollout
 
     static = generate(lm, tokenizer, ids, mask, max_new_tokens=6, temperature=0)
     monkeypatch.setattr(rollout, "static_cache", lambda *args: None)  # transformers' DynamicCache instead
@@ -65,7 +66,7 @@ def test_eos_ends_a_row_and_masks_the_rest(tiny_models):
     def forward_with_eos(hidden):  # (B, H) -> logits with EOS forced where the test wants it
         logits = head_forward(hidden)
         calls.append(1)
-        force = torch.tensor([True, len(calls) >= 3])
+        force = torch.tensor([True, len(calls) >= 3])[-len(hidden) :]  # row 0 leaves the decode once it has ended
         logits[force, ..., tokenizer.eos_token_id] = 1e4
         return logits
 
@@ -102,3 +103,59 @@ def test_sampling_follows_the_distribution():
     expected = torch.tensor([0.0, 4.0, 0.0]).softmax(-1)[1]
     assert abs((hot == 1).float().mean() - expected) < 0.01
     torch.testing.assert_close(logprobs, torch.tensor([0.0, 4.0, 0.0]).log_softmax(-1)[hot])  # at the temperature
+
+
+@pytest.mark.parametrize(
+    "arch, lean", [("llama", True), ("llama", False), ("qwen2", True), ("gpt2", False), ("gpt_neox", False)]
+)
+def test_finished_rows_leave_the_decode_without_changing_the_running_ones(tiny_models, monkeypatch, arch, lean):
+    """With a fixed seed, the rows draw the same tokens, log-probs and values whether finished rows stay in the
+    decode to the end (today's decode), leave it as soon as one ends, or at the default fraction: the running rows'
+    KV cache, positions, masks and random draws do not depend on the rows that left."""
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32).eval()
+    if not lean:
+        monkeypatch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache, rows: None))
+    value_head = torch.nn.Linear(lm.config.hidden_size, 1)
+    prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8", "w2", "w3 w4 w5", "w9 w1", "w5", "w8 w8 w8"]  # left-padded
+    ids, mask = tokenize_prompts(prompts, tokenizer, max_length=8)
+    end_ids = list(range(4, len(tokenizer), 6))  # a sixth of the vocabulary ends a row: lengths from 1 to 24
+
+    def decode(leave_fraction, **sampling):
+        monkeypatch.setattr(rollout, "LEAVE_FRACTION", leave_fraction)
+        torch.manual_seed(0)
+        options = {"value_head": value_head, "with_logprobs": True, **sampling}
+        return generate(lm, tokenizer, ids, mask, max_new_tokens=24, end_ids=end_ids, **options)
+
+    for sampling in ({"temperature": 1.0}, {"temperature": 0.8, "top_k": 5}, {"temperature": 0}):
+        stay, every_end, default = decode(2.0, **sampling), decode(1e-9, **sampling), decode(0.25, **sampling)
+        lengths = stay.response_mask.sum(-1)
+        assert lengths.min() < stay.response_mask.shape[1] / 2 and lengths.unique().numel() > 2, lengths  # it ran
+        for left in (every_end, default):
+            assert torch.equal(left.response_ids, stay.response_ids), (arch, sampling)
+            assert torch.equal(left.response_mask, stay.response_mask) and torch.equal(left.ended, stay.ended)
+            real = stay.response_mask.bool()  # after a row's end its log-probs and values are nobody's
+            torch.testing.assert_close(left.logprobs[real], stay.logprobs[real], rtol=0, atol=1e-5)
+            torch.testing.assert_close(left.values[real], stay.values[real], rtol=0, atol=1e-5)
+
+
+def test_finished_rows_leave_the_decode(tiny_models, monkeypatch):
+    """The steps after rows end run on the running rows only (the point of leaving)."""
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32).eval()
+    head_forward, rows_per_step = lm.lm_head.forward, []
+
+    def forward_with_eos(hidden):  # row r of 4 ends at its (r + 1)-th token
+        logits = head_forward(hidden)
+        rows_per_step.append(len(hidden))
+        step = len(rows_per_step) - 1
+        ending = torch.tensor([r == step for r in range(4)])[-len(hidden) :]
+        logits[ending, tokenizer.eos_token_id] = 1e4
+        logits[~ending, tokenizer.eos_token_id] = -1e4
+        return logits
+
+    lm.lm_head.forward = forward_with_eos
+    ids, mask = tokenize_prompts(["w1", "w2 w3", "w4", "w5 w6 w7"], tokenizer, max_length=8)
+    generation = generate(lm, tokenizer, ids, mask, max_new_tokens=8, temperature=1.0)
+    assert generation.response_mask.sum(-1).tolist() == [1, 2, 3, 4]
+    assert rows_per_step == [4, 3, 2, 1] and generation.decoded_tokens == 10  # what perf/rollout_real_frac counts

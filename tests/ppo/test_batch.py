@@ -8,7 +8,14 @@ import torch
 
 from fastppo import PPOTrainer
 from fastppo.ppo import trainer as trainer_module
-from fastppo.ppo.batch import RESPONSE_FIELDS, RolloutBatch, in_row_order, micro_batches, widen
+from fastppo.ppo.batch import (
+    RESPONSE_FIELDS,
+    RolloutBatch,
+    in_row_order,
+    micro_batches,
+    plan_micro_batches,
+    widen,
+)
 from tests.tiny_models import count_w7, prompt_list, small_config
 
 
@@ -73,27 +80,45 @@ def test_micro_batches_group_by_length_and_results_return_to_their_rows():
     assert torch.all(restored[:, 7:][torch.tensor(lengths) < 7] == 0)  # past its micro-batch's width: zeros
 
 
-def padded_micro_batches(batch, rows, size):
+def test_a_token_budget_groups_rows_by_length_up_to_it():
+    """Short rows many to a micro-batch, long rows few; the row cap still holds; one row longer than the budget goes
+    alone; every row exactly once."""
+    responses = [8, 1, 7, 2, 8, 1, 3, 6, 1, 1]
+    batch = synthetic_batch(prompt_lengths=[2] * 10, response_lengths=responses, T=8)
+    chunks = plan_micro_batches(batch, torch.arange(10), size=4, tokens=12)
+    widths = [(len(c), 2 + max(responses[i] for i in c.tolist())) for c in chunks]
+    assert widths == [(4, 3), (2, 5), (1, 8), (1, 9), (1, 10), (1, 10)]  # 4 x 3 and 2 x 5 fit in 12, 2 x 9 not
+    assert sorted(torch.cat(chunks).tolist()) == list(range(10))
+    assert [len(c) for c in plan_micro_batches(batch, torch.arange(10), size=3, tokens=1000)] == [3, 3, 3, 1]
+    # FSDP: another rank cut more micro-batches; this one halves its costliest until it has as many
+    split = plan_micro_batches(batch, torch.arange(10), size=10, tokens=1000, count=3)
+    assert [len(c) for c in split] == [5, 2, 3] and sorted(torch.cat(split).tolist()) == list(range(10))
+    assert len(plan_micro_batches(batch, torch.arange(2), size=10, count=5)) == 2  # never below a row each
+
+
+def padded_micro_batches(batch, rows, size, tokens=None):
     """Before trimming: the minibatch's rows in order, every micro-batch at the rollout's full width."""
     for chunk in rows.split(size):
         yield chunk, batch.select(chunk)
 
 
-@pytest.mark.parametrize("estimator", ["gae", "rloo"])
-def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypatch, estimator):
-    """Answers of 2 to 16 tokens and prompts of 2 to 5: the same losses, statistics and weights after the step."""
+@pytest.mark.parametrize("estimator, micro_batch_tokens", [("gae", None), ("rloo", None), ("gae", 40)])
+def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypatch, estimator, micro_batch_tokens):
+    """Answers of 2 to 16 tokens and prompts of 2 to 5: the same losses, statistics and weights after the step
+    (micro-batches of 2 rows, or of 1 to 4 rows by a token budget)."""
     config = small_config(
         tmp_path,
         policy_model=tiny_models["llama"][0],
         rollout_batch_size=8,
         mini_batch_size=4,
-        micro_batch_size=2,
+        micro_batch_size=2 if micro_batch_tokens is None else None,  # None: up to the minibatch's 4 rows
         max_new_tokens=16,
         old_logprobs="recompute",  # the policy's forward in step 3 too
         precision="float32",
         device="cpu",
         advantage_estimator=estimator,
         samples_per_prompt=1 if estimator == "gae" else 2,
+        micro_batch_tokens=micro_batch_tokens,
     )
     trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
     rollout = trainer.rollout(prompt_list(8, seed=3))

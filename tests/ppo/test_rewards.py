@@ -109,6 +109,11 @@ def test_model_reward_scores_rows_of_similar_length_together_and_returns_them_in
     chunked = ModelReward(model, tokenizer, tokenizer, rows_per_forward=2)
     torch.testing.assert_close(chunked(batch), expected)
     assert whole.real_frac < chunked.real_frac <= 1.0
+    budget = ModelReward(
+        model, tokenizer, tokenizer, rows_per_forward=4, tokens_per_forward=10
+    )  # rows of 3+4, 5, 9 tokens
+    torch.testing.assert_close(budget(batch), expected)
+    assert chunked.real_frac < budget.real_frac <= 1.0
     one = ModelReward(model, tokenizer, tokenizer)
     alone = [one(fake_batch([p], [r])) for p, r in zip(prompts, responses, strict=True)]
     torch.testing.assert_close(torch.cat(alone), expected)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastppo.ppo.batch import RolloutBatch
+from fastppo.ppo.batch import FORWARD_OVERHEAD_TOKENS, RolloutBatch, plan_micro_batches
 from fastppo.runtime import distributed
 from tests.tiny_models import WORDS, build_tokenizer, count_w7, prompt_list, small_config
 
@@ -149,6 +149,11 @@ CRITIC_FREE_COMPARED = [
 ]
 
 
+# Rank 0's short rows fit one micro-batch of 36 tokens, rank 1's long ones need two: under FSDP rank 0 splits its
+# own in two (each forward gathers the weights on both ranks), and the step is still the single process's.
+TOKEN_BUDGET = dict(micro_batch_size=None, micro_batch_tokens=36)
+
+
 def _critic_free_worker(rank: int, port: int, policy: str, tmp: str) -> None:
     """A rank of the critic-free run: group means from the groups on this rank, whitening over both ranks."""
     from fastppo import PPOTrainer
@@ -157,12 +162,16 @@ def _critic_free_worker(rank: int, port: int, policy: str, tmp: str) -> None:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
-    trainer = PPOTrainer(
-        config(_Path(tmp) / "ddp", policy, parallel="ddp", **CRITIC_FREE), reward=count_w7, prompts=prompt_list()
-    )
-    one_step(trainer, rank_share(fixed_batch(), rank))
-    if rank == 0:
-        torch.save(trainer.model.state_dict(), os.path.join(tmp, "critic_free.pt"))
+    for parallel, budget in (("ddp", {}), ("fsdp", TOKEN_BUDGET)):
+        trainer = PPOTrainer(
+            config(_Path(tmp) / parallel, policy, parallel=parallel, **CRITIC_FREE, **budget),
+            reward=count_w7,
+            prompts=prompt_list(),
+        )
+        one_step(trainer, rank_share(fixed_batch(), rank))
+        state = trainer.parallel.full_state_dict(trainer.model)  # collective: every rank
+        if rank == 0:
+            torch.save(state, os.path.join(tmp, f"critic_free_{parallel}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
@@ -247,7 +256,8 @@ def test_two_ranks_take_the_single_process_step(tiny_models, tmp_path, monkeypat
 
 def test_two_ranks_take_the_single_process_critic_free_step(tiny_models, tmp_path, monkeypatch):
     """reinforce++-baseline with the KL in the loss: each rank's groups (2 of the 4) give their own means, the
-    whitening is global, and the result is the single process's step."""
+    whitening is global, and the result is the single process's step, under DDP, and under FSDP2 with micro-batches
+    cut by a token budget (as many on each rank)."""
     from fastppo import PPOTrainer
 
     policy = tiny_models["llama"][0]
@@ -256,13 +266,20 @@ def test_two_ranks_take_the_single_process_critic_free_step(tiny_models, tmp_pat
     assert expected["policy/clip_frac"] > 1e-3 and expected["policy/ref_kl"] > 0  # the comparison means something
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     _spawn((_free_port(), policy, str(tmp_path)), worker=_critic_free_worker)
-    state = torch.load(tmp_path / "critic_free.pt", weights_only=True)
-    assert single.model.value_head is None and state.keys() == single.model.state_dict().keys()
-    for name, value in single.model.state_dict().items():
-        torch.testing.assert_close(state[name], value, atol=2e-6, rtol=1e-5, msg=name)
-    (line,) = _metrics_lines(tmp_path / "ddp" / "run")
-    for name in CRITIC_FREE_COMPARED:
-        assert line[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), name
+    shares = [rank_share(fixed_batch(), rank) for rank in range(WORLD)]
+    budget = (TOKEN_BUDGET["micro_batch_size"] or N // WORLD, TOKEN_BUDGET["micro_batch_tokens"])
+    planned = [
+        plan_micro_batches(share, torch.arange(N // WORLD), *budget, FORWARD_OVERHEAD_TOKENS) for share in shares
+    ]
+    assert [len(chunks) for chunks in planned] == [1, 2]  # as the trainer cuts them on a CPU
+    for parallel in ("ddp", "fsdp"):
+        state = torch.load(tmp_path / f"critic_free_{parallel}.pt", weights_only=True)
+        assert single.model.value_head is None and state.keys() == single.model.state_dict().keys()
+        for name, value in single.model.state_dict().items():
+            torch.testing.assert_close(state[name], value, atol=2e-6, rtol=1e-5, msg=f"{parallel}: {name}")
+        (line,) = _metrics_lines(tmp_path / parallel / "run")
+        for name in CRITIC_FREE_COMPARED:
+            assert line[name] == pytest.approx(expected[name], rel=1e-4, abs=1e-6), f"{parallel}: {name}"
 
 
 def _assert_same_optimizer_state(a: dict, b: dict) -> None:

@@ -19,15 +19,15 @@ STOP_AFTER = 3  # the update after which SIGTERM comes
 
 def sigterm_after(monkeypatch, module, updates: int) -> None:
     """SIGTERM to this process right after the `updates`-th optimizer step of `module` (sft or reward_model)."""
-    original, count = module.update, [0]
+    original, count = module.optimizer_step, [0]
 
-    def update(*args):
+    def optimizer_step(*args):
         original(*args)
         count[0] += 1
         if count[0] == updates:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(module, "update", update)
+    monkeypatch.setattr(module, "optimizer_step", optimizer_step)
 
 
 def command_line(command: str, tmp_path, base_model, name: str) -> list[str]:

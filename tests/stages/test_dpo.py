@@ -337,3 +337,29 @@ def test_dpo_raises_held_out_gold_reward_over_the_sft_policy(tmp_path):
     assert 0 < dpo["kl"] < 20 and sft["kl"] == pytest.approx(0, abs=1e-4)  # the reference is the SFT policy
     assert result["train"]["eval/rewards_accuracy"] > 0.6 and result["train"]["eval/rewards_margin"] > 0
     assert os.path.isfile(os.path.join(result["checkpoint"], "model.safetensors"))
+
+
+@pytest.mark.parametrize("micro", [{"micro_batch_size": 3}, {"micro_batch_tokens": 40}])
+def test_micro_batches_accumulate_the_whole_batch_step(tmp_path, base_model, monkeypatch, micro):
+    """Pairs of different lengths in length-sorted micro-batches: the step's gradient and every logged statistic
+    (means over the step's pairs) are the whole batch's."""
+    import fastppo.stages.dpo as dpo
+    from tests.stages.test_sft import recorded_steps
+
+    pairs = sentiment_pairs(8, seed=2)
+    pairs[1]["chosen"] += " and the kitten is good and the storm is calm and bright"
+    results = []
+    for name, options in (("whole", {}), ("micro", micro)):
+        steps = recorded_steps(monkeypatch, dpo)
+        trainer = DPOTrainer(
+            config(tmp_path / name, base_model, data=pairs, batch_size=8, eval_fraction=0.0, kl_samples=0, **options)
+        )
+        metrics = trainer.step()
+        results.append((metrics, steps[0]))
+        monkeypatch.undo()
+    (whole, grads), (parts, micro_grads) = results
+    for key in ("policy/loss", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected"):
+        assert parts[key] == pytest.approx(whole[key], rel=1e-5, abs=1e-7), key
+    assert grads.keys() == micro_grads.keys() and grads
+    for key, grad in grads.items():
+        torch.testing.assert_close(micro_grads[key], grad, atol=1e-6, rtol=1e-4, msg=key)

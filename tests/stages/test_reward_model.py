@@ -101,3 +101,31 @@ def test_the_same_seed_trains_the_same_reward_model(tmp_path, base_model):
         weights.append(load_file(tmp_path / run / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("micro", [{"micro_batch_size": 1}, {"micro_batch_tokens": 30}])
+def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch, base_model, micro):
+    """Pairs in length-sorted micro-batches (a pair's chosen and rejected together): the step's loss, accuracy and
+    gradient are the whole batch's."""
+    import fastppo.stages.reward_model as reward_model
+    from tests.stages.test_sft import recorded_steps
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    pairs = sentiment_pairs(5, seed=1)
+    pairs[0]["chosen"] += " and the kitten is good and the storm is calm"  # lengths that differ
+    results = []
+    for options in ({}, micro):
+        steps = recorded_steps(monkeypatch, reward_model)
+        torch.manual_seed(0)  # the new score head
+        model = load_reward_model(base_model, tokenizer)
+        summary = reward_model.train_reward_model(
+            model, tokenizer, pairs, epochs=1, batch_size=5, eval_fraction=0.0, log=lambda line: None, **options
+        )
+        assert summary["steps"] == 1 and len(steps) == 1
+        results.append((summary, steps[0]))
+        monkeypatch.undo()
+    (whole, grads), (parts, micro_grads) = results
+    assert parts["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert parts["train_accuracy"] == whole["train_accuracy"]
+    for name, grad in grads.items():
+        torch.testing.assert_close(micro_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)

@@ -123,3 +123,43 @@ def test_a_rendered_chat_prompt_gets_one_bos_as_ppo_encodes_it():
     ids, n_prompt = encode_prompt_response(tokenizer, prompt, "w3", max_length=64)
     assert ids[:n_prompt] == encode(tokenizer, prompt)
     assert ids[:n_prompt].count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def recorded_steps(monkeypatch, module) -> list[dict]:
+    """The gradients each optimizer step of `module` applies (recorded, then the step runs)."""
+    steps = []
+    step = module.optimizer_step
+
+    def recording(model, optimizer, scheduler):
+        steps.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        step(model, optimizer, scheduler)
+
+    monkeypatch.setattr(module, "optimizer_step", recording)
+    return steps
+
+
+@pytest.mark.parametrize("micro", [{"micro_batch_size": 1}, {"micro_batch_size": 2}, {"micro_batch_tokens": 24}])
+def test_micro_batches_accumulate_the_whole_batch_gradient(monkeypatch, base_model, micro):
+    """Examples of different lengths in length-sorted micro-batches: the loss and the gradient of the step are the
+    whole batch's (the mean over all its response tokens), not a mean of the micro-batches' means."""
+    import fastppo.stages.sft as sft
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    examples = [
+        *EXAMPLES,
+        {"prompt": "rain", "response": "calm"},
+        {"prompt": "describe the kitten", "response": "good"},
+    ]
+    results = []
+    for options in ({}, micro):
+        steps = recorded_steps(monkeypatch, sft)
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+        summary = sft.train_sft(model, tokenizer, examples, epochs=1, batch_size=4, log=lambda line: None, **options)
+        assert summary["steps"] == 1 and len(steps) == 1
+        results.append((summary["loss"], steps[0]))
+        monkeypatch.undo()
+    (loss, grads), (micro_loss, micro_grads) = results
+    assert micro_loss == pytest.approx(loss, rel=1e-5)
+    assert grads.keys() == micro_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(micro_grads[name], grad, atol=1e-6, rtol=1e-4, msg=name)
