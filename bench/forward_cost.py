@@ -1,4 +1,4 @@
-"""A forward's fixed cost in tokens: what `fastppo.ppo.batch.FORWARD_OVERHEAD_TOKENS` stands for.
+"""A forward's fixed cost in tokens: what `fastppo.runtime.micro_batches.forward_overhead` stands for.
 
 The micro-batch planner (`batch.cut_sorted`) splits rows into another micro-batch only where that saves more padded
 tokens than a forward's fixed cost. Here the policy of an e2e bench size runs forwards (no_grad, as step 3 and

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastppo.runtime import distributed
-from fastppo.runtime.micro_batches import FORWARD_OVERHEAD_TOKENS, cut_sorted
+from fastppo.runtime.micro_batches import cut_sorted
 
 # The (B, T) fields: aligned with the response positions, cut with them by `RolloutBatch.trimmed`.
 RESPONSE_FIELDS = (
@@ -104,13 +104,12 @@ class RolloutBatch:
 
 
 def micro_batches(
-    batch: RolloutBatch, rows: torch.Tensor, size: int, tokens: int | None = None
+    batch: RolloutBatch, rows: torch.Tensor, size: int, tokens: int | None = None, overhead: int | None = None
 ) -> Iterator[tuple[torch.Tensor, RolloutBatch]]:
-    """(rows, trimmed sub-batch) for each micro-batch of `rows` (`plan_micro_batches`; on a CPU, the cut that
-    computes the fewest tokens). Where the count depends on the lengths, each rank cuts its own rows, then all take
-    the largest count: FSDP's collectives in every forward need as many on each rank. Order does not change a sum of
-    gradients or a row's result: callers put the rows' results back."""
-    overhead = FORWARD_OVERHEAD_TOKENS if batch.prompt_ids.device.type == "cpu" else None
+    """(rows, trimmed sub-batch) for each micro-batch of `rows` (`plan_micro_batches`; with `overhead`, the model's
+    `forward_overhead`, the cut that computes the fewest tokens). Where the count depends on the lengths, each rank
+    cuts its own rows, then all take the largest count: FSDP's collectives in every forward need as many on each
+    rank. Order does not change a sum of gradients or a row's result: callers put the rows' results back."""
     chunks = plan_micro_batches(batch, rows, size, tokens, overhead)
     if (tokens is not None or overhead is not None) and distributed.world_size() > 1:
         count = distributed.max_over_ranks(len(chunks))

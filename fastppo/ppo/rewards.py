@@ -31,7 +31,7 @@ from fastppo.ppo.reward_functions import (
     run_coroutines,
 )
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.micro_batches import sorted_micro_batches
+from fastppo.runtime.micro_batches import forward_overhead, sorted_micro_batches
 from fastppo.runtime.validation import LOAD_ERRORS, is_callable_spec, read_model_config
 
 __all__ = ["FunctionReward", "ModelReward", "RewardError", "Rewards", "load_reward", "load_rewards"]
@@ -107,7 +107,7 @@ class ModelReward:
         self.model = freeze(model)
         self.rows_per_forward = rows_per_forward  # None: the whole batch in one forward
         self.tokens_per_forward = tokens_per_forward  # None: rows_per_forward rows whatever their length
-        self.on_cpu = next(model.parameters()).device.type == "cpu"
+        self.overhead = forward_overhead(model)  # see runtime.micro_batches
         self.real_frac = None  # of the last batch: real tokens over the tokens its forwards computed
         disable_dropout(model)
         self.tokenizer = tokenizer
@@ -137,7 +137,7 @@ class ModelReward:
         scores = torch.empty(len(rows))
         real = computed = 0
         lengths = [len(r) for r in rows]
-        for chunk in sorted_micro_batches(lengths, self.rows_per_forward, self.tokens_per_forward, self.on_cpu):
+        for chunk in sorted_micro_batches(lengths, self.rows_per_forward, self.tokens_per_forward, self.overhead):
             width = max(len(rows[i]) for i in chunk)
             input_ids = torch.full((len(chunk), width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)

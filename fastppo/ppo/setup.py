@@ -39,6 +39,7 @@ from fastppo.runtime.checkpoint import (
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.metrics import MetricsLogger, PhaseTimer
+from fastppo.runtime.micro_batches import forward_overhead
 from fastppo.runtime.rng import seed_everything
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.runtime.validation import short
@@ -97,6 +98,7 @@ class SetUp:
         # Under torchrun: DDP or FSDP2 (before the optimizer, which must see FSDP2's sharded parameters).
         self.parallel = distributed.Parallel(config.parallel)
         self.model, self.reference = self.parallel.wrap(self.model, self.reference, self.device)
+        self.overhead = forward_overhead(self.model)  # what the micro-batch planner weighs a forward against
         if distributed.world_size() > 1:
             seed_everything(config.seed + distributed.rank())  # each rank samples its own responses
         updates_per_step = config.ppo_epochs * config.rollout_batch_size // config.mini_batch_size

@@ -245,9 +245,8 @@ class PPOTrainer(SetUp, Checkpointing):
         from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
         old_logprobs, old_values, ref_logprobs, order = [], [], [], []
         real = computed = 0
-        for rows, micro in micro_batches(
-            batch, torch.arange(len(batch.prompts)), cfg.micro_batch, cfg.micro_batch_tokens
-        ):
+        every_row = torch.arange(len(batch.prompts))
+        for rows, micro in micro_batches(batch, every_row, cfg.micro_batch, cfg.micro_batch_tokens, self.overhead):
             input_ids, attention_mask, P = micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1]
             real_tokens, computed_tokens = micro.real_and_computed_tokens()
             real, computed = real + real_tokens, computed + computed_tokens
@@ -309,7 +308,10 @@ class PPOTrainer(SetUp, Checkpointing):
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = Stats()
                 micros = [
-                    micro for _, micro in micro_batches(batch, minibatch_rows, cfg.micro_batch, cfg.micro_batch_tokens)
+                    micro
+                    for _, micro in micro_batches(
+                        batch, minibatch_rows, cfg.micro_batch, cfg.micro_batch_tokens, self.overhead
+                    )
                 ]
                 for i, micro in enumerate(micros):
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)

@@ -314,7 +314,7 @@ class DPOTrainer:
         # Pairs of similar length together; each micro-batch's mean loss and stats weigh by its share of the pairs.
         lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
         cfg = self.config
-        for chunk in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, self.device):
+        for chunk in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, self.lm):
             loss, stats = self._pair_loss([pairs[i] for i in chunk], reference_logps[chunk])
             share = len(chunk) / len(pairs)
             (loss * share).backward()

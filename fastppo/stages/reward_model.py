@@ -129,7 +129,7 @@ def train_reward_model(
         loss, right = 0.0, 0
         # Pairs of similar length together; each micro-batch adds its pairs' losses over the step's pair count.
         lengths = [max(len(c), len(r)) for c, r in batch]
-        for chunk in micro_batches(lengths, micro_batch_size, micro_batch_tokens, device):
+        for chunk in micro_batches(lengths, micro_batch_size, micro_batch_tokens, model):
             pairs = [batch[i] for i in chunk]
             # chosen and rejected in one forward: rows [0, b) are chosen, [b, 2b) rejected.
             rewards = score_tokens(model, [c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id)

@@ -105,7 +105,7 @@ def train_sft(
         # adds its sum over that count, as transformers' `num_items_in_batch` does for gradient accumulation.
         targets = sum(len(ids) - max(n_prompt, 1) for ids, n_prompt in examples)
         loss = 0.0
-        for chunk in micro_batches([len(ids) for ids, _ in examples], micro_batch_size, micro_batch_tokens, device):
+        for chunk in micro_batches([len(ids) for ids, _ in examples], micro_batch_size, micro_batch_tokens, model):
             input_ids, attention_mask, labels = sft_batch([examples[i] for i in chunk], tokenizer.pad_token_id)
             part = model(
                 input_ids=input_ids.to(device),  # (b, t)

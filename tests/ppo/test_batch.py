@@ -96,7 +96,7 @@ def test_a_token_budget_groups_rows_by_length_up_to_it():
     assert len(plan_micro_batches(batch, torch.arange(2), size=10, count=5)) == 2  # never below a row each
 
 
-def padded_micro_batches(batch, rows, size, tokens=None):
+def padded_micro_batches(batch, rows, size, tokens=None, overhead=None):
     """Before trimming: the minibatch's rows in order, every micro-batch at the rollout's full width."""
     for chunk in rows.split(size):
         yield chunk, batch.select(chunk)

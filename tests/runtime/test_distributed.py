@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from fastppo.ppo.batch import FORWARD_OVERHEAD_TOKENS, RolloutBatch, plan_micro_batches
+from fastppo.ppo.batch import RolloutBatch, plan_micro_batches
 from fastppo.runtime import distributed
 from tests.tiny_models import WORDS, build_tokenizer, count_w7, prompt_list, small_config
 
@@ -268,9 +268,7 @@ def test_two_ranks_take_the_single_process_critic_free_step(tiny_models, tmp_pat
     _spawn((_free_port(), policy, str(tmp_path)), worker=_critic_free_worker)
     shares = [rank_share(fixed_batch(), rank) for rank in range(WORLD)]
     budget = (TOKEN_BUDGET["micro_batch_size"] or N // WORLD, TOKEN_BUDGET["micro_batch_tokens"])
-    planned = [
-        plan_micro_batches(share, torch.arange(N // WORLD), *budget, FORWARD_OVERHEAD_TOKENS) for share in shares
-    ]
+    planned = [plan_micro_batches(share, torch.arange(N // WORLD), *budget, single.overhead) for share in shares]
     assert [len(chunks) for chunks in planned] == [1, 2]  # as the trainer cuts them on a CPU
     for parallel in ("ddp", "fsdp"):
         state = torch.load(tmp_path / f"critic_free_{parallel}.pt", weights_only=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fastppo.runtime.micro_batches import cut_sorted, sorted_micro_batches
+from fastppo.runtime.micro_batches import FORWARD_OVERHEAD_TOKENS, cut_sorted, forward_overhead, sorted_micro_batches
 
 
 def all_cuts(n: int):
@@ -56,9 +56,20 @@ def test_the_planned_cut_pays_for_few_padded_tokens():
 
 def test_sorted_micro_batches_returns_every_index_once_grouped_by_length():
     lengths = [9, 3, 4, 5, 40, 2]
-    chunks = sorted_micro_batches(lengths, size=3, tokens=None, on_cpu=True)
+    chunks = sorted_micro_batches(lengths, size=3, tokens=None, overhead=64)
     assert sorted(sum(chunks, [])) == list(range(6))
     assert all(len(c) <= 3 for c in chunks)
     flat = [lengths[i] for c in chunks for i in c]
     assert flat == sorted(flat)  # consecutive runs of the sorted order
-    assert sorted_micro_batches(lengths, size=None, tokens=None, on_cpu=False) == [[5, 1, 2, 3, 0, 4]]
+    assert sorted_micro_batches(lengths, size=None, tokens=None, overhead=None) == [[5, 1, 2, 3, 0, 4]]
+
+
+def test_a_small_model_pays_more_tokens_per_forward():
+    """The per-token cost shrinks with the model, the fixed cost much less: a tiny model's forward is worth more
+    tokens, so its rows are split into fewer micro-batches."""
+    assert forward_overhead(torch.nn.Linear(5000, 5000)) == FORWARD_OVERHEAD_TOKENS  # 25M parameters
+    tiny = forward_overhead(torch.nn.Linear(100, 100))
+    assert tiny > 100 * FORWARD_OVERHEAD_TOKENS
+    lengths = [(4, 1)] * 6 + [(4, 200)]
+    assert len(cut_sorted(lengths, size=8, overhead=FORWARD_OVERHEAD_TOKENS)) == 2  # the long answer alone
+    assert len(cut_sorted(lengths, size=8, overhead=tiny)) == 1
