@@ -57,6 +57,7 @@ from fastppo.runtime.checkpoint import (
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.metrics import MetricsLogger, peak_memory_mb
+from fastppo.runtime.micro_batches import forward_overhead
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.runtime.signals import stop_at_step_boundary
@@ -314,7 +315,7 @@ class DPOTrainer:
         # Pairs of similar length together; each micro-batch's mean loss and stats weigh by its share of the pairs.
         lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
         cfg = self.config
-        for chunk in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, self.lm):
+        for chunk in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, forward_overhead(self.lm)):
             loss, stats = self._pair_loss([pairs[i] for i in chunk], reference_logps[chunk])
             share = len(chunk) / len(pairs)
             (loss * share).backward()

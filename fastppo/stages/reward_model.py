@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from fastppo.models import load_model, load_tokenizer, resolve_device, score_at_last_token
 from fastppo.runtime import run_lock
 from fastppo.runtime.checkpoint import save_model
+from fastppo.runtime.micro_batches import forward_overhead
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.stages.checkpointing import Checkpointing, run_steps
 from fastppo.stages.common import (
@@ -122,6 +123,7 @@ def train_reward_model(
     model.to(device).train()
     optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
+    overhead = forward_overhead(model)  # see runtime.micro_batches
     correct: list[float] = []
 
     def train_step(step: int, rows: list[int]) -> None:
@@ -129,7 +131,7 @@ def train_reward_model(
         loss, right = 0.0, 0
         # Pairs of similar length together; each micro-batch adds its pairs' losses over the step's pair count.
         lengths = [max(len(c), len(r)) for c, r in batch]
-        for chunk in micro_batches(lengths, micro_batch_size, micro_batch_tokens, model):
+        for chunk in micro_batches(lengths, micro_batch_size, micro_batch_tokens, overhead):
             pairs = [batch[i] for i in chunk]
             # chosen and rejected in one forward: rows [0, b) are chosen, [b, 2b) rejected.
             rewards = score_tokens(model, [c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id)

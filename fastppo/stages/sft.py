@@ -21,6 +21,7 @@ from fastppo.models import load_model, load_tokenizer, resolve_device
 from fastppo.runtime import run_lock
 from fastppo.runtime.checkpoint import save_model
 from fastppo.runtime.errors import InputError
+from fastppo.runtime.micro_batches import forward_overhead
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.stages.checkpointing import Checkpointing, run_steps
 from fastppo.stages.common import (
@@ -98,6 +99,7 @@ def train_sft(
     model.to(device).train()
     optimizer, scheduler = adamw_with_schedule(model.parameters(), learning_rate, total_steps)
     losses: list[float] = []
+    overhead = forward_overhead(model)  # see runtime.micro_batches
 
     def train_step(step: int, rows: list[int]) -> None:
         examples = [encoded[i] for i in rows]
@@ -105,7 +107,7 @@ def train_sft(
         # adds its sum over that count, as transformers' `num_items_in_batch` does for gradient accumulation.
         targets = sum(len(ids) - max(n_prompt, 1) for ids, n_prompt in examples)
         loss = 0.0
-        for chunk in micro_batches([len(ids) for ids, _ in examples], micro_batch_size, micro_batch_tokens, model):
+        for chunk in micro_batches([len(ids) for ids, _ in examples], micro_batch_size, micro_batch_tokens, overhead):
             input_ids, attention_mask, labels = sft_batch([examples[i] for i in chunk], tokenizer.pad_token_id)
             part = model(
                 input_ids=input_ids.to(device),  # (b, t)
