@@ -19,7 +19,6 @@ import warnings
 from typing import NamedTuple
 
 import torch
-from transformers import Cache
 
 from fastppo import ops
 from fastppo.engines.lean_decode import DecodeLinear, LeanDecoder
@@ -190,6 +189,8 @@ def generate(
     string; a row that does neither is truncated at max_new_tokens. With `with_logprobs` the sampled tokens'
     log-probs (of the full distribution, before top-k / top-p, as PPO's recomputed ones are), with `value_head`
     the values: each costs a pass per step, so only a caller that uses them asks."""
+    from transformers import Cache
+
     (B, P), device, pad_id = prompt_ids.shape, prompt_ids.device, tokenizer.pad_token_id
     end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, lm), device=device)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
