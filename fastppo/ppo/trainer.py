@@ -245,8 +245,7 @@ class PPOTrainer(SetUp, Checkpointing):
         from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
         old_logprobs, old_values, ref_logprobs, order = [], [], [], []
         real = computed = 0
-        every_row = torch.arange(len(batch.prompts))
-        for rows, micro in micro_batches(batch, every_row, cfg.micro_batch, cfg.micro_batch_tokens, self.overhead):
+        for rows, micro in self._micro_batches(batch, torch.arange(len(batch.prompts))):
             input_ids, attention_mask, P = micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1]
             real_tokens, computed_tokens = micro.real_and_computed_tokens()
             real, computed = real + real_tokens, computed + computed_tokens
@@ -307,12 +306,7 @@ class PPOTrainer(SetUp, Checkpointing):
                 denominator = max(n_tokens if cfg.loss_agg == "token-mean" else n_sequences, 1.0)
                 self.optimizer.zero_grad(set_to_none=True)
                 stats = Stats()
-                micros = [
-                    micro
-                    for _, micro in micro_batches(
-                        batch, minibatch_rows, cfg.micro_batch, cfg.micro_batch_tokens, self.overhead
-                    )
-                ]
+                micros = [micro for _, micro in self._micro_batches(batch, minibatch_rows)]
                 for i, micro in enumerate(micros):
                     token_share = float(micro.response_mask.sum()) / max(n_tokens, 1.0)
                     real_tokens, computed_tokens = micro.real_and_computed_tokens()
@@ -336,6 +330,10 @@ class PPOTrainer(SetUp, Checkpointing):
             step_stats, n_updates = stats, 1
         averaged = step_stats.averaged(n_updates) | {"perf/train_real_frac": real / max(computed, 1)}
         return averaged | ({"optim/early_stopped": float(early_stopped)} if cfg.target_kl is not None else {})
+
+    def _micro_batches(self, batch: RolloutBatch, rows: torch.Tensor):
+        cfg = self.config
+        return micro_batches(batch, rows, cfg.micro_batch, cfg.micro_batch_tokens, self.overhead)
 
     def _micro_step(self, micro: RolloutBatch, denominator: float, token_share: float, stats: Stats) -> None:
         """Forward and backward of one micro-batch; its statistics go into `stats`: the losses are already parts

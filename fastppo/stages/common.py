@@ -20,7 +20,6 @@ from fastppo.runtime import validation
 from fastppo.runtime.checkpoint import list_checkpoints
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.fingerprints import prompts_digest
-from fastppo.runtime.micro_batches import sorted_micro_batches
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 
 # ----------------------------------------------------------------------------------------------
@@ -137,13 +136,6 @@ def stopped(command: str, stop, step: int) -> int:
             "command and --resume"
         )
     return stop.exit_code
-
-
-def micro_batches(lengths: list[int], micro_batch_size, micro_batch_tokens, overhead) -> list[list[int]]:
-    """Indices of a step's examples (of `lengths` tokens) in micro-batches of similar length: the forwards pay for
-    real tokens (`runtime.micro_batches`; `overhead`: the model's `forward_overhead`); the caller's loss keeps the
-    whole step's denominator."""
-    return sorted_micro_batches(lengths, micro_batch_size, micro_batch_tokens, overhead)
 
 
 def training_options(config) -> dict:

@@ -57,7 +57,7 @@ from fastppo.runtime.checkpoint import (
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.metrics import MetricsLogger, peak_memory_mb
-from fastppo.runtime.micro_batches import forward_overhead
+from fastppo.runtime.micro_batches import forward_overhead, sorted_micro_batches
 from fastppo.runtime.model_sources import resolve as resolve_model_source
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.runtime.signals import stop_at_step_boundary
@@ -65,7 +65,6 @@ from fastppo.runtime.validation import located, read_records
 from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
-    micro_batches,
     optimizer_step,
     shuffled_batches,
     split_pairs,
@@ -204,6 +203,7 @@ class DPOTrainer:
 
         checkpoint = resume_checkpoint(config.resume_from, config.output_dir)
         self.lm, self.reference = self._build_models(config.model)
+        self.overhead = forward_overhead(self.lm)  # see runtime.micro_batches
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.lm.parameters(), config.learning_rate, self.total_steps
@@ -315,7 +315,7 @@ class DPOTrainer:
         # Pairs of similar length together; each micro-batch's mean loss and stats weigh by its share of the pairs.
         lengths = [len(p) + max(len(c), len(r)) for p, c, r in pairs]
         cfg = self.config
-        for chunk in micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, forward_overhead(self.lm)):
+        for chunk in sorted_micro_batches(lengths, cfg.micro_batch_size, cfg.micro_batch_tokens, self.overhead):
             loss, stats = self._pair_loss([pairs[i] for i in chunk], reference_logps[chunk])
             share = len(chunk) / len(pairs)
             (loss * share).backward()

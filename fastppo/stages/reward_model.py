@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from fastppo.models import load_model, load_tokenizer, resolve_device, score_at_last_token
 from fastppo.runtime import run_lock
 from fastppo.runtime.checkpoint import save_model
-from fastppo.runtime.micro_batches import forward_overhead
+from fastppo.runtime.micro_batches import forward_overhead, sorted_micro_batches
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.stages.checkpointing import Checkpointing, run_steps
 from fastppo.stages.common import (
@@ -30,7 +30,6 @@ from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
     is_report_step,
-    micro_batches,
     optimizer_step,
     pad_batch,
     run_settings,
@@ -131,7 +130,7 @@ def train_reward_model(
         loss, right = 0.0, 0
         # Pairs of similar length together; each micro-batch adds its pairs' losses over the step's pair count.
         lengths = [max(len(c), len(r)) for c, r in batch]
-        for chunk in micro_batches(lengths, micro_batch_size, micro_batch_tokens, overhead):
+        for chunk in sorted_micro_batches(lengths, micro_batch_size, micro_batch_tokens, overhead):
             pairs = [batch[i] for i in chunk]
             # chosen and rejected in one forward: rows [0, b) are chosen, [b, 2b) rejected.
             rewards = score_tokens(model, [c for c, _ in pairs] + [r for _, r in pairs], tokenizer.pad_token_id)

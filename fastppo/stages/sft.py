@@ -21,7 +21,7 @@ from fastppo.models import load_model, load_tokenizer, resolve_device
 from fastppo.runtime import run_lock
 from fastppo.runtime.checkpoint import save_model
 from fastppo.runtime.errors import InputError
-from fastppo.runtime.micro_batches import forward_overhead
+from fastppo.runtime.micro_batches import forward_overhead, sorted_micro_batches
 from fastppo.runtime.schedule import adamw_with_schedule
 from fastppo.stages.checkpointing import Checkpointing, run_steps
 from fastppo.stages.common import (
@@ -30,7 +30,6 @@ from fastppo.stages.common import (
     count_steps,
     encode_prompt_response,
     is_report_step,
-    micro_batches,
     optimizer_step,
     pad_batch,
     run_settings,
@@ -106,8 +105,8 @@ def train_sft(
         # The loss is the mean over the step's response tokens (the first token predicts nothing): each micro-batch
         # adds its sum over that count, as transformers' `num_items_in_batch` does for gradient accumulation.
         targets = sum(len(ids) - max(n_prompt, 1) for ids, n_prompt in examples)
-        loss = 0.0
-        for chunk in micro_batches([len(ids) for ids, _ in examples], micro_batch_size, micro_batch_tokens, overhead):
+        loss, lengths = 0.0, [len(ids) for ids, _ in examples]
+        for chunk in sorted_micro_batches(lengths, micro_batch_size, micro_batch_tokens, overhead):
             input_ids, attention_mask, labels = sft_batch([examples[i] for i in chunk], tokenizer.pad_token_id)
             part = model(
                 input_ids=input_ids.to(device),  # (b, t)
