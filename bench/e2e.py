@@ -293,6 +293,7 @@ def run_fastppo(cfg: dict, directory: Path, **options) -> dict:
             if f"perf/{phase}_real_frac" in history[0]
         },
         "old_logprobs_from_rollout": trainer.old_logprobs_from_rollout,
+        "precision": "float32" if trainer.autocast_dtype is None else "bf16",  # what `precision` resolved to
     }
 
 
@@ -357,11 +358,13 @@ def hardware_ratios(cfg: dict, phase_s: dict, response_tokens: float, recomputed
 
 RUNNERS = {
     "trl 0.29.1 PPOTrainer": run_trl,
+    # precision auto: bf16 where the CPU multiplies it and the start-up probe measured it faster
     "fastppo": run_fastppo,
     # the same run recomputing each layer's activations in the backward: memory traded for a forward's time
     "fastppo, gradient_checkpointing": lambda cfg, directory: run_fastppo(cfg, directory, gradient_checkpointing=True),
-    # bf16 autocast for every forward and backward (decode stays float32 on a CPU): faster only on CPUs with AMX /
-    # AVX-512 BF16 (`fastppo doctor`); elsewhere it measures what emulated bf16 costs
+    # each precision whatever auto picks: bf16 (autocast, the decode from bf16 weights) is faster only on CPUs with
+    # AMX / AVX-512 BF16 (`fastppo doctor`); elsewhere it measures what emulated bf16 costs
+    "fastppo, precision float32": lambda cfg, directory: run_fastppo(cfg, directory, precision="float32"),
     "fastppo, precision bf16": lambda cfg, directory: run_fastppo(cfg, directory, precision="bf16"),
 }
 

@@ -78,8 +78,10 @@ def e2e_table(data: dict) -> str:
         speed = f"{base['seconds_per_iteration'] / r['seconds_per_iteration']:.2f}x" if base else ""
         memory = f"{r['peak_memory_mb'] / base['peak_memory_mb']:.2f}" if base else ""
         tries = ", ".join(f"{s:.2f}" for s in r.get("seconds_per_iteration_tries", []))
+        auto = r["framework"] == "fastppo" and "precision" in r  # what precision auto resolved to
+        name = r["framework"] + (f" (auto: {r['precision']})" if auto else "")
         lines.append(
-            f"| {r['framework']} | {r['seconds_per_iteration']:.2f} | {r['tokens_per_s']:.0f} | "
+            f"| {name} | {r['seconds_per_iteration']:.2f} | {r['tokens_per_s']:.0f} | "
             f"{r['peak_memory_mb']:.0f} | {speed} | {memory} | {tries} |"
         )
     ours = next((r for r in rows if r["framework"] == "fastppo" and "phase_seconds" in r), None)
@@ -117,7 +119,8 @@ def phase_table(run: dict, base: dict | None = None) -> str:
         lines += [
             "",
             f"At those two rates (every FLOP at the matmul's, one read of the weights per decode step at "
-            f"the copy's) an iteration takes at least {floor:.2f} s on this machine in float32{bound}.",
+            f"the copy's) an iteration takes at least {floor:.2f} s on this machine in float32{bound}"
+            + (" (this run computed in bf16)." if run.get("precision") == "bf16" else "."),
         ]
     return "\n".join(lines)
 

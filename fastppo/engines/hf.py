@@ -86,19 +86,20 @@ def end_token_ids(tokenizer, lm=None, extra: tuple = ()) -> list[int]:
 
 class DecodeLayout:
     """CPU only: while decoding, nn.Linear layers multiply their `rows`-row inputs by a copy of their weight
-    prepared once for it (`DecodeLinear`: packed for MKL's GEMM, which otherwise repacks every weight on every
-    step), prepared again by `for_rows` when finished rows leave the decode. The copies live for one rollout, about
-    as big as the linear weights (the trainer frees the gradients before it, which are as big). The same products up
-    to float32 rounding."""
+    prepared once for it in `dtype` (`DecodeLinear`: packed for the GEMM, which otherwise repacks every weight on
+    every step), prepared again by `for_rows` when finished rows leave the decode. The copies live for one rollout,
+    about as big as the linear weights in `dtype` (the trainer frees the gradients before it, which are as big).
+    The same products up to the dtype's rounding."""
 
-    def __init__(self, module, rows: int):
+    def __init__(self, module, rows: int, dtype: torch.dtype = torch.float32):
         on_cpu = next(module.parameters()).device.type == "cpu"
         self.patched = [m for m in module.modules() if plain_linear(m)] if on_cpu else []
+        self.dtype = dtype
         self.for_rows(rows)
 
     def for_rows(self, rows: int) -> None:
         for module in self.patched:
-            module.forward = DecodeLinear(module.weight, module.bias, rows)
+            module.forward = DecodeLinear(module.weight, module.bias, rows, self.dtype)
 
     def __enter__(self) -> DecodeLayout:
         return self
@@ -165,10 +166,16 @@ class Generation(NamedTuple):
     decoded_tokens: int = 0  # rows x steps the decode computed, finished rows still in it included
 
 
-# A CPU decodes in float32 under any autocast the caller runs (precision: bf16): the decode is memory-bound, and its
-# fast path (lean_decode's native kernels, weights prepacked for float32 GEMMs) is float32. CUDA autocast
-# is left as the caller set it. The trainer then recomputes the old log-probs under its autocast.
-@torch.autocast("cpu", enabled=False)
+def cpu_decode_dtype() -> torch.dtype:
+    """The dtype of a CPU decode's matmuls: bf16 under the caller's bf16 autocast (precision: bf16, as its training
+    computes), else float32."""
+    bf16 = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+# On a CPU the decode's steps run with autocast off: its linear layers multiply prepared copies of their weights in
+# the caller's autocast dtype (`DecodeLayout`, `LeanDecoder`), which autocast would convert again at every step; the
+# prefill runs under the caller's autocast. CUDA autocast is left as the caller set it.
 @torch.no_grad()
 def generate(
     lm,
@@ -191,6 +198,7 @@ def generate(
     the values: each costs a pass per step, so only a caller that uses them asks."""
     from transformers import Cache
 
+    dtype = cpu_decode_dtype()
     (B, P), device, pad_id = prompt_ids.shape, prompt_ids.device, tokenizer.pad_token_id
     end_ids = torch.tensor(end_ids if end_ids is not None else end_token_ids(tokenizer, lm), device=device)
     response_ids = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
@@ -204,18 +212,22 @@ def generate(
     backbone = backbone_of(lm)
     cache_name = _cache_name(backbone)
     kv = static_cache(lm, P + max_new_tokens)
-    lean = LeanDecoder.build(lm, kv, B)  # Llama-family on a CPU: steps without transformers' machinery
+    lean = LeanDecoder.build(lm, kv, B, dtype)  # Llama-family on a CPU: steps without transformers' machinery
     active = torch.arange(B, device=device)  # (A,) the rows still decoding: the rows of every per-step tensor below
     steps = decoded_tokens = 0
-    with DecodeLayout(lm if lean is None else unwrap(lm).get_output_embeddings(), B) as layout:
-        out = backbone(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{cache_name: kv},
-        )
+    layout = DecodeLayout(lm if lean is None else unwrap(lm).get_output_embeddings(), B, dtype)
+    with layout, torch.autocast("cpu", enabled=False):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            out = backbone(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{cache_name: kv},
+            )
         kv = getattr(out, cache_name)  # the static cache itself, or the dynamic one transformers made
+        if dtype != torch.float32:
+            _keys_and_values_to_float32(kv)  # the autocast prefill wrote them in bf16; the steps write float32
         hidden = out.last_hidden_state[:, -1]  # (A, H): predicts the next token
         next_position = position_ids[:, -1:] + 1  # (A, 1)
         for t in range(max_new_tokens):
@@ -264,6 +276,14 @@ def generate(
             next_position = next_position + 1
     logprobs, values = (None if x is None else x[:, :steps] for x in (logprobs, values))
     return Generation(response_ids[:, :steps], response_mask[:, :steps], finished, logprobs, values, decoded_tokens)
+
+
+def _keys_and_values_to_float32(kv) -> None:
+    for layer in getattr(kv, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor) and tensor.dtype != torch.float32:
+                setattr(layer, name, tensor.float())
 
 
 def _hit_stop_string(tokenizer, response_ids, finished, stop_strings) -> torch.Tensor:

@@ -9,15 +9,17 @@ another, each weight prepared once per rollout for the step's row count (`Decode
 embedding, the key and value written in place into the static cache that transformers' prefill filled, and the
 attention over its filled prefix. The embedding, the rotary frequencies and the final norm are the model's own
 modules; its apply_rotary_pos_emb is checked to be the rotate-half embedding that op applies. Numerics match the
-model's forward up to float32 rounding (tests/engines/test_lean_decode.py).
+model's forward up to float32 rounding (tests/engines/test_lean_decode.py); with `dtype` bf16 the matmuls take
+bf16 copies of the weights and inputs, as the forward under bf16 autocast does, and all else stays float32.
 
-    decoder = LeanDecoder.build(lm, cache, rows)   # None: not a supported model, or not plain float32 layers
+    decoder = LeanDecoder.build(lm, cache, rows, dtype)   # None: not a supported model or not plain float32 layers
     hidden = decoder.step(token, position_ids, attention_mask)   # (B, H) for the next token's logits
     decoder.for_rows(rows)                                       # after the cache kept `rows` of its rows
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -35,57 +37,100 @@ def _stackable(linears) -> bool:
     return all(plain_linear(m) for m in linears) and len({m.bias is None for m in linears}) == 1
 
 
+# torch's prepacked GEMMs, which inductor uses for frozen CPU weights: private ops, so checked, not assumed.
 def _mkl_prepacking() -> bool:
-    # torch's prepacked MKL GEMM, which inductor uses for frozen CPU weights: private ops, so checked, not assumed.
     return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _onednn_prepacking() -> bool:
+    ops = torch.ops.mkldnn
+    return torch.backends.mkldnn.is_available() and all(
+        hasattr(ops, name) for name in ("_linear_pointwise", "_reorder_linear_weight")
+    )
+
+
+@functools.cache
+def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+def prepacking(dtype: torch.dtype) -> str:
+    """Which library multiplies the decode's prepared weights: 'mkl', 'onednn' or 'none' (a transposed copy).
+
+    float32: MKL on Intel CPUs; elsewhere oneDNN, which picks its kernels from the CPU's instruction sets, where
+    MKL's GEMM ran the decode's products several times slower on an AMD EPYC (`python -m bench.decode_linear`
+    compares the two on any CPU). bf16: oneDNN, the library torch's bf16 products use on a CPU."""
+    mkl = _mkl_prepacking() and dtype == torch.float32
+    if mkl and (_cpu_vendor() == "GenuineIntel" or not _onednn_prepacking()):
+        return "mkl"
+    return "onednn" if _onednn_prepacking() else "none"
 
 
 class DecodeLinear:
     """x @ W^T (+ b) (+ residual) for the `rows` rows of a decode step on a CPU, W (out, in) prepared once a rollout.
 
-    MKL's GEMM packs its weight operand into its own blocked layout on every call: one more pass over each weight
-    per step, for a product that reads each weight once. Here MKL packs it once, for `rows`-row products, and every
-    step multiplies by the packed copy; a call with another row count (the prefill) multiplies by W itself. Without
-    MKL, a contiguous (in, out) copy, the layout other BLAS multiply without repacking. The same products up to
-    float32 rounding (bitwise on most shapes measured). The copy lives as long as this object."""
+    A BLAS GEMM packs its weight operand into its own blocked layout on every call: one more pass over each weight
+    per step, for a product that reads each weight once. Here the library (`prepacking`) packs it once, for
+    `rows`-row products, and every step multiplies by the packed copy; another row count (the prefill) multiplies
+    by the same copy, or by W itself for MKL. Without either library, a contiguous (in, out) copy, the layout other
+    BLAS multiply without repacking. `dtype` bf16 multiplies a bf16 copy of W by the inputs rounded to bf16, as
+    bf16 autocast does, and returns float32. The same products up to the dtype's rounding. The copy lives as long
+    as this object."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int):
-        self.weight, self.bias, self.rows = weight.detach(), None if bias is None else bias.detach(), rows
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, rows) if _mkl_prepacking() else None
-        self.weight_t = None if self.packed is not None else self.weight.t().contiguous()
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype=torch.float32):
+        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
+        self.rows, self.dtype = rows, dtype
+        self.packing = prepacking(dtype)
+        weight = self.weight.to(dtype)
+        self.compute_bias = None if self.bias is None else self.bias.to(dtype)
+        if self.packing == "mkl":
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        elif self.packing == "onednn":
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        else:
+            self.packed = weight.t().contiguous()  # (in, out)
 
     @classmethod
-    def stacked(cls, linears, rows: int) -> DecodeLinear:
+    def stacked(cls, linears, rows: int, dtype=torch.float32) -> DecodeLinear:
         """One product for linears applied to the same input: their outputs concatenated."""
         if len(linears) == 1:
-            return cls(linears[0].weight, linears[0].bias, rows)
+            return cls(linears[0].weight, linears[0].bias, rows, dtype)
         biases = [m.bias for m in linears]
         bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-        return cls(torch.cat([m.weight.detach() for m in linears]), bias, rows)
+        return cls(torch.cat([m.weight.detach() for m in linears]), bias, rows, dtype)
 
     def for_rows(self, rows: int) -> DecodeLinear:
         """The same product prepared for `rows`-row steps (after finished rows left the decode)."""
-        return DecodeLinear(self.weight, self.bias, rows)
+        return DecodeLinear(self.weight, self.bias, rows, self.dtype)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.packed is not None:
+        x = x.to(self.dtype)
+        if self.packing == "mkl":
             out = torch.ops.mkl._mkl_linear(x, self.packed, self.weight, self.bias, self.rows)
+        elif self.packing == "onednn":
+            out = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.compute_bias, "none", [], "")
         else:
             flat = x.reshape(-1, x.shape[-1])
-            out = flat @ self.weight_t if self.bias is None else torch.addmm(self.bias, flat, self.weight_t)
+            bias = self.compute_bias
+            out = flat @ self.packed if bias is None else torch.addmm(bias, flat, self.packed)
             out = out.view(*x.shape[:-1], out.shape[-1])
+        out = out.float()
         return out if residual is None else out.add_(residual)
 
 
 class _Layer:
-    def __init__(self, layer, cache_layer, rows: int):
+    def __init__(self, layer, cache_layer, rows: int, dtype: torch.dtype):
         attn, mlp = layer.self_attn, layer.mlp
         self.cache = cache_layer
         self.norm_in, self.norm_post = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = DecodeLinear.stacked([attn.q_proj, attn.k_proj, attn.v_proj], rows)
-        self.o = DecodeLinear.stacked([attn.o_proj], rows)
-        self.gate_up = DecodeLinear.stacked([mlp.gate_proj, mlp.up_proj], rows)
-        self.down = DecodeLinear.stacked([mlp.down_proj], rows)
+        self.qkv = DecodeLinear.stacked([attn.q_proj, attn.k_proj, attn.v_proj], rows, dtype)
+        self.o = DecodeLinear.stacked([attn.o_proj], rows, dtype)
+        self.gate_up = DecodeLinear.stacked([mlp.gate_proj, mlp.up_proj], rows, dtype)
+        self.down = DecodeLinear.stacked([mlp.down_proj], rows, dtype)
         self.heads, self.scaling = attn.config.num_attention_heads, attn.scaling
 
     def for_rows(self, rows: int) -> None:
@@ -127,8 +172,9 @@ class LeanDecoder:
     """Decode steps over a transformers StaticCache whose layers are rollout's filled-prefix layers."""
 
     @classmethod
-    def build(cls, lm, cache, rows: int) -> LeanDecoder | None:
-        """The decoder for `rows`-row steps of `lm` over `cache`, or None where the stock step must run."""
+    def build(cls, lm, cache, rows: int, dtype: torch.dtype = torch.float32) -> LeanDecoder | None:
+        """The decoder for `rows`-row steps of `lm` over `cache` with matmuls in `dtype` (float32 or bf16), or None
+        where the stock step must run."""
         model = unwrap(lm)
         config = model.config
         if cache is None or config.model_type not in SUPPORTED or config.hidden_act != "silu":
@@ -151,12 +197,13 @@ class LeanDecoder:
                 return None
         if not _rotate_half_rotary(layers[0].self_attn):
             return None
-        return cls(backbone, cache, rows)
+        return cls(backbone, cache, rows, dtype)
 
-    def __init__(self, backbone, cache, rows: int):
+    def __init__(self, backbone, cache, rows: int, dtype: torch.dtype):
         self.backbone = backbone
         self.layers = [
-            _Layer(layer, cache_layer, rows) for layer, cache_layer in zip(backbone.layers, cache.layers, strict=True)
+            _Layer(layer, cache_layer, rows, dtype)
+            for layer, cache_layer in zip(backbone.layers, cache.layers, strict=True)
         ]
 
     def for_rows(self, rows: int) -> None:

@@ -26,7 +26,7 @@ import warnings
 
 import torch
 
-from fastppo.runtime import distributed, precision
+from fastppo.runtime import distributed
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.rng import rng_state, set_rng_state
 
@@ -275,8 +275,9 @@ class VLLMEngine:
             self.awake.update(missing)
 
 
-def build_engine(policy, config, device: torch.device) -> VLLMEngine:
-    """This rank's engine for a PPOConfig, started from the policy's checkpoint path (vLLM loads it itself)."""
+def build_engine(policy, config, device: torch.device, dtype: torch.dtype | None) -> VLLMEngine:
+    """This rank's engine for a PPOConfig, started from the policy's checkpoint path (vLLM loads it itself), computing
+    in the trainer's autocast `dtype` (None: float32)."""
     if not isinstance(policy, str):
         raise InputError("rollout_engine: 'vllm' needs policy_model as a checkpoint path (vLLM loads it itself)")
     cfg, rng = config, rng_state()  # vLLM seeds the global RNGs with its own seed: the run's streams must not move
@@ -292,7 +293,7 @@ def build_engine(policy, config, device: torch.device) -> VLLMEngine:
             kv_cache_bytes=cfg.vllm_kv_cache_bytes,
             tensor_parallel_size=cfg.vllm_tensor_parallel_size,
             world_size=distributed.world_size(),
-            dtype=precision.autocast_dtype(cfg.precision, device),
+            dtype=dtype,
         )
     finally:
         set_rng_state(rng)

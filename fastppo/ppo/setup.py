@@ -51,7 +51,6 @@ class SetUp:
         refuse_mixing_runs(config.output_dir, config.resume_from, config.overwrite_output_dir)
         checkpoint = resume_checkpoint(config.resume_from, config.output_dir, announce=distributed.is_main())
         self.device = distributed.init(resolve_device(config.device))  # under torchrun: join its process group
-        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         seed_everything(config.seed)  # the same seed on every rank: the same initial weights
 
         policy = policy if policy is not None else config.policy_model
@@ -84,6 +83,7 @@ class SetUp:
         )
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
+        self.autocast_dtype = self._autocast_dtype(lm)  # None: float32
         self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
         vocab_size = lm.get_input_embeddings().num_embeddings
         check_prompt_token_ids(self.prompts + self.eval_prompts, self.tokenizer, vocab_size, self.end_ids)
@@ -126,7 +126,11 @@ class SetUp:
             warn_if_truncated_sampling(config.top_k, config.top_p)
         resume_step = self._resume(checkpoint, resume_state) if checkpoint else None
         # The vLLM engine starts from the policy's files; resumed weights are pushed before the first rollout.
-        self.engine = vllm_engine.build_engine(policy, config, self.device) if config.rollout_engine == "vllm" else None
+        self.engine = (
+            vllm_engine.build_engine(policy, config, self.device, self.autocast_dtype)
+            if config.rollout_engine == "vllm"
+            else None
+        )
         if self.engine is not None:
             self.engine.stale = checkpoint is not None
         if distributed.is_main():
@@ -150,6 +154,18 @@ class SetUp:
             self.checkpoint_dtype if self.config.save_dtype == "auto" else getattr(torch, self.config.save_dtype)
         )
         return lm
+
+    def _autocast_dtype(self, lm) -> torch.dtype | None:
+        """`precision` here: 'auto' on a CPU probes the policy's shapes (runtime.precision), and under torchrun
+        takes bf16 only where every rank measured it faster, so that all ranks compute alike."""
+        config = self.config
+        dtype = precision.autocast_dtype(config.precision, self.device, lm)
+        probed = config.precision == "auto" and self.device.type == "cpu"
+        if probed and distributed.any_rank(dtype is None):
+            dtype = None
+        if probed:
+            _say(precision.describe(config.precision, dtype, self.device, lm))
+        return dtype
 
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`). The check

@@ -1,25 +1,35 @@
 """Which dtype the forward and backward passes compute in: the `precision` field of PPOConfig and DPOConfig.
 
 Weights, optimizer state and the PPO math (advantages, KL, losses) stay float32 whatever this says; `bf16` runs the
-models' matmuls under bf16 autocast. On CUDA that is the usual setting (TRL's and OpenRLHF's bf16). On a CPU it pays
-only where the cores multiply bf16 natively (AMX or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an
-AVX-512 CPU without them converts each bf16 operand to float32, which makes the products and a whole PPO iteration
-slower than float32's (bench/README.md's precision rows). So 'auto' picks float32 on every CPU, and `fastppo doctor`
-says whether this one has the instructions.
+models' matmuls under bf16 autocast, and the hf engine's decode multiplies bf16 copies of the weights. On CUDA that
+is the usual setting (TRL's and OpenRLHF's bf16). On a CPU it pays only where the cores multiply bf16 natively (AMX
+or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an AVX-512 CPU without them converts each bf16
+operand to float32, which makes the products and a whole PPO iteration slower than float32's (bench/README.md's
+precision rows). So on a CPU 'auto' is bf16 only where the CPU has the instructions and a probe at start-up, the
+model's own largest layer multiplied both ways, measured bf16 at least `MIN_SPEEDUP` times faster; float32
+elsewhere. `fastppo doctor` says whether this CPU has the instructions, and the trainer reports what bf16 changed
+(`precision/logprob_gap`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import time
 
 import torch
 
 PRECISIONS = ("auto", "float32", "bf16")
 PRECISION_HELP = (
     "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
-    "'auto': bf16 on CUDA, float32 on a CPU (bf16 pays only on CPUs with AMX / AVX-512 BF16: `fastppo doctor`)."
+    "'auto': bf16 on CUDA, and on a CPU with AMX / AVX-512 BF16 (`fastppo doctor`) where a start-up probe at the "
+    "model's shapes measured bf16 faster; float32 elsewhere."
 )
+# 'auto' on a CPU: the probe multiplies PROBE_ROWS rows (a micro-batch's tokens) by the model's largest layer, and
+# takes bf16 when it is at least MIN_SPEEDUP times faster: below that, bf16's rounding is not worth it.
+PROBE_ROWS = 512
+PROBE_SECONDS = 0.003  # one try of the probe, in float32
+MIN_SPEEDUP = 1.3
 
 
 @functools.cache
@@ -33,11 +43,74 @@ def cpu_multiplies_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `precision` on `device`, None for plain float32: 'auto' is bf16 on CUDA only."""
+def autocast_dtype(precision: str, device: torch.device, model=None) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`, None for plain float32. 'auto' is bf16 on CUDA, and on a CPU
+    where `bf16_pays_on_cpu(model)` (float32 without a model to probe)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
+    if precision == "auto" and device.type == "cpu" and model is not None and bf16_pays_on_cpu(model):
+        return torch.bfloat16
     return None
+
+
+def bf16_pays_on_cpu(model) -> bool:
+    """Whether this CPU multiplies bf16 natively and the probe at `model`'s largest linear layer (LM head aside)
+    measured bf16 autocast at least MIN_SPEEDUP times faster than float32."""
+    shape = _largest_linear(model)
+    return cpu_multiplies_bf16() and shape is not None and bf16_speedup(*shape) >= MIN_SPEEDUP
+
+
+def _largest_linear(model) -> tuple[int, int] | None:
+    """(out, in) of the largest linear layer outside the LM head (whose vocabulary-wide product would make the probe
+    as slow as a step; its rows are a body layer's anyway)."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    return max(shapes, key=lambda shape: shape[0] * shape[1]) if shapes else None
+
+
+@functools.cache
+def bf16_speedup(out_features: int, in_features: int, rows: int = PROBE_ROWS) -> float:
+    """float32's time over bf16 autocast's for (rows, in) @ (in, out): each the best of a few tries of enough
+    products to take a few milliseconds (a tiny product's time is mostly the call's, and a busy machine only ever
+    makes a try slower). Measured once a process for each shape: the choice stays put within a run."""
+    g = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(rows, in_features, generator=g), torch.randn(out_features, in_features, generator=g)
+
+    def seconds(repeats: int) -> float:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.nn.functional.linear(x, weight)
+        return time.perf_counter() - start
+
+    seconds(1)  # the first call allocates
+    repeats = max(1, min(1000, int(PROBE_SECONDS / max(seconds(1), 1e-7))))
+
+    def best(tries: int = 5) -> float:
+        seconds(1)
+        return min(seconds(repeats) for _ in range(tries))
+
+    float32 = best()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = best()
+    return float32 / bf16
+
+
+def describe(precision: str, dtype: torch.dtype | None, device: torch.device, model=None) -> str:
+    """One line for the run's log: what `precision` resolved to here, and why."""
+    chosen = "bf16" if dtype is not None else "float32"
+    if precision != "auto" or device.type != "cpu":
+        return f"precision {precision}: {chosen} on {device.type}"
+    if not cpu_multiplies_bf16():
+        return "precision auto: float32 (this CPU has neither AMX nor AVX-512 BF16)"
+    shape = _largest_linear(model) if model is not None else None
+    if shape is None:
+        return f"precision auto: {chosen}"
+    speedup = bf16_speedup(*shape)
+    return (
+        f"precision auto: {chosen} (bf16 autocast multiplied {PROBE_ROWS} rows by the model's largest layer "
+        f"{shape[0]}x{shape[1]}, {speedup:.2f}x as fast as float32 here; the bar is {MIN_SPEEDUP}x)"
+    )
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -187,7 +187,6 @@ class DPOTrainer:
         pairs = without_ties(read_pairs(config.data))  # every input check before the model loads
         config.model = resolve_model_source(config.model, "model")  # a known name or a GGUF file: a directory
         self.device = resolve_device(config.device)
-        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device)  # None: float32
         torch.manual_seed(config.seed)
         source = tokenizer or config.tokenizer or (config.model if isinstance(config.model, str) else None)
         if source is None:
@@ -203,6 +202,9 @@ class DPOTrainer:
 
         checkpoint = resume_checkpoint(config.resume_from, config.output_dir)
         self.lm, self.reference = self._build_models(config.model)
+        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device, self.lm)  # None: float32
+        if config.precision == "auto" and self.device.type == "cpu":
+            print(f"fastppo dpo: {precision.describe(config.precision, self.autocast_dtype, self.device, self.lm)}")
         self.overhead = forward_overhead(self.lm)  # see runtime.micro_batches
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
         self.optimizer, self.scheduler = adamw_with_schedule(

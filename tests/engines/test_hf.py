@@ -115,7 +115,7 @@ def test_finished_rows_leave_the_decode_without_changing_the_running_ones(tiny_m
     tokenizer = build_tokenizer()
     lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32).eval()
     if not lean:
-        monkeypatch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache, rows: None))
+        monkeypatch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache, rows, dtype=None: None))
     value_head = torch.nn.Linear(lm.config.hidden_size, 1)
     prompts = ["w1 w2 w3 w4 w5", "w6", "w7 w8", "w2", "w3 w4 w5", "w9 w1", "w5", "w8 w8 w8"]  # left-padded
     ids, mask = tokenize_prompts(prompts, tokenizer, max_length=8)
@@ -159,3 +159,36 @@ def test_finished_rows_leave_the_decode(tiny_models, monkeypatch):
     generation = generate(lm, tokenizer, ids, mask, max_new_tokens=8, temperature=1.0)
     assert generation.response_mask.sum(-1).tolist() == [1, 2, 3, 4]
     assert rows_per_step == [4, 3, 2, 1] and generation.decoded_tokens == 10  # what perf/rollout_real_frac counts
+
+
+@pytest.mark.parametrize("arch, lean", [("llama", True), ("llama", False), ("gpt2", False)])
+def test_under_bf16_autocast_the_decode_multiplies_in_bf16(tiny_models, monkeypatch, arch, lean):
+    """precision: bf16 on a CPU: the decode's linear layers multiply bf16 copies of their weights (the prefill under
+    the caller's autocast), so its log-probs are the bf16 model's: near the model's own forward under bf16 autocast
+    over the sampled tokens, and not float32's."""
+    from fastppo.models import reference_logprobs
+
+    tokenizer = build_tokenizer()
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models[arch][0], dtype=torch.float32).eval()
+    if not lean:
+        monkeypatch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache, rows, dtype=None: None))
+    dtypes = []
+    decode_linear = rollout.DecodeLinear
+    monkeypatch.setattr(rollout, "DecodeLinear", lambda *args: dtypes.append(args[-1]) or decode_linear(*args))
+    ids, mask = tokenize_prompts(["w1 w2 w3 w4 w5", "w6", "w7 w8"], tokenizer, max_length=8)
+
+    def decode():
+        torch.manual_seed(0)
+        return generate(lm, tokenizer, ids, mask, max_new_tokens=8, end_ids=[], with_logprobs=True)
+
+    float32 = decode()
+    assert set(dtypes) == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = decode()
+        input_ids = torch.cat([ids, bf16.response_ids], 1)
+        attention_mask = torch.cat([mask, bf16.response_mask], 1)
+        forward = reference_logprobs(lm, input_ids, attention_mask, ids.shape[1], 1.0, fused=False)
+    assert dtypes[-1] == torch.bfloat16 and bf16.logprobs.dtype == torch.float32
+    torch.testing.assert_close(bf16.logprobs, forward, atol=0.1, rtol=0)
+    same = torch.equal(bf16.response_ids, float32.response_ids)
+    assert not same or (bf16.logprobs - float32.logprobs).abs().max() > 1e-4  # rounded to bf16, not float32

@@ -18,7 +18,7 @@ def _decode_both_ways(lm, monkeypatch, **kwargs):
     torch.manual_seed(0)
     lean = generate(lm, tokenizer, ids, mask, max_new_tokens=8, end_ids=[], with_logprobs=True, **kwargs)
     with monkeypatch.context() as patch:
-        patch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache, rows: None))
+        patch.setattr(rollout.LeanDecoder, "build", classmethod(lambda cls, lm, cache, rows, dtype=None: None))
         torch.manual_seed(0)
         stock = generate(lm, tokenizer, ids, mask, max_new_tokens=8, end_ids=[], with_logprobs=True, **kwargs)
     return lean, stock
@@ -70,23 +70,52 @@ def test_a_rotary_embedding_other_than_rotate_half_keeps_the_transformers_path(t
     assert LeanDecoder.build(lm, static_cache(lm, 16), 3) is None
 
 
-@pytest.mark.parametrize("mkl", [True, False], ids=["mkl-packed", "transposed-copy"])
-def test_decode_linear_is_the_linear_layer(monkeypatch, mkl):
-    """DecodeLinear against the float64 product: its own row count (the packed path), another (the prefill: the
-    weight itself), 3D inputs, strided ones (the prefill's last position), a bias, a residual; with MKL's prepacking
-    and without it."""
-    if mkl and not lean_decode._mkl_prepacking():
-        pytest.skip("this torch has no MKL prepacking")
-    monkeypatch.setattr(lean_decode, "_mkl_prepacking", lambda: mkl)
+PACKINGS = {"mkl": lean_decode._mkl_prepacking, "onednn": lean_decode._onednn_prepacking, "none": lambda: True}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bf16"])
+@pytest.mark.parametrize("packing", list(PACKINGS))
+def test_decode_linear_is_the_linear_layer(monkeypatch, packing, dtype):
+    """DecodeLinear against the float64 product of its inputs rounded to `dtype`: its own row count (the packed
+    path), another (the prefill), 3D inputs, strided ones (the prefill's last position), a bias, a residual; with
+    each library's prepacking and without; float32 out whatever it multiplies in."""
+    if not PACKINGS[packing]() or (packing == "mkl" and dtype != torch.float32):
+        pytest.skip(f"this torch has no {packing} prepacking for {dtype}")
+    monkeypatch.setattr(lean_decode, "prepacking", lambda dtype: packing)
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(37, 19, generator=g), torch.randn(37, generator=g)
+    rounded = lambda x: x.to(dtype).double()  # noqa: E731
+    # float32: products to float32 rounding; bf16: the output is rounded to bf16 (8 bits) before it turns float32
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 2e-2, "rtol": 2**-7}
     for b in (None, bias):
-        linear = DecodeLinear(weight, b, rows=5)
-        assert (linear.packed is not None) == mkl
+        linear = DecodeLinear(weight, b, rows=5, dtype=dtype)
+        assert linear.packing == packing
         inputs = [torch.randn(*shape, generator=g) for shape in ((5, 19), (5, 1, 19), (11, 19), (2, 3, 19), (1, 19))]
         inputs += [torch.randn(5, 4, 19, generator=g)[:, -1], torch.randn(19, 5, generator=g).t()]  # not contiguous
         for x in inputs:
             residual = torch.randn(*x.shape[:-1], 37, generator=g)
-            expected = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
-            torch.testing.assert_close(linear(x).double(), expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(linear(x, residual).double(), expected + residual, atol=1e-5, rtol=1e-5)
+            expected = torch.nn.functional.linear(rounded(x), rounded(weight), None if b is None else rounded(b))
+            out = linear(x)
+            assert out.dtype == torch.float32 and out.shape == expected.shape
+            torch.testing.assert_close(out.double(), expected, **tolerance)
+            torch.testing.assert_close(linear(x, residual).double(), expected + residual, **tolerance)
+        if dtype == torch.bfloat16:  # the bf16 product, not float32's: catches a copy left in float32
+            exact = torch.nn.functional.linear(x.double(), weight.double(), None if b is None else b.double())
+            assert (linear(x).double() - exact).abs().max() > 1e-4
+
+
+def test_decode_prepacking_follows_the_cpu(monkeypatch, tmp_path):
+    """float32: MKL's packing on Intel CPUs, oneDNN's on others (where it is there); bf16: oneDNN's."""
+    read_vendor = lean_decode._cpu_vendor.__wrapped__
+    monkeypatch.setattr(lean_decode, "_mkl_prepacking", lambda: True)
+    monkeypatch.setattr(lean_decode, "_onednn_prepacking", lambda: True)
+    for vendor, float32 in (("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "onednn")):
+        monkeypatch.setattr(lean_decode, "_cpu_vendor", lambda vendor=vendor: vendor)
+        assert lean_decode.prepacking(torch.float32) == float32
+        assert lean_decode.prepacking(torch.bfloat16) == "onednn"
+    monkeypatch.setattr(lean_decode, "_onednn_prepacking", lambda: False)
+    assert lean_decode.prepacking(torch.float32) == "mkl" and lean_decode.prepacking(torch.bfloat16) == "none"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n")
+    assert read_vendor(str(cpuinfo)) == "AuthenticAMD"
+    assert read_vendor(str(tmp_path / "missing")) == ""

@@ -127,7 +127,10 @@ def test_pad_is_eos_and_every_end_of_turn_survives(smollm2, tmp_path, monkeypatc
 
     questions = ["What is 3 + 4?", "What is twelve plus seven? Answer with the number only, please."]
     prompts = [tokenizer.apply_chat_template(chat(q), tokenize=False, add_generation_prompt=True) for q in questions]
-    config = one_step_config(tmp_path, reward_model=str(reward_dir), max_prompt_length=96, kl_coef=0.1)
+    # float32: the old log-probs are then the decode's, which force_tokens forces (bf16 recomputes them, unforced)
+    config = one_step_config(
+        tmp_path, reward_model=str(reward_dir), max_prompt_length=96, kl_coef=0.1, precision="float32"
+    )
     trainer = PPOTrainer(config, prompts=prompts)
     seen = {}
     score = rewards.ModelReward._score

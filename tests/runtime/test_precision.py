@@ -58,11 +58,56 @@ def test_doctor_says_whether_bf16_pays_on_this_cpu(capsys):
 
 
 @pytest.mark.parametrize("choice, expected", [("auto", None), ("float32", None), ("bf16", torch.bfloat16)])
-def test_the_vllm_engine_computes_in_the_trainers_dtype(monkeypatch, choice, expected):
+def test_the_vllm_engine_computes_in_the_trainers_dtype(monkeypatch, tiny_models, tmp_path, choice, expected):
     from fastppo.engines import vllm as vllm_engine
-    from fastppo.ppo.config import PPOConfig
+    from fastppo.ppo.trainer import PPOTrainer
+    from tests.tiny_models import count_w7, prompt_list, small_config
 
     seen = {}
-    monkeypatch.setattr(vllm_engine, "VLLMEngine", lambda *args, **kwargs: seen.update(kwargs))
-    vllm_engine.build_engine("/some/policy", PPOConfig(precision=choice), CPU)
-    assert seen["dtype"] is expected
+    monkeypatch.setattr(vllm_engine, "check_available", lambda: "0.32.0")
+    monkeypatch.setattr(vllm_engine, "build_engine", lambda policy, config, device, dtype: seen.update(dtype=dtype))
+    monkeypatch.setattr(precision, "bf16_pays_on_cpu", lambda model: False)
+    config = small_config(tmp_path, policy_model=tiny_models["llama"][0], precision=choice, rollout_engine="vllm")
+    trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
+    assert seen["dtype"] is expected and trainer.autocast_dtype is expected
+
+
+class _Body(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = torch.nn.Linear(64, 300), torch.nn.Linear(300, 64), torch.nn.Linear(64, 900)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+def test_auto_on_a_cpu_is_bf16_where_the_cpu_has_it_and_the_probe_measured_it_faster(monkeypatch):
+    """'auto' on a CPU: bf16 only with the instructions and a probe at the model's largest layer (its LM head left
+    out) at least MIN_SPEEDUP faster; without a model to probe, float32. The line for the log says which."""
+    probed = []
+
+    def speedup(out_features, in_features):
+        probed.append((out_features, in_features))
+        return measured
+
+    monkeypatch.setattr(precision, "bf16_speedup", speedup)
+    model = _Body()
+    for flags, measured, expected in [
+        (True, precision.MIN_SPEEDUP + 0.1, torch.bfloat16),
+        (True, precision.MIN_SPEEDUP - 0.1, None),
+        (False, 5.0, None),
+    ]:
+        monkeypatch.setattr(precision, "cpu_multiplies_bf16", lambda flags=flags: flags)
+        assert precision.autocast_dtype("auto", CPU, model) is expected
+        assert precision.autocast_dtype("auto", CPU) is None
+        assert precision.autocast_dtype("float32", CPU, model) is None
+        line = precision.describe("auto", expected, CPU, model)
+        assert ("bf16" if expected else "float32") in line.split("(")[0], line
+        if flags:
+            assert "300x64" in line and f"{measured:.2f}x" in line, line
+    assert set(probed) == {(300, 64)}  # the largest layer but the LM head
+
+
+def test_the_probe_measures_a_speedup():
+    speedup = precision.bf16_speedup.__wrapped__(64, 32, rows=16)
+    assert 0.01 < speedup < 100
