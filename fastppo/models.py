@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fastppo import ops
+from fastppo.packing import packed_hidden
 from fastppo.runtime.checkpoint import PAD_SET_BY_FASTPPO, RELEASED_DROPOUT, save_weights
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.library_messages import explain_bitsandbytes_messages, peft_wrapping
@@ -321,9 +322,12 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def final_hidden(backbone: nn.Module, input_ids, attention_mask) -> torch.Tensor:
+def final_hidden(backbone: nn.Module, input_ids, attention_mask, packed: bool = False) -> torch.Tensor:
+    """(B, L, H) the backbone's final hidden states; `packed`: computed over the real tokens only (fastppo.packing)."""
+    if packed:
+        return packed_hidden(backbone, input_ids, attention_mask)
     out = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask))
-    return out.last_hidden_state  # (B, L, H)
+    return out.last_hidden_state
 
 
 def logit_transform(lm) -> tuple[float, float | None]:
@@ -401,6 +405,7 @@ class PolicyValueModel(nn.Module):
         self.lm = lm
         self.critic = critic
         self.fused_logprobs = fused_logprobs
+        self.padding_free = self.critic_padding_free = False  # fastppo.packing: set by the trainer once checked
         self.value_head = self.critic_backbone = None
         if critic_init is not None:  # a separate critic from a reward model (`load_critic`): its body and score head
             self.critic_backbone, self.value_head = critic_init
@@ -418,12 +423,14 @@ class PolicyValueModel(nn.Module):
         input_ids[:, prompt_length:]."""
         response_ids = input_ids[:, prompt_length:]
         T = response_ids.shape[1]
-        hidden = final_hidden(backbone_of(self.lm), input_ids, attention_mask)[:, prompt_length - 1 : -1]  # (B, T, H)
+        hidden = final_hidden(backbone_of(self.lm), input_ids, attention_mask, self.padding_free)
+        hidden = hidden[:, prompt_length - 1 : -1]  # (B, T, H)
         logprobs, entropy = response_logprobs(self.lm, hidden, response_ids, temperature, self.fused_logprobs)
         if self.value_head is None:
             return logprobs, entropy, None
         if self.critic_backbone is not None:
-            hidden = final_hidden(self.critic_backbone, input_ids, attention_mask)[:, prompt_length - 1 : -1]
+            hidden = final_hidden(self.critic_backbone, input_ids, attention_mask, self.critic_padding_free)
+            hidden = hidden[:, prompt_length - 1 : -1]
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
         assert values.shape[1] == T
         return logprobs, entropy, values
@@ -441,9 +448,11 @@ class PolicyValueModel(nn.Module):
 
 
 @torch.no_grad()
-def reference_logprobs(reference_lm, input_ids, attention_mask, prompt_length: int, temperature: float, fused: bool):
+def reference_logprobs(
+    reference_lm, input_ids, attention_mask, prompt_length: int, temperature: float, fused: bool, packed: bool = False
+):
     """(B, T) float32 log-probs of the response under a frozen reference LM."""
-    hidden = final_hidden(backbone_of(reference_lm), input_ids, attention_mask)[:, prompt_length - 1 : -1]
+    hidden = final_hidden(backbone_of(reference_lm), input_ids, attention_mask, packed)[:, prompt_length - 1 : -1]
     return response_logprobs(reference_lm, hidden, input_ids[:, prompt_length:], temperature, fused)[0]
 
 
@@ -518,8 +527,9 @@ def load_critic(path: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
     return getattr(model, model.base_model_prefix), head
 
 
-def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) a one-label sequence classifier's output at each right-padded row's last attended token.
+def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = False):
+    """(B,) a one-label sequence classifier's output at each right-padded row's last attended token (`packed`:
+    computed over the real tokens packed into one row).
 
     The one way fastppo reads a reward model, in training (`fastppo reward-model`) and in PPO. Hugging Face's own
     pooling reads the last token that is not `pad_token_id`: when pad == EOS, as with most causal LMs, that skips a
@@ -528,6 +538,9 @@ def score_at_last_token(model, input_ids: torch.Tensor, attention_mask: torch.Te
     if not hasattr(model, "score"):  # an architecture with another head name: its own pooling
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
     backbone = getattr(model, model.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+    if packed:  # over the real tokens only (fastppo.packing)
+        hidden = packed_hidden(backbone, input_ids, attention_mask)
+    else:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
     last = attention_mask.sum(-1) - 1  # (B,)
     return model.score(hidden[torch.arange(len(last), device=hidden.device), last])[:, 0]

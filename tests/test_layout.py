@@ -16,13 +16,14 @@ ALLOWED = {
     "kernels": {"kernels"},
     "ops": BASE,
     "runtime": BASE,
-    "models": BASE | {"runtime"},
+    "packing": BASE,  # padded batches in and out of packed rows: beside the models, below them
+    "models": BASE | {"runtime", "packing"},
     "data": BASE | {"runtime"},
-    "engines": BASE | {"runtime", "models", "data"},
-    "stages": BASE | {"runtime", "models", "data", "engines"},
-    "ppo": BASE | {"runtime", "models", "data", "engines"},
-    "demo": BASE | {"runtime", "models", "data", "engines", "stages", "ppo"},
-    "cli": BASE | {"runtime", "models", "data", "engines", "stages", "ppo", "demo"},
+    "engines": BASE | {"runtime", "packing", "models", "data"},
+    "stages": BASE | {"runtime", "packing", "models", "data", "engines"},
+    "ppo": BASE | {"runtime", "packing", "models", "data", "engines"},
+    "demo": BASE | {"runtime", "packing", "models", "data", "engines", "stages", "ppo"},
+    "cli": BASE | {"runtime", "packing", "models", "data", "engines", "stages", "ppo", "demo"},
 }
 
 

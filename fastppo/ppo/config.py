@@ -69,6 +69,14 @@ class PPOConfig(Config):
         False, "Recompute activations in the backward: less memory, more time (bench/README.md)."
     )
     fused_logprobs: bool = option(True, "Compute log-probs from hidden states without materializing the logits.")
+    padding_free: bool | None = option(
+        None,
+        "Run the policy's, critic's, reference's and reward models' forwards over each micro-batch's real tokens "
+        "packed into one row (position_ids restarting per sequence, as TRL's padding_free). null (auto): where the "
+        "attention is "
+        "flash-attn's varlen kernel; true: wherever the model keeps packed sequences apart (checked at start-up); "
+        "false: never. Refused for models with state along the sequence (Mamba, linear attention).",
+    )
     device: str = option("auto", "'auto' (CUDA if present), 'cpu' or 'cuda'.")
     precision: str = option("auto", PRECISION_HELP)
     parallel: str = option(

@@ -22,6 +22,7 @@ import torch
 
 from fastppo.data import encode, text_messages
 from fastppo.models import disable_dropout, freeze, load_frozen, load_tokenizer, quantized_copy, score_at_last_token
+from fastppo.packing import use_packing
 from fastppo.ppo.reward_functions import (
     FunctionReward,
     RewardError,
@@ -103,8 +104,10 @@ class ModelReward:
         name: str | None = None,
         rows_per_forward: int | None = None,
         tokens_per_forward: int | None = None,
+        packed: bool = False,
     ):
         self.model = freeze(model)
+        self.packed = packed  # forwards over the real tokens packed into one row (fastppo.packing)
         self.rows_per_forward = rows_per_forward  # None: the whole batch in one forward
         self.tokens_per_forward = tokens_per_forward  # None: rows_per_forward rows whatever their length
         self.overhead = forward_overhead(model)  # see runtime.micro_batches
@@ -163,7 +166,7 @@ class ModelReward:
         return ids + [tokenizer.eos_token_id] if ended and tokenizer.eos_token_id is not None else ids
 
     def _score(self, input_ids, attention_mask) -> torch.Tensor:
-        return score_at_last_token(self.model, input_ids, attention_mask)
+        return score_at_last_token(self.model, input_ids, attention_mask, self.packed)
 
 
 def reward_specs(config, given=None) -> list[tuple[str, object]]:
@@ -259,7 +262,11 @@ def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, con
             "not this model's tokenizer; give the model's own (PPOTrainer(reward_tokenizer=...) or reward_tokenizer)"
         )
     rows, tokens = getattr(config, "micro_batch", None), getattr(config, "micro_batch_tokens", None)
-    return ModelReward(model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows, tokens_per_forward=tokens)
+    setting = {None: "auto", True: "true", False: "false"}[getattr(config, "padding_free", False)]
+    packed = hasattr(model, "score") and use_packing(setting, model, getattr(model, model.base_model_prefix), field)
+    return ModelReward(
+        model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows, tokens_per_forward=tokens, packed=packed
+    )
 
 
 def _tokenizer_of(model):

@@ -16,6 +16,7 @@ from fastppo.engines.hf import end_token_ids, warn_if_truncated_sampling
 from fastppo.models import (
     PolicyValueModel,
     add_lora,
+    backbone_of,
     check_critic_model,
     check_logprob_path,
     frozen_reference,
@@ -24,7 +25,9 @@ from fastppo.models import (
     load_trainable_lm,
     lora_config,
     resolve_device,
+    unwrap,
 )
+from fastppo.packing import use_packing
 from fastppo.ppo.advantages import uses_critic
 from fastppo.ppo.rewards import load_rewards
 from fastppo.ppo.shaping import KLController, RunningMoments
@@ -90,6 +93,7 @@ class SetUp:
         self._check_logprob_path(lm)
         self.reference = self._build_reference(lm, policy, reference)  # before LoRA wraps `lm` in place
         self.model = self._build_policy(lm)
+        self._decide_packing()
         # The decode's own log-probs and values serve as the old ones (see config.old_logprobs): not with a
         # separate critic, whose values need its own backbone's forward.
         wanted = config.old_logprobs == "rollout" or (config.old_logprobs == "auto" and self.autocast_dtype is None)
@@ -166,6 +170,19 @@ class SetUp:
         if probed:
             _say(precision.describe(config.precision, dtype, self.device, lm))
         return dtype
+
+    def _decide_packing(self) -> None:
+        """padding_free (fastppo.packing): whether the policy's, the critic's and the reference's forwards run packed,
+        each model checked on its own (a refused one warns and stays on trimmed micro-batches)."""
+        setting = {None: "auto", True: "true", False: "false"}[self.config.padding_free]
+        model = self.model
+        model.padding_free = use_packing(setting, unwrap(model.lm), backbone_of(model.lm))
+        if model.critic_backbone is not None:
+            model.critic_padding_free = use_packing(setting, model.critic_backbone, model.critic_backbone)
+        reference = self.reference
+        self.reference_padding_free = (
+            model.padding_free if reference is None else use_packing(setting, unwrap(reference), backbone_of(reference))
+        )
 
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`). The check

@@ -261,13 +261,13 @@ class PPOTrainer(SetUp, Checkpointing):
                     old_values.append(widen(values, T))
                 if not self.uses_reference:
                     ref = None  # nothing reads it: no reference forward
-                elif self.reference is None:
-                    with self.model.adapters_disabled() as lm:
-                        ref = reference_logprobs(lm, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
                 else:
-                    ref = reference_logprobs(
-                        self.reference, input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs
-                    )
+                    inputs = (input_ids, attention_mask, P, cfg.temperature, cfg.fused_logprobs)
+                    if self.reference is None:  # the policy with its LoRA adapters off
+                        with self.model.adapters_disabled() as lm:
+                            ref = reference_logprobs(lm, *inputs, self.model.padding_free)
+                    else:
+                        ref = reference_logprobs(self.reference, *inputs, self.reference_padding_free)
             ref_logprobs.append(widen(ref, T))
             order.append(rows)
         if self.uses_reference or not from_rollout:

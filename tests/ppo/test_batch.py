@@ -102,13 +102,11 @@ def padded_micro_batches(batch, rows, size, tokens=None, overhead=None):
         yield chunk, batch.select(chunk)
 
 
-@pytest.mark.parametrize("estimator, micro_batch_tokens", [("gae", None), ("rloo", None), ("gae", 40)])
-def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypatch, estimator, micro_batch_tokens):
-    """Answers of 2 to 16 tokens and prompts of 2 to 5: the same losses, statistics and weights after the step
-    (micro-batches of 2 rows, or of 1 to 4 rows by a token budget)."""
+def varlen_trainer(tmp_path, policy, estimator="gae", micro_batch_tokens=None, **overrides):
+    """A trainer and one rollout of answers of 2 to 16 tokens to prompts of 2 to 5."""
     config = small_config(
         tmp_path,
-        policy_model=tiny_models["llama"][0],
+        policy_model=policy,
         rollout_batch_size=8,
         mini_batch_size=4,
         micro_batch_size=2 if micro_batch_tokens is None else None,  # None: up to the minibatch's 4 rows
@@ -119,12 +117,20 @@ def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypa
         advantage_estimator=estimator,
         samples_per_prompt=1 if estimator == "gae" else 2,
         micro_batch_tokens=micro_batch_tokens,
+        **overrides,
     )
     trainer = PPOTrainer(config, reward=count_w7, prompts=prompt_list())
     rollout = trainer.rollout(prompt_list(8, seed=3))
     for i, length in enumerate([16, 2, 9, 4, 2, 13, 6, 3]):
         rollout.response_mask[i, length:] = 0
         rollout.response_ids[i, length:] = trainer.tokenizer.pad_token_id
+    return trainer, rollout
+
+
+def compare_steps(trainer, rollout, change) -> tuple[dict, dict]:
+    """One PPO step from `rollout`, then the same step from the same weights after `change()`: the old, reference
+    log-probs, values, advantages, returns, every statistic but perf/ and the weights after it agree. Returns the two
+    steps' statistics."""
     model_state = copy.deepcopy(trainer.model.state_dict())
     optimizer_state = copy.deepcopy(trainer.optimizer.state_dict())
 
@@ -139,21 +145,54 @@ def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypa
         weights = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
         return batch, stats, weights
 
-    trimmed_batch, trimmed_stats, trimmed_weights = one_step()
+    first_batch, first_stats, first_weights = one_step()
     trainer.model.load_state_dict(model_state)
     trainer.optimizer.load_state_dict(optimizer_state)
-    monkeypatch.setattr(trainer_module, "micro_batches", padded_micro_batches)
-    padded_batch, padded_stats, padded_weights = one_step()
+    change()
+    second_batch, second_stats, second_weights = one_step()
 
     mask = rollout.response_mask.bool()
     for name in ("old_logprobs", "ref_logprobs", "old_values", "advantages", "returns"):
-        trimmed, padded = getattr(trimmed_batch, name), getattr(padded_batch, name)
-        if padded is not None:
-            torch.testing.assert_close(trimmed[mask], padded[mask], atol=1e-5, rtol=1e-5, msg=name)
-    for name, value in padded_stats.items():
+        first, second = getattr(first_batch, name), getattr(second_batch, name)
+        if second is not None:
+            torch.testing.assert_close(first[mask], second[mask], atol=1e-5, rtol=1e-5, msg=name)
+    for name, value in second_stats.items():
         if not name.startswith("perf/"):
-            assert trimmed_stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
-    for name, weight in padded_weights.items():
-        torch.testing.assert_close(trimmed_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+            assert first_stats[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    for name, weight in second_weights.items():
+        torch.testing.assert_close(first_weights[name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    return first_stats, second_stats
+
+
+@pytest.mark.parametrize("estimator, micro_batch_tokens", [("gae", None), ("rloo", None), ("gae", 40)])
+def test_one_step_trimmed_equals_the_padded_step(tiny_models, tmp_path, monkeypatch, estimator, micro_batch_tokens):
+    """Answers of 2 to 16 tokens and prompts of 2 to 5: the same losses, statistics and weights after the step
+    (micro-batches of 2 rows, or of 1 to 4 rows by a token budget)."""
+    trainer, rollout = varlen_trainer(tmp_path, tiny_models["llama"][0], estimator, micro_batch_tokens)
+    trimmed_stats, padded_stats = compare_steps(
+        trainer, rollout, lambda: monkeypatch.setattr(trainer_module, "micro_batches", padded_micro_batches)
+    )
     assert padded_stats["perf/train_real_frac"] < trimmed_stats["perf/train_real_frac"] <= 1.0
     assert padded_stats["perf/logprobs_real_frac"] < trimmed_stats["perf/logprobs_real_frac"] <= 1.0
+
+
+@pytest.mark.parametrize("critic", ["shared", "separate"])
+def test_one_packed_step_equals_the_trimmed_step(tiny_models, tmp_path, monkeypatch, critic):
+    """padding_free: the policy's, critic's and reference's forwards over packed rows give the trimmed step's
+    log-probs, values, statistics and weights."""
+    from fastppo import models
+
+    trainer, rollout = varlen_trainer(tmp_path, tiny_models["llama"][0], padding_free=True, critic=critic)
+    assert trainer.model.padding_free and trainer.reference_padding_free
+    assert trainer.model.critic_padding_free == (critic == "separate")
+    packed_calls = []
+    packed_hidden = models.packed_hidden
+    monkeypatch.setattr(models, "packed_hidden", lambda *args: packed_calls.append(1) or packed_hidden(*args))
+
+    def unpacked():
+        trainer.model.padding_free = trainer.model.critic_padding_free = trainer.reference_padding_free = False
+        packed_calls.append("off")
+
+    compare_steps(trainer, rollout, unpacked)
+    forwards = packed_calls[: packed_calls.index("off")]
+    assert forwards and packed_calls[-1] == "off"  # packed forwards in the first step, none in the second

@@ -119,6 +119,20 @@ def test_model_reward_scores_rows_of_similar_length_together_and_returns_them_in
     torch.testing.assert_close(torch.cat(alone), expected)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_packed_reward_model_scores_what_the_padded_one_scores(tiny_models, tmp_path, arch):
+    """padding_free: true: the reward model's forwards run over the real tokens packed into one row, the same scores."""
+    tokenizer = build_tokenizer()
+    prompts, responses = ["w1 w2", "w3", "w1", "w2 w3 w4"], [" w4 w5 w6 w7 w8 w9", " w7", " w5 w6", " w8"]
+    scores = {}
+    for padding_free in (False, True):
+        config = small_config(tmp_path, reward_model=tiny_models[arch][1], padding_free=padding_free, device="cpu")
+        reward = load_reward(config.reward_model, config, tokenizer, torch.device("cpu"))
+        assert reward.packed is padding_free
+        scores[padding_free] = reward(fake_batch(prompts, responses))
+    torch.testing.assert_close(scores[True], scores[False], atol=1e-5, rtol=1e-5)
+
+
 def test_reward_training_and_ppo_read_the_same_token_when_pad_is_eos(tiny_llama):
     """pad == EOS: `fastppo reward-model` and PPO both read each row at its last attended token, the response's EOS,
     whatever the padding; Hugging Face's own pooling (the last non-pad id) would read the token before it."""
