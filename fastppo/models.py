@@ -171,9 +171,14 @@ def load_frozen(auto_class, path: str, quantization: str, device: torch.device):
 
 
 class _ReadAsFloat32(nn.Module):
-    """A parametrization: the stored weight, upcast on every read."""
+    """A parametrization: the stored weight, upcast on every read; under autocast to the weight's own dtype (bf16
+    autocast over a bf16 checkpoint), the stored weight as it is, which autocast would otherwise round the upcast
+    copy back to: the same product without two conversions of every weight."""
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        device = weight.device.type
+        if torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == weight.dtype:
+            return weight
         return weight.float()
 
 

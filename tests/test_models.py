@@ -99,6 +99,13 @@ def test_frozen_models_keep_the_checkpoints_dtype_and_compute_as_float32(tiny_mo
             assert torch.equal(
                 frozen(input_ids=ids, attention_mask=mask).logits, fp32(input_ids=ids, attention_mask=mask).logits
             )
+            # under bf16 autocast (precision: bf16) a bf16 matrix is read as stored, not upcast and rounded back:
+            # the same products as the float32 model's under autocast
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = frozen(input_ids=ids, attention_mask=mask).logits
+                torch.testing.assert_close(low, fp32(input_ids=ids, attention_mask=mask).logits, atol=1e-6, rtol=0)
+                linear = next(m for m in frozen.modules() if isinstance(m, torch.nn.Linear))
+                assert linear.weight.dtype == (torch.bfloat16 if stored == torch.bfloat16 else torch.float32)
     # the reference copied from the policy (no reference path given) goes back to the checkpoint's dtype exactly
     lm, checkpoint_dtype = load_trainable_lm(tiny_models[arch][0], cpu)
     lm.eval()

@@ -231,7 +231,8 @@ class PPOTrainer(SetUp, Checkpointing):
         `batch.raw_scores`, (B,) their weighted sum, and `batch.scores`, the scores PPO optimizes (`shape_scores`:
         penalties, normalization, clipping)."""
         self.reward.trainer_state.global_step = self.step_count
-        batch.reward_scores = self.reward(batch).to(self.device)
+        with self._autocast():  # reward models compute in the run's precision; reward functions do not notice
+            batch.reward_scores = self.reward(batch).to(self.device)
         batch.raw_scores = self.reward.combine(batch.reward_scores)
         batch.scores = shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
         return {}

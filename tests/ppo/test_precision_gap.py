@@ -47,3 +47,20 @@ def test_a_bf16_run_reports_what_bf16_changed(tiny_models, tmp_path):
     bf16 = runs["bf16"]
     assert 0 < bf16["precision/logprob_gap_mean"] <= bf16["precision/logprob_gap_max"] < 0.5
     assert not any(name.startswith("precision/") for name in runs["float32"])
+
+
+def test_under_bf16_the_reward_model_scores_in_bf16_too(tiny_models, tmp_path, monkeypatch):
+    from fastppo.ppo import rewards
+
+    seen = []
+    score = rewards.ModelReward._score
+    monkeypatch.setattr(
+        rewards.ModelReward,
+        "_score",
+        lambda self, ids, mask: seen.append((choice, torch.is_autocast_enabled("cpu"))) or score(self, ids, mask),
+    )
+    for choice in ("bf16", "float32"):
+        policy, reward = tiny_models["llama"]
+        config = small_config(tmp_path / choice, policy_model=policy, reward_model=reward, precision=choice, steps=1)
+        PPOTrainer(config, prompts=prompt_list()).step()
+    assert set(seen) == {("bf16", True), ("float32", False)}
