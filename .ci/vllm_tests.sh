@@ -15,4 +15,5 @@ ENV=${FASTPPO_VLLM_ENV:-.venv-vllm}
 OMP_NUM_THREADS=1 "$ENV/bin/python" -m pytest -q -p no:cacheprovider tests/engines/vllm tests/ppo/test_correction.py \
     tests/test_models.py tests/ppo/test_real_checkpoints.py tests/ppo/test_trainer.py \
     tests/ppo/test_batch.py tests/stages/test_sft.py tests/stages/test_reward_model.py tests/stages/test_dpo.py \
-    tests/engines/test_hf.py tests/engines/test_lean_decode.py tests/test_packaging.py "$@"
+    tests/engines/test_hf.py tests/engines/test_lean_decode.py tests/test_packing.py tests/runtime/test_precision.py \
+    tests/ppo/test_precision_gap.py tests/test_packaging.py "$@"

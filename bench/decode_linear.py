@@ -2,8 +2,8 @@
 
 A decode step multiplies a few rows by every weight of the model: q/k/v (stacked), o, gate/up (stacked), down and
 the LM head. `fastppo.engines.lean_decode.prepacking` picks the library that packs the weights once a rollout: MKL
-on Intel CPUs, oneDNN on others, oneDNN for bf16. This times every choice at a bench size's shapes and the decode's
-row count, so the choice can be checked on any CPU (the result names it).
+on Intel CPUs and for small products, oneDNN on others, oneDNN for bf16. This times every choice at a bench size's
+shapes and the decode's row count, so the choice can be checked on any CPU (the result names it).
 
     python -m bench.decode_linear [--size smollm2|varlen|default|large]
 """
@@ -46,7 +46,6 @@ def main(size: str) -> dict:
         "onednn": lean_decode._onednn_prepacking(),
         "none": True,
     }
-    chosen = {dtype: lean_decode.prepacking(dtype) for dtype in (torch.float32, torch.bfloat16)}
     original = lean_decode.prepacking
     results = []
     try:
@@ -55,10 +54,11 @@ def main(size: str) -> dict:
             weight = torch.randn(out_features, in_features, generator=g)
             x = torch.randn(rows, in_features, generator=g)
             for dtype in (torch.float32, torch.bfloat16):
+                chosen = original(dtype, rows * out_features * in_features)
                 for packing, ok in available.items():
                     if not ok or (packing == "mkl" and dtype != torch.float32):
                         continue
-                    lean_decode.prepacking = lambda dtype, packing=packing: packing
+                    lean_decode.prepacking = lambda dtype, multiply_adds, packing=packing: packing
                     linear = lean_decode.DecodeLinear(weight, None, rows, dtype)
                     seconds = best_seconds(lambda linear=linear, x=x: linear(x), tries=15)
                     results.append(
@@ -68,7 +68,7 @@ def main(size: str) -> dict:
                             "dtype": str(dtype).removeprefix("torch."),
                             "packing": packing,
                             "ms": seconds * 1e3,
-                            "chosen": packing == chosen[dtype],
+                            "chosen": packing == chosen,
                         }
                     )
     finally:

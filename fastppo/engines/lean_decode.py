@@ -58,14 +58,20 @@ def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
         return ""
 
 
-def prepacking(dtype: torch.dtype) -> str:
+# float32 products of fewer multiply-adds than this (rows x out x in) stay with MKL off Intel CPUs too: there oneDNN's
+# per-call cost outweighs its faster kernels (`python -m bench.decode_linear` times both at a bench size's shapes).
+ONEDNN_MIN_PRODUCT = 1 << 21
+
+
+def prepacking(dtype: torch.dtype, multiply_adds: int) -> str:
     """Which library multiplies the decode's prepared weights: 'mkl', 'onednn' or 'none' (a transposed copy).
 
-    float32: MKL on Intel CPUs; elsewhere oneDNN, which picks its kernels from the CPU's instruction sets, where
-    MKL's GEMM ran the decode's products several times slower on an AMD EPYC (`python -m bench.decode_linear`
-    compares the two on any CPU). bf16: oneDNN, the library torch's bf16 products use on a CPU."""
+    float32: MKL on Intel CPUs and for small products; elsewhere oneDNN, which picks its kernels from the CPU's
+    instruction sets, where MKL's GEMM ran the decode's larger products several times slower on an AMD EPYC. bf16:
+    oneDNN, the library torch's bf16 products use on a CPU."""
     mkl = _mkl_prepacking() and dtype == torch.float32
-    if mkl and (_cpu_vendor() == "GenuineIntel" or not _onednn_prepacking()):
+    small = multiply_adds < ONEDNN_MIN_PRODUCT
+    if mkl and (_cpu_vendor() == "GenuineIntel" or small or not _onednn_prepacking()):
         return "mkl"
     return "onednn" if _onednn_prepacking() else "none"
 
@@ -84,7 +90,7 @@ class DecodeLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, dtype=torch.float32):
         self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
         self.rows, self.dtype = rows, dtype
-        self.packing = prepacking(dtype)
+        self.packing = prepacking(dtype, rows * self.weight.shape[0] * self.weight.shape[1])
         weight = self.weight.to(dtype)
         self.compute_bias = None if self.bias is None else self.bias.to(dtype)
         if self.packing == "mkl":

@@ -81,7 +81,7 @@ def test_decode_linear_is_the_linear_layer(monkeypatch, packing, dtype):
     each library's prepacking and without; float32 out whatever it multiplies in."""
     if not PACKINGS[packing]() or (packing == "mkl" and dtype != torch.float32):
         pytest.skip(f"this torch has no {packing} prepacking for {dtype}")
-    monkeypatch.setattr(lean_decode, "prepacking", lambda dtype: packing)
+    monkeypatch.setattr(lean_decode, "prepacking", lambda dtype, multiply_adds: packing)
     g = torch.Generator().manual_seed(0)
     weight, bias = torch.randn(37, 19, generator=g), torch.randn(37, generator=g)
     rounded = lambda x: x.to(dtype).double()  # noqa: E731
@@ -105,16 +105,21 @@ def test_decode_linear_is_the_linear_layer(monkeypatch, packing, dtype):
 
 
 def test_decode_prepacking_follows_the_cpu(monkeypatch, tmp_path):
-    """float32: MKL's packing on Intel CPUs, oneDNN's on others (where it is there); bf16: oneDNN's."""
+    """float32: MKL's packing on Intel CPUs and for small products, oneDNN's on others (where it is there); bf16:
+    oneDNN's."""
     read_vendor = lean_decode._cpu_vendor.__wrapped__
     monkeypatch.setattr(lean_decode, "_mkl_prepacking", lambda: True)
     monkeypatch.setattr(lean_decode, "_onednn_prepacking", lambda: True)
+    large, small = lean_decode.ONEDNN_MIN_PRODUCT, lean_decode.ONEDNN_MIN_PRODUCT - 1
     for vendor, float32 in (("GenuineIntel", "mkl"), ("AuthenticAMD", "onednn"), ("", "onednn")):
         monkeypatch.setattr(lean_decode, "_cpu_vendor", lambda vendor=vendor: vendor)
-        assert lean_decode.prepacking(torch.float32) == float32
-        assert lean_decode.prepacking(torch.bfloat16) == "onednn"
+        assert lean_decode.prepacking(torch.float32, large) == float32
+        assert lean_decode.prepacking(torch.float32, small) == "mkl"
+        assert lean_decode.prepacking(torch.bfloat16, small) == "onednn"
+        assert lean_decode.prepacking(torch.bfloat16, large) == "onednn"
     monkeypatch.setattr(lean_decode, "_onednn_prepacking", lambda: False)
-    assert lean_decode.prepacking(torch.float32) == "mkl" and lean_decode.prepacking(torch.bfloat16) == "none"
+    assert lean_decode.prepacking(torch.float32, large) == "mkl"
+    assert lean_decode.prepacking(torch.bfloat16, large) == "none"
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu\n")
     assert read_vendor(str(cpuinfo)) == "AuthenticAMD"
