@@ -141,6 +141,10 @@ def _filled_prefix_layer():
         filled = 0  # positions written so far
 
         def update(self, key_states, value_states, *args, **kwargs):
+            # One dtype for both buffers: under bf16 autocast the values come out of a bf16 matmul and the keys out
+            # of the float32 rotary embedding, and transformers' versions differ in which dtype they allocate.
+            dtype = self.keys.dtype if getattr(self, "is_initialized", False) else key_states.dtype
+            key_states, value_states = key_states.to(dtype), value_states.to(dtype)
             keys, values = super().update(key_states, value_states, *args, **kwargs)
             self.filled += key_states.shape[-2]
             return keys[:, :, : self.filled], values[:, :, : self.filled]

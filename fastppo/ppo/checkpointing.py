@@ -33,7 +33,10 @@ class Checkpointing:
         }
 
     def _resume_settings(self) -> dict:
-        return resume_settings(self.config) | self.fingerprints
+        settings = resume_settings(self.config) | self.fingerprints
+        if hasattr(self, "autocast_dtype"):  # what precision auto chose: a resume keeps it (SetUp._autocast_dtype)
+            settings["computed_in"] = "float32" if self.autocast_dtype is None else "bf16"
+        return settings
 
     def save(self, path: str | None = None) -> str:
         """A checkpoint of everything needed to resume, at <output_dir>/checkpoint-<step> (or under `path`).

@@ -39,6 +39,7 @@ from fastppo.runtime.checkpoint import (
     refuse_mixing_runs,
     remove_partial_checkpoints,
     resume_checkpoint,
+    saved_settings,
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.metrics import MetricsLogger, PhaseTimer
@@ -86,7 +87,7 @@ class SetUp:
         )
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
-        self.autocast_dtype = self._autocast_dtype(lm)  # None: float32
+        self.autocast_dtype = self._autocast_dtype(lm, checkpoint)  # None: float32
         self.end_ids = end_token_ids(self.tokenizer, lm, tuple(config.stop_token_ids))
         vocab_size = lm.get_input_embeddings().num_embeddings
         check_prompt_token_ids(self.prompts + self.eval_prompts, self.tokenizer, vocab_size, self.end_ids)
@@ -159,10 +160,15 @@ class SetUp:
         )
         return lm
 
-    def _autocast_dtype(self, lm) -> torch.dtype | None:
+    def _autocast_dtype(self, lm, checkpoint: str | None) -> torch.dtype | None:
         """`precision` here: 'auto' on a CPU probes the policy's shapes (runtime.precision), and under torchrun
-        takes bf16 only where every rank measured it faster, so that all ranks compute alike."""
+        takes bf16 only where every rank measured it faster, so that all ranks compute alike. A resumed run keeps
+        what its start chose: a probe is a timing, and a run must not change precision halfway."""
         config = self.config
+        kept = saved_settings(checkpoint).get("computed_in") if checkpoint else None
+        if config.precision == "auto" and self.device.type == "cpu" and kept is not None:
+            _say(f"precision auto: {kept}, as the run chose at its start ({checkpoint})")
+            return torch.bfloat16 if kept == "bf16" else None
         dtype = precision.autocast_dtype(config.precision, self.device, lm)
         probed = config.precision == "auto" and self.device.type == "cpu"
         if probed and distributed.any_rank(dtype is None):

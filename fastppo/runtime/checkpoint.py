@@ -386,6 +386,12 @@ RESUME_HONOURED = {
 }
 
 
+def saved_settings(checkpoint: str) -> dict:
+    """The settings `checkpoint` recorded when it was saved (empty for checkpoints from before they were)."""
+    with open(os.path.join(checkpoint, MANIFEST), encoding="utf-8") as f:
+        return json.load(f).get("settings") or {}
+
+
 def check_resume_settings(
     checkpoint: str, settings: dict, new_reference: bool = False, log=print, fixed: tuple = RESUME_FIXED
 ) -> dict:
@@ -395,8 +401,7 @@ def check_resume_settings(
     unless `new_reference` (resume_new_reference) accepts it; a RESUME_RESTORED one gets a warning; a RESUME_HONOURED
     one and other prompts (`settings["prompts"]`) are honoured and said through `log`. Checkpoints saved before
     settings were recorded are not checked."""
-    with open(os.path.join(checkpoint, MANIFEST), encoding="utf-8") as f:
-        saved = json.load(f).get("settings") or {}
+    saved = saved_settings(checkpoint)
     changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
     refused = [k for k in fixed if k in changed]
     if refused:

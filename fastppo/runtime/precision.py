@@ -3,12 +3,12 @@
 Weights, optimizer state and the PPO math (advantages, KL, losses) stay float32 whatever this says; `bf16` runs the
 models' matmuls under bf16 autocast, and the hf engine's decode multiplies bf16 copies of the weights. On CUDA that
 is the usual setting (TRL's and OpenRLHF's bf16). On a CPU it pays only where the cores multiply bf16 natively (AMX
-or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an AVX-512 CPU without them converts each bf16
-operand to float32, which makes the products and a whole PPO iteration slower than float32's (bench/README.md's
-precision rows). So on a CPU 'auto' is bf16 only where the CPU has the instructions and a probe at start-up, the
-model's own largest layer multiplied both ways, measured bf16 at least `MIN_SPEEDUP` times faster; float32
-elsewhere. `fastppo doctor` says whether this CPU has the instructions, and the trainer reports what bf16 changed
-(`precision/logprob_gap`).
+or AVX-512 BF16: Sapphire Rapids and later, Zen 4 and later); an AVX-512 CPU without them converts each bf16 operand
+to float32, which makes the products and a whole PPO iteration slower than float32's (bench/README.md's precision
+rows). So on a CPU 'auto' is bf16 only where the CPU has the instructions and a probe at start-up, the model's own
+largest layer multiplied both ways, measured bf16 at least `MIN_SPEEDUP` times faster, for models of
+`MIN_PARAMETERS` or more; float32 elsewhere. `fastppo doctor` says whether this CPU has the instructions, and the
+trainer reports what bf16 changed (`precision/logprob_gap`).
 """
 
 from __future__ import annotations
@@ -22,16 +22,19 @@ import torch
 PRECISIONS = ("auto", "float32", "bf16")
 PRECISION_HELP = (
     "What the models compute in: 'bf16' (autocast; weights, optimizer and losses stay float32), 'float32', or "
-    "'auto': bf16 on CUDA, and on a CPU with AMX / AVX-512 BF16 (`fastppo doctor`) where a start-up probe at the "
-    "model's shapes measured bf16 faster; float32 elsewhere."
+    "'auto': bf16 on CUDA, and on a CPU with AMX / AVX-512 BF16 (`fastppo doctor`) for models of 10M+ parameters "
+    "where a start-up probe at the model's shapes measured bf16 faster; float32 elsewhere."
 )
-# 'auto' on a CPU: the probe multiplies PROBE_ROWS rows (a micro-batch's tokens) by the model's largest layer, and
-# takes bf16 when it is at least MIN_SPEEDUP times faster. The bar is where bf16 paid end to end (bench/README.md,
-# AMD Zen 4): the bench config's layers (hidden 256) probe below it and its iteration was no faster in bf16, the
-# varlen size's (hidden 512) and SmolLM2's probe above it and their iterations were.
+# 'auto' on a CPU takes bf16 for models whose linear layers (the LM head aside) hold at least MIN_PARAMETERS: below
+# that an iteration is mostly per-op overhead, which bf16 does not shorten, and a probe at such small shapes moves
+# with the machine's load and thread count. For those, the probe multiplies PROBE_ROWS rows (a micro-batch's
+# tokens) by the model's largest layer, and bf16 is taken when it is at least MIN_SPEEDUP times faster. Where bf16
+# paid end to end (bench/README.md, AMD Zen 4): not at the bench config's 3M parameters of layers, at the varlen
+# size's 25M and SmolLM2's 106M.
+MIN_PARAMETERS = 10_000_000
 PROBE_ROWS = 512
 PROBE_SECONDS = 0.003  # one try of the probe, in float32
-MIN_SPEEDUP = 1.8
+MIN_SPEEDUP = 1.5
 
 
 @functools.cache
@@ -56,19 +59,24 @@ def autocast_dtype(precision: str, device: torch.device, model=None) -> torch.dt
 
 
 def bf16_pays_on_cpu(model) -> bool:
-    """Whether this CPU multiplies bf16 natively and the probe at `model`'s largest linear layer (LM head aside)
-    measured bf16 autocast at least MIN_SPEEDUP times faster than float32."""
-    shape = _largest_linear(model)
-    return cpu_multiplies_bf16() and shape is not None and bf16_speedup(*shape) >= MIN_SPEEDUP
+    """Whether this CPU multiplies bf16 natively, `model`'s linear layers (LM head aside) hold at least
+    MIN_PARAMETERS and the probe at the largest of them measured bf16 autocast at least MIN_SPEEDUP times faster."""
+    shapes = _linear_shapes(model)
+    if not cpu_multiplies_bf16() or sum(out * inp for out, inp in shapes) < MIN_PARAMETERS:
+        return False
+    return bf16_speedup(*_largest(shapes)) >= MIN_SPEEDUP
 
 
-def _largest_linear(model) -> tuple[int, int] | None:
-    """(out, in) of the largest linear layer outside the LM head (whose vocabulary-wide product would make the probe
-    as slow as a step; its rows are a body layer's anyway)."""
+def _linear_shapes(model) -> list[tuple[int, int]]:
+    """(out, in) of every linear layer outside the LM head (whose vocabulary-wide product would make the probe as slow
+    as a step; its rows are a body layer's anyway)."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    shapes = [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-    return max(shapes, key=lambda shape: shape[0] * shape[1]) if shapes else None
+    return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def _largest(shapes: list[tuple[int, int]]) -> tuple[int, int]:
+    return max(shapes, key=lambda shape: shape[0] * shape[1])
 
 
 @functools.cache
@@ -105,13 +113,17 @@ def describe(precision: str, dtype: torch.dtype | None, device: torch.device, mo
         return f"precision {precision}: {chosen} on {device.type}"
     if not cpu_multiplies_bf16():
         return "precision auto: float32 (this CPU has neither AMX nor AVX-512 BF16)"
-    shape = _largest_linear(model) if model is not None else None
-    if shape is None:
-        return f"precision auto: {chosen}"
-    speedup = bf16_speedup(*shape)
+    shapes = _linear_shapes(model) if model is not None else []
+    parameters = sum(out * inp for out, inp in shapes)
+    if parameters < MIN_PARAMETERS:
+        return (
+            f"precision auto: float32 (the model's layers hold {parameters / 1e6:.1f}M parameters, under the "
+            f"{MIN_PARAMETERS / 1e6:.0f}M below which bf16 does not pay)"
+        )
+    out, inp = _largest(shapes)
     return (
         f"precision auto: {chosen} (bf16 autocast multiplied {PROBE_ROWS} rows by the model's largest layer "
-        f"{shape[0]}x{shape[1]}, {speedup:.2f}x as fast as float32 here; the bar is {MIN_SPEEDUP}x)"
+        f"{out}x{inp} {bf16_speedup(out, inp):.2f}x as fast as float32 here; the bar is {MIN_SPEEDUP}x)"
     )
 
 

@@ -267,3 +267,24 @@ def test_partial_checkpoints_of_dead_processes_are_removed_at_start(
     left = sorted(n for n in os.listdir(run_with_checkpoints) if "checkpoint" in n)
     assert left == [f".tmp-checkpoint-3-{os.getppid()}", "checkpoint-1", "checkpoint-2"]
     assert f"removed .tmp-checkpoint-3-{dead.pid}" in capsys.readouterr().err
+
+
+def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tiny_models, tmp_path, monkeypatch, capsys):
+    """precision auto is a timing on a CPU: a resume must not switch precision halfway, whatever its probe says."""
+    from fastppo.runtime import precision
+
+    policy = tiny_models["llama"][0]
+    for chose in (True, False):
+        run = tmp_path / str(chose)
+        monkeypatch.setattr(precision, "bf16_pays_on_cpu", lambda model, chose=chose: chose)
+        config = small_config(run, policy_model=policy, steps=1, device="cpu", save_every=1)
+        assert (PPOTrainer(config, reward=count_w7, prompts=prompt_list()).autocast_dtype is not None) is chose
+        PPOTrainer(config, reward=count_w7, prompts=prompt_list()).train()
+        monkeypatch.setattr(precision, "bf16_pays_on_cpu", lambda model, chose=chose: not chose)  # the probe flips
+        resumed = small_config(run, policy_model=policy, steps=2, device="cpu", resume_from=str(run / "run"))
+        trainer = PPOTrainer(resumed, reward=count_w7, prompts=prompt_list())
+        assert (trainer.autocast_dtype is not None) is chose
+        said = f"precision auto: {'bf16' if chose else 'float32'}, as the run chose at its start"
+        assert said in capsys.readouterr().err
+        explicit = small_config(run, policy_model=policy, steps=2, precision="float32", resume_from=str(run / "run"))
+        assert PPOTrainer(explicit, reward=count_w7, prompts=prompt_list()).autocast_dtype is None  # asked: honoured

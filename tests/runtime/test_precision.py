@@ -73,6 +73,8 @@ def test_the_vllm_engine_computes_in_the_trainers_dtype(monkeypatch, tiny_models
 
 
 class _Body(torch.nn.Module):
+    """Linear layers of 64 x 300 and 300 x 64 (38,400 parameters) and an LM head of 900 x 64."""
+
     def __init__(self):
         super().__init__()
         self.up, self.down, self.head = torch.nn.Linear(64, 300), torch.nn.Linear(300, 64), torch.nn.Linear(64, 900)
@@ -82,8 +84,9 @@ class _Body(torch.nn.Module):
 
 
 def test_auto_on_a_cpu_is_bf16_where_the_cpu_has_it_and_the_probe_measured_it_faster(monkeypatch):
-    """'auto' on a CPU: bf16 only with the instructions and a probe at the model's largest layer (its LM head left
-    out) at least MIN_SPEEDUP faster; without a model to probe, float32. The line for the log says which."""
+    """'auto' on a CPU: bf16 only with the instructions, for a model whose layers (its LM head left out) hold at least
+    MIN_PARAMETERS, and a probe at its largest layer at least MIN_SPEEDUP faster; without a model to probe, float32.
+    The line for the log says which, and why."""
     probed = []
 
     def speedup(out_features, in_features):
@@ -92,20 +95,35 @@ def test_auto_on_a_cpu_is_bf16_where_the_cpu_has_it_and_the_probe_measured_it_fa
 
     monkeypatch.setattr(precision, "bf16_speedup", speedup)
     model = _Body()
-    for flags, measured, expected in [
-        (True, precision.MIN_SPEEDUP + 0.1, torch.bfloat16),
-        (True, precision.MIN_SPEEDUP - 0.1, None),
-        (False, 5.0, None),
+    for flags, measured, floor, expected in [
+        (True, precision.MIN_SPEEDUP + 0.1, 38_400, torch.bfloat16),
+        (True, precision.MIN_SPEEDUP - 0.1, 38_400, None),
+        (True, 5.0, 38_401, None),  # too small to pay, whatever the probe would say
+        (False, 5.0, 38_400, None),
     ]:
         monkeypatch.setattr(precision, "cpu_multiplies_bf16", lambda flags=flags: flags)
+        monkeypatch.setattr(precision, "MIN_PARAMETERS", floor)
+        probed.clear()
         assert precision.autocast_dtype("auto", CPU, model) is expected
+        assert probed == ([(300, 64)] if flags and floor <= 38_400 else [])  # the largest layer but the LM head
         assert precision.autocast_dtype("auto", CPU) is None
         assert precision.autocast_dtype("float32", CPU, model) is None
         line = precision.describe("auto", expected, CPU, model)
         assert ("bf16" if expected else "float32") in line.split("(")[0], line
-        if flags:
+        if flags and floor <= 38_400:
             assert "300x64" in line and f"{measured:.2f}x" in line, line
-    assert set(probed) == {(300, 64)}  # the largest layer but the LM head
+        elif flags:
+            assert "0.0M parameters" in line, line
+
+
+def test_the_demo_and_test_models_compute_in_float32_on_every_cpu(tiny_models, monkeypatch):
+    """They are far under MIN_PARAMETERS: no timing decides their precision, on a BF16 CPU or not."""
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(precision, "cpu_multiplies_bf16", lambda: True)
+    monkeypatch.setattr(precision, "bf16_speedup", lambda *shape: 100.0)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0])
+    assert precision.autocast_dtype("auto", CPU, lm) is None
 
 
 def test_the_probe_measures_a_speedup():
