@@ -67,8 +67,8 @@ def prepacking(dtype: torch.dtype, multiply_adds: int) -> str:
     """Which library multiplies the decode's prepared weights: 'mkl', 'onednn' or 'none' (a transposed copy).
 
     float32: MKL on Intel CPUs and for small products; elsewhere oneDNN, which picks its kernels from the CPU's
-    instruction sets, where MKL's GEMM ran the decode's larger products several times slower on an AMD EPYC. bf16:
-    oneDNN, the library torch's bf16 products use on a CPU."""
+    instruction sets: MKL's GEMM ran the decode's larger products slower on an AMD EPYC (`bench.decode_linear`).
+    bf16: oneDNN, the library torch's bf16 products use on a CPU."""
     mkl = _mkl_prepacking() and dtype == torch.float32
     small = multiply_adds < ONEDNN_MIN_PRODUCT
     if mkl and (_cpu_vendor() == "GenuineIntel" or small or not _onednn_prepacking()):
