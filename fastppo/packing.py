@@ -63,9 +63,13 @@ def packed_hidden(backbone, input_ids: torch.Tensor, attention_mask: torch.Tenso
     return hidden
 
 
+def _text_config(model):
+    return model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+
+
 def refusal(model, backbone) -> str | None:
     """Why `model` (a transformers model; `backbone` its decoder) must not be run packed, or None."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     layer_types = set(getattr(config, "layer_types", None) or [])
     stateful = layer_types - ATTENTION_LAYER_TYPES
     if config.model_type in STATEFUL_MODEL_TYPES or stateful:
@@ -101,14 +105,14 @@ def _packs_exactly(backbone, vocab_size: int) -> bool:
     return torch.allclose(packed.float(), torch.cat(alone), atol=1e-4, rtol=1e-3)
 
 
-def use_packing(setting: str, model, backbone, field: str = "padding_free") -> bool:
-    """Whether the forwards of `model` run packed: `setting` 'auto' packs where the attention is varlen
-    (flash-attn), 'true' wherever the model allows it, 'false' never. A refused request warns and falls back."""
-    if setting == "false":
+def use_packing(padding_free: bool | None, model, backbone, field: str = "padding_free") -> bool:
+    """Whether the forwards of `model` run packed: `padding_free` None (auto) packs where the attention is varlen
+    (flash-attn), True wherever the model allows it, False never. A refused request warns and falls back."""
+    if padding_free is False:
         return False
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = _text_config(model)
     varlen = getattr(config, "_attn_implementation", None) in VARLEN_ATTENTION
-    if setting == "auto" and not varlen:
+    if padding_free is None and not varlen:
         return False
     why = refusal(model, backbone)
     if why is not None:

@@ -75,7 +75,7 @@ def test_an_attention_that_ignores_the_boundaries_is_refused(tiny_models, monkey
     monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
     assert "does not keep packed sequences apart" in packing.refusal(lm, backbone_of(lm))
     with pytest.warns(UserWarning, match="padding_free: llama is run on trimmed micro-batches"):
-        assert packing.use_packing("true", lm, backbone_of(lm)) is False
+        assert packing.use_packing(True, lm, backbone_of(lm)) is False
 
 
 def test_models_with_state_along_the_sequence_are_refused(tiny_models):
@@ -90,10 +90,10 @@ def test_models_with_state_along_the_sequence_are_refused(tiny_models):
 def test_auto_packs_only_where_the_attention_is_varlen(tiny_models, monkeypatch):
     lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"][0], dtype=torch.float32)
     backbone = backbone_of(lm)
-    assert packing.use_packing("auto", lm, backbone) is False  # sdpa on a CPU: a block mask, not varlen
-    assert packing.use_packing("true", lm, backbone) is True
-    assert packing.use_packing("false", lm, backbone) is False
+    assert packing.use_packing(None, lm, backbone) is False  # sdpa on a CPU: a block mask, not varlen
+    assert packing.use_packing(True, lm, backbone) is True
+    assert packing.use_packing(False, lm, backbone) is False
     checked = []
     monkeypatch.setattr(packing, "refusal", lambda model, backbone: checked.append(model) or None)
     lm.config._attn_implementation = "flash_attention_2"  # as loaded with flash-attn on CUDA (not run here)
-    assert packing.use_packing("auto", lm, backbone) is True and checked == [lm]  # checked before it is used
+    assert packing.use_packing(None, lm, backbone) is True and checked == [lm]  # checked before it is used

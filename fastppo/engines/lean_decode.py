@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fastppo import ops
 from fastppo.models import backbone_of, plain_linear, unwrap
 from fastppo.ops.reference import rotate_half_embedding
+from fastppo.runtime.precision import cpuinfo_field
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -51,11 +52,7 @@ def _onednn_prepacking() -> bool:
 
 @functools.cache
 def _cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    try:
-        with open(cpuinfo) as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+    return cpuinfo_field("vendor_id", cpuinfo)
 
 
 # float32 products of fewer multiply-adds than this (rows x out x in) stay with MKL off Intel CPUs too: there oneDNN's

@@ -262,8 +262,9 @@ def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, con
             "not this model's tokenizer; give the model's own (PPOTrainer(reward_tokenizer=...) or reward_tokenizer)"
         )
     rows, tokens = getattr(config, "micro_batch", None), getattr(config, "micro_batch_tokens", None)
-    setting = {None: "auto", True: "true", False: "false"}[getattr(config, "padding_free", False)]
-    packed = hasattr(model, "score") and use_packing(setting, model, getattr(model, model.base_model_prefix), field)
+    padding_free = getattr(config, "padding_free", False)  # configs without the field: never packed
+    backbone = getattr(model, model.base_model_prefix, None)
+    packed = hasattr(model, "score") and use_packing(padding_free, model, backbone, field)
     return ModelReward(
         model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows, tokens_per_forward=tokens, packed=packed
     )

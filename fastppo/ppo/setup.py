@@ -180,15 +180,14 @@ class SetUp:
     def _decide_packing(self) -> None:
         """padding_free (fastppo.packing): whether the policy's, the critic's and the reference's forwards run packed,
         each model checked on its own (a refused one warns and stays on trimmed micro-batches)."""
-        setting = {None: "auto", True: "true", False: "false"}[self.config.padding_free]
-        model = self.model
-        model.padding_free = use_packing(setting, unwrap(model.lm), backbone_of(model.lm))
+        padding_free, model = self.config.padding_free, self.model
+        model.padding_free = use_packing(padding_free, unwrap(model.lm), backbone_of(model.lm))
         if model.critic_backbone is not None:
-            model.critic_padding_free = use_packing(setting, model.critic_backbone, model.critic_backbone)
-        reference = self.reference
-        self.reference_padding_free = (
-            model.padding_free if reference is None else use_packing(setting, unwrap(reference), backbone_of(reference))
-        )
+            model.critic_padding_free = use_packing(padding_free, model.critic_backbone, model.critic_backbone)
+        reference = self.reference  # None: the policy with its adapters off, packed as the policy is
+        self.reference_padding_free = model.padding_free
+        if reference is not None:
+            self.reference_padding_free = use_packing(padding_free, unwrap(reference), backbone_of(reference))
 
     def _check_logprob_path(self, lm) -> None:
         """The log-probs PPO trains on must be those the rollout samples from (see `check_logprob_path`). The check

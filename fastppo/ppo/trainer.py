@@ -247,15 +247,15 @@ class PPOTrainer(SetUp, Checkpointing):
         from_rollout = self.old_logprobs_from_rollout and batch.sampler_logprobs is not None
         old_logprobs, old_values, ref_logprobs, order = [], [], [], []
         real = computed = 0
-        stats = {}
+        gap = {}  # precision/logprob_gap, from the first micro-batch with response tokens
         for rows, micro in self._micro_batches(batch, torch.arange(len(batch.prompts))):
             input_ids, attention_mask, P = micro.input_ids, micro.attention_mask, micro.prompt_ids.shape[1]
             real_tokens, computed_tokens = micro.real_and_computed_tokens()
             real, computed = real + real_tokens, computed + computed_tokens
             # FSDP: the LMs are called below without their root's forward, which would unshard the root's weights.
             with self._autocast(), self.parallel.root_params(self.model), self.parallel.root_params(self.reference):
-                if self.autocast_dtype is not None and not stats:  # what bf16 changed, once an iteration
-                    stats = logprob_gap(self.model, micro, cfg.temperature)
+                if self.autocast_dtype is not None and not gap:  # what bf16 changed, once an iteration
+                    gap = logprob_gap(self.model, micro, cfg.temperature)
                 if not from_rollout:
                     logprobs, _, values = self.model(input_ids, attention_mask, P, cfg.temperature)
                     old_logprobs.append(widen(logprobs, T))
@@ -271,6 +271,7 @@ class PPOTrainer(SetUp, Checkpointing):
                         ref = reference_logprobs(self.reference, *inputs, self.reference_padding_free)
             ref_logprobs.append(widen(ref, T))
             order.append(rows)
+        stats = dict(gap)
         if self.uses_reference or not from_rollout:
             stats["perf/logprobs_real_frac"] = real / max(computed, 1)
         batch.ref_logprobs = in_row_order(ref_logprobs, order) if self.uses_reference else None

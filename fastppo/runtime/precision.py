@@ -37,14 +37,19 @@ PROBE_SECONDS = 0.003  # one try of the probe, in float32
 MIN_SPEEDUP = 1.5
 
 
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first CPU's `name` line of Linux's cpuinfo (flags, vendor_id...), "" where unreadable or absent."""
+    try:
+        with open(cpuinfo) as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.split(":", 1)[0].strip() == name), "")
+    except OSError:
+        return ""
+
+
 @functools.cache
 def cpu_multiplies_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether this CPU has bf16 dot-product instructions (Linux's cpuinfo flags; False where unreadable)."""
-    try:
-        with open(cpuinfo) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = cpuinfo_field("flags", cpuinfo).split()
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
