@@ -29,6 +29,12 @@ def newest_e2e() -> list[Path]:
     return [p for p in (newest(f"e2e-{size}-*.json") for size in ("default", "large", "varlen", "smollm2")) if p]
 
 
+def newest_memory() -> list[Path]:
+    """The newest memory profile of each size (memory-<size>-<stamp>.json) that accounts for the libraries."""
+    paths = (newest(f"memory-{size}-*.json") for size in ("default", "smollm2"))
+    return [p for p in paths if p and "libraries_mb" in json.loads(p.read_text())]
+
+
 def newest_gpu_proof(directory: Path = RESULTS) -> Path | None:
     """The newest GPU proof measured on a GPU: a dry run's file is never one, whatever its name."""
     for path in sorted(directory.glob("gpu-proof-*.json"), reverse=True):
@@ -225,8 +231,14 @@ def gpu_proof_section(path: Path | None) -> list[str]:
 
 
 def render(
-    ops_path: Path | None, e2e_paths: list[Path], rollout_path: Path | None = None, gpu_path: Path | None = None
+    ops_path: Path | None,
+    e2e_paths: list[Path],
+    rollout_path: Path | None = None,
+    gpu_path: Path | None = None,
+    memory_paths: list[Path] = (),
 ) -> str:
+    from bench.memory import table as memory_table
+
     out = [BEGIN, *gpu_proof_section(gpu_path)]
     if ops_path:
         data = json.loads(ops_path.read_text())
@@ -236,6 +248,10 @@ def render(
         data = json.loads(e2e_path.read_text())
         out += [f"### PPO end to end, {data.get('size', 'default')} model (`{e2e_path.name}`)", ""]
         out += [machine_line(data["machine"]), "", f"Config: {data['config']}", "", e2e_table(data), ""]
+    for memory_path in memory_paths:
+        data = json.loads(memory_path.read_text())
+        out += [f"### Where the memory goes, {data['size']} model (`{memory_path.name}`)", ""]
+        out += [machine_line(data["machine"]), "", memory_table(data), ""]
     if rollout_path:
         data = json.loads(rollout_path.read_text())
         out += [f"### Rollout engines: hf decode loop against vLLM (`{rollout_path.name}`)", ""]
@@ -251,7 +267,8 @@ def update_readme(ops_path: Path | None, e2e_paths: list[Path], gpu_path: Path |
     gpu_path = gpu_path or newest_gpu_proof()
     if gpu_path and json.loads(gpu_path.read_text()).get("dry_run", True):
         raise SystemExit(f"{gpu_path}: a dry run (its times mean nothing) never goes into {README.name}")
-    README.write_text(text[:start] + render(ops_path, e2e_paths, rollout_path, gpu_path) + text[end:])
+    rendered = render(ops_path, e2e_paths, rollout_path, gpu_path, newest_memory())
+    README.write_text(text[:start] + rendered + text[end:])
 
 
 if __name__ == "__main__":
@@ -260,4 +277,4 @@ if __name__ == "__main__":
     e2e_paths = [p for p in paths if p.name.startswith("e2e")] or newest_e2e()
     gpu_path = next((p for p in paths if p.name.startswith("gpu-proof")), None) or newest_gpu_proof()
     update_readme(ops_path, e2e_paths, gpu_path)
-    print(render(ops_path, e2e_paths, newest("rollout-*.json"), gpu_path))
+    print(render(ops_path, e2e_paths, newest("rollout-*.json"), gpu_path, newest_memory()))
