@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from fastppo.ppo.advantages import uses_critic
-from fastppo.runtime import distributed
+from fastppo.runtime import distributed, precision
 from fastppo.runtime.checkpoint import (
     FINAL_MODEL,
     prune_checkpoints,
@@ -35,7 +35,7 @@ class Checkpointing:
     def _resume_settings(self) -> dict:
         settings = resume_settings(self.config) | self.fingerprints
         if hasattr(self, "autocast_dtype"):  # what precision auto chose: a resume keeps it (SetUp._autocast_dtype)
-            settings["computed_in"] = "float32" if self.autocast_dtype is None else "bf16"
+            settings["computed_in"] = precision.computed_in(self.autocast_dtype)
         return settings
 
     def save(self, path: str | None = None) -> str:

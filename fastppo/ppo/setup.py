@@ -165,10 +165,11 @@ class SetUp:
         takes bf16 only where every rank measured it faster, so that all ranks compute alike. A resumed run keeps
         what its start chose: a probe is a timing, and a run must not change precision halfway."""
         config = self.config
-        kept = saved_settings(checkpoint).get("computed_in") if checkpoint else None
-        if config.precision == "auto" and self.device.type == "cpu" and kept is not None:
-            _say(f"precision auto: {kept}, as the run chose at its start ({checkpoint})")
-            return torch.bfloat16 if kept == "bf16" else None
+        recorded = saved_settings(checkpoint).get("computed_in") if checkpoint else None
+        kept = precision.kept_on_resume(config.precision, self.device, recorded)
+        if kept is not False:
+            _say(f"precision auto: {recorded}, as the run chose at its start ({checkpoint})")
+            return kept
         dtype = precision.autocast_dtype(config.precision, self.device, lm)
         probed = config.precision == "auto" and self.device.type == "cpu"
         if probed and distributed.any_rank(dtype is None):

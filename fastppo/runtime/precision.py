@@ -132,6 +132,20 @@ def describe(precision: str, dtype: torch.dtype | None, device: torch.device, mo
     )
 
 
+def computed_in(dtype: torch.dtype | None) -> str:
+    """What a checkpoint records of the run's precision, for `kept_on_resume`."""
+    return "float32" if dtype is None else "bf16"
+
+
+def kept_on_resume(precision: str, device: torch.device, recorded: str | None) -> torch.dtype | None | bool:
+    """On resume, the autocast dtype the run's start chose (`recorded`: its `computed_in`), or False to resolve
+    `precision` again. 'auto' on a CPU is a timing, and a run must not change precision halfway; an explicit
+    precision is honoured, and a checkpoint that recorded nothing resolves again."""
+    if precision != "auto" or device.type != "cpu" or recorded is None:
+        return False
+    return torch.bfloat16 if recorded == "bf16" else None
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """The context the models' forward (and so their backward) runs in."""
     if dtype is None:

@@ -202,11 +202,9 @@ class DPOTrainer:
 
         checkpoint = resume_checkpoint(config.resume_from, config.output_dir)
         self.lm, self.reference = self._build_models(config.model)
-        self.autocast_dtype = precision.autocast_dtype(config.precision, self.device, self.lm)  # None: float32
-        if config.precision == "auto" and self.device.type == "cpu":
-            print(f"fastppo dpo: {precision.describe(config.precision, self.autocast_dtype, self.device, self.lm)}")
         self.overhead = forward_overhead(self.lm)  # see runtime.micro_batches
         state = load_checkpoint(checkpoint, self._saveable(), STATE_KEYS) if checkpoint else None
+        self.autocast_dtype = self._autocast_dtype(checkpoint, state)  # None: float32
         self.optimizer, self.scheduler = adamw_with_schedule(
             self.lm.parameters(), config.learning_rate, self.total_steps
         )
@@ -243,6 +241,19 @@ class DPOTrainer:
             reference = frozen_reference(source, lm, cfg.reference_quantization, self.device, self.checkpoint_dtype)
         lm.train()
         return lm, reference
+
+    def _autocast_dtype(self, checkpoint: str | None, state: dict | None) -> torch.dtype | None:
+        """`precision` here: 'auto' on a CPU probes the model's shapes (runtime.precision); a resumed run keeps
+        what its start chose."""
+        config = self.config
+        kept = precision.kept_on_resume(config.precision, self.device, state and state.get("computed_in"))
+        if kept is not False:
+            print(f"fastppo dpo: precision auto: {state['computed_in']}, as the run chose at its start ({checkpoint})")
+            return kept
+        dtype = precision.autocast_dtype(config.precision, self.device, self.lm)
+        if config.precision == "auto" and self.device.type == "cpu":
+            print(f"fastppo dpo: {precision.describe(config.precision, dtype, self.device, self.lm)}")
+        return dtype
 
     @contextlib.contextmanager
     def _reference_lm(self):
@@ -431,6 +442,7 @@ class DPOTrainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "reference_logps": self.reference_logps,
+            "computed_in": precision.computed_in(self.autocast_dtype),  # what precision auto chose: a resume keeps it
         }
         return save_checkpoint(
             path or self.config.output_dir,

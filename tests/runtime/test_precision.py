@@ -129,3 +129,19 @@ def test_the_demo_and_test_models_compute_in_float32_on_every_cpu(tiny_models, m
 def test_the_probe_measures_a_speedup():
     speedup = precision.bf16_speedup.__wrapped__(64, 32, rows=16)
     assert 0.01 < speedup < 100
+
+
+@pytest.mark.parametrize(
+    "setting, device, recorded, kept",
+    [
+        ("auto", "cpu", "bf16", torch.bfloat16),
+        ("auto", "cpu", "float32", None),
+        ("auto", "cpu", None, False),  # a checkpoint from before the choice was recorded: resolved again
+        ("float32", "cpu", "bf16", False),  # asked for: honoured
+        ("bf16", "cpu", "float32", False),
+        ("auto", "cuda", "float32", False),  # auto is bf16 on CUDA, no timing to keep
+    ],
+)
+def test_a_resume_keeps_what_auto_chose_on_a_cpu_only(setting, device, recorded, kept):
+    assert precision.kept_on_resume(setting, torch.device(device), recorded) is kept
+    assert precision.computed_in(None) == "float32" and precision.computed_in(torch.bfloat16) == "bf16"

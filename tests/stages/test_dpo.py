@@ -204,6 +204,26 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, base_model):
         assert {k: rb[k] for k in compared} == pytest.approx({k: ra[k] for k in compared}, abs=1e-5)
 
 
+def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tmp_path, base_model, monkeypatch, capsys):
+    """precision auto is a timing on a CPU: a resume must not switch precision halfway, whatever its probe says."""
+    from fastppo.runtime import precision
+
+    for chose in (True, False):
+        run = tmp_path / str(chose)
+        monkeypatch.setattr(precision, "bf16_pays_on_cpu", lambda model, chose=chose: chose)
+        trainer = DPOTrainer(config(run, base_model, precision="auto", device="cpu", kl_samples=0))
+        assert (trainer.autocast_dtype is not None) is chose
+        trainer.step()
+        trainer.save()
+        monkeypatch.setattr(precision, "bf16_pays_on_cpu", lambda model, chose=chose: not chose)  # the probe flips
+        resumed = DPOTrainer(config(run, base_model, precision="auto", device="cpu", resume_from=str(run / "run")))
+        assert resumed.step_count == 1 and (resumed.autocast_dtype is not None) is chose
+        said = f"precision auto: {'bf16' if chose else 'float32'}, as the run chose at its start"
+        assert said in capsys.readouterr().out
+        explicit = config(run, base_model, precision="float32", resume_from=str(run / "run"))
+        assert DPOTrainer(explicit).autocast_dtype is None  # asked: honoured
+
+
 def test_cli_runs_and_resumes(tmp_path, base_model):
     data = write_jsonl(tmp_path / "prefs.jsonl", sentiment_pairs(48))
     out = str(tmp_path / "out")
