@@ -4,7 +4,7 @@ Every `eval_every` steps the policy answers the held-out `eval_prompts`, once ea
 temperature (greedily with `eval_greedy`), in chunks of rollout_batch_size. The answers are scored by the run's
 reward, and their KL to the reference is estimated as the training KL is (`kl_estimator`, summed over the tokens):
 
-    eval/score_mean, eval/score_std     the reward's raw scores
+    eval/score_mean, eval/score_std     the reward's raw scores (several rewards: their weighted sum, as training's)
     eval/kl                             KL(policy || reference) per sequence; absent when greedy (a KL estimate
                                         needs samples of the policy) or when the run has no reference
     eval/response_length_mean           response tokens
@@ -58,7 +58,7 @@ def evaluate(trainer) -> tuple[dict, list[dict]]:
             # chunk is padded with its own prompts to a multiple of the world size, and the padding's rows dropped.
             padded = [chunk[i % len(chunk)] for i in range(-(-len(chunk) // world) * world)]
             batch = trainer.rollout(distributed.share(padded), 0.0 if greedy else None)
-            scores = trainer.reward(batch).float()
+            scores = trainer.reward.combine(trainer.reward_scores(batch))  # (B,) as training's raw scores
             kl = None
             if estimate_kl:
                 trainer.compute_logprobs(batch)

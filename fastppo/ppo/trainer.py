@@ -231,11 +231,16 @@ class PPOTrainer(SetUp, Checkpointing):
         `batch.raw_scores`, (B,) their weighted sum, and `batch.scores`, the scores PPO optimizes (`shape_scores`:
         penalties, normalization, clipping)."""
         self.reward.trainer_state.global_step = self.step_count
-        with self._autocast():  # reward models compute in the run's precision; reward functions do not notice
-            batch.reward_scores = self.reward(batch).to(self.device)
+        batch.reward_scores = self.reward_scores(batch)
         batch.raw_scores = self.reward.combine(batch.reward_scores)
         batch.scores = shape_scores(batch.raw_scores, batch, self.config, self.score_moments)
         return {}
+
+    def reward_scores(self, batch: RolloutBatch) -> torch.Tensor:
+        """(B, K) what each reward returned for `batch` (NaN where one does not apply). Reward models compute in
+        the run's precision; reward functions do not notice."""
+        with self._autocast():
+            return self.reward(batch).to(self.device)
 
     @torch.no_grad()
     def compute_logprobs(self, batch: RolloutBatch) -> dict:

@@ -93,3 +93,25 @@ def test_evaluate_without_eval_prompts_names_them(tiny_llama, tmp_path):
     trainer = PPOTrainer(small_config(tmp_path, policy_model=tiny_llama[0]), reward=count_w7, prompts=prompt_list())
     with pytest.raises(InputError, match="eval_prompts"):
         trainer.evaluate()
+
+
+def test_evaluation_scores_with_every_reward_combined_as_training_does(tiny_llama, tmp_path):
+    """Several rewards (TRL's reward_funcs with reward_weights): an eval row's score is their weighted sum, a reward
+    that does not apply (None) counting 0, as the training batches' scores are."""
+    policy, _ = tiny_llama
+
+    def length(prompts, responses):
+        return [float(len(r.split())) for r in responses]
+
+    def only_long(prompts, responses):
+        return [1.0 if len(r.split()) > 3 else None for r in responses]
+
+    config = small_config(tmp_path, policy_model=policy, reward_weights=[1.0, 0.5, 2.0], eval_every=1, eval_greedy=True)
+    trainer = PPOTrainer(config, reward=[count_w7, length, only_long], prompts=prompt_list(), eval_prompts=EVAL_PROMPTS)
+    metrics = trainer.evaluate()
+    rows = read_jsonl(tmp_path / "run" / "completions.jsonl")
+    for row in rows:
+        words = row["completion"].split()
+        expected = words.count("w7") + 0.5 * len(words) + (2.0 if len(words) > 3 else 0.0)
+        assert row["score"] == pytest.approx(expected)
+    assert metrics["eval/score_mean"] == pytest.approx(sum(row["score"] for row in rows) / len(rows))
