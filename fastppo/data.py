@@ -70,6 +70,14 @@ def read_prompt_records(source, split: str | None = None, field: str = "prompts"
     its row is kept for the reward functions. Errors name `field` (prompts, eval_prompts)."""
     if source is None:
         raise InputError(f"{field}: none given ({SOURCES})")
+    if field == "eval_prompts" and _has_splits(source):
+        # prompts_split names the training prompts' split, and the default is "train": read at either, held-out
+        # prompts would be training prompts. eval_prompts are one split, as TRL's eval_dataset is.
+        raise InputError(
+            "eval_prompts: a dataset with splits (a DatasetDict, or a directory saved with them) would be read at "
+            "the training prompts' split; pass the held-out split itself (dataset['test'], or a directory saved "
+            "from it)"
+        )
     if split is not None and not _has_splits(source):
         raise InputError(
             f"prompts_split: {split!r} selects a split of a DatasetDict (or of a dataset directory saved with "

@@ -125,7 +125,7 @@ def check_inputs(config) -> None:
     line or row), and each reward: a function's module imported and its signature read against the prompts'
     columns, a model's directory checked."""
     from fastppo.data import read_prompt_records
-    from fastppo.ppo.rewards import is_model_spec, load_reward, reward_specs
+    from fastppo.ppo.rewards import check_columns, is_model_spec, load_reward, reward_specs
 
     for name, what in (
         ("policy_model", "a checkpoint directory"),
@@ -142,13 +142,14 @@ def check_inputs(config) -> None:
     _check_context("policy_model", check_model_dir("policy_model", config.policy_model), config)
     records = read_prompt_records(config.prompts, config.prompts_split)
     columns = dict.fromkeys(name for record in records for name in record.columns)
+    functions = []
     for field, spec in reward_specs(config):
         if is_model_spec(spec):
             _check_context(field, check_model_dir(field, spec), config)
         else:  # a function: imported, its form told from its signature (no model loads)
-            load_reward(spec, config, None, None, columns=columns, field=field)
-    if config.eval_prompts is not None:
-        read_prompt_records(config.eval_prompts, config.prompts_split, "eval_prompts")
+            functions.append(load_reward(spec, config, None, None, columns=columns, field=field))
+    if config.eval_prompts is not None:  # one split: prompts_split is the training prompts'
+        check_columns(functions, read_prompt_records(config.eval_prompts, None, "eval_prompts"), "eval_prompts")
     if config.critic_model is not None:
         check_model_dir("critic_model", config.critic_model)
 

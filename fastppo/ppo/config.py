@@ -463,7 +463,8 @@ class PPOConfig(Config):
             if isinstance(prompts, list):
                 if not prompts:
                     raise InputError(f"{name}: the list is empty")
-                read_prompt_records(prompts, self.prompts_split, name)  # each item checked
+                split = self.prompts_split if name == "prompts" else None  # the training prompts' split
+                read_prompt_records(prompts, split, name)  # each item checked
             elif prompts is not None and not isinstance(prompts, str) and not is_dataset(prompts):
                 raise InputError(f"{name} must be {PROMPT_SOURCES}; got {short(prompts)}")
 

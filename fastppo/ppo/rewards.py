@@ -29,6 +29,7 @@ from fastppo.ppo.reward_functions import (
     call_reward,
     check_scores,
     load_function,
+    reward_form,
     run_coroutines,
 )
 from fastppo.runtime.errors import InputError
@@ -213,6 +214,18 @@ def load_rewards(
         load_reward(spec, config, policy_tokenizer, device, tokenizer, columns, policy, field) for field, spec in specs
     ]
     return Rewards(rewards, weights)
+
+
+def check_columns(rewards: list, prompts: list, field: str) -> None:
+    """Reward functions of TRL's form get the prompts' columns by name: every column one needs must be in `prompts`
+    (eval_prompts) too, as `reward_form` checked the training prompts' at load; else the first evaluation, steps
+    into the run, would stop it with the function's TypeError."""
+    if not prompts:
+        return
+    columns = dict.fromkeys(name for prompt in prompts for name in prompt.columns)
+    for reward in rewards:
+        if isinstance(reward, FunctionReward) and reward.form == "trl":
+            reward_form(reward.fn, f"{reward.name} (on {field})", columns)
 
 
 def load_reward(

@@ -29,7 +29,7 @@ from fastppo.models import (
 )
 from fastppo.packing import use_packing
 from fastppo.ppo.advantages import uses_critic
-from fastppo.ppo.rewards import load_rewards
+from fastppo.ppo.rewards import check_columns, load_rewards
 from fastppo.ppo.shaping import KLController, RunningMoments
 from fastppo.runtime import distributed, precision
 from fastppo.runtime.checkpoint import (
@@ -76,15 +76,14 @@ class SetUp:
             self.resume_changes = check_resume_settings(
                 checkpoint, self._resume_settings(), config.resume_new_reference, log=_say
             )
+        held_out, limits = config.eval_prompts, (config.max_prompt_length, config.truncate_long_prompts)
+        self.eval_prompts = (  # one split: prompts_split is the training prompts'
+            [] if held_out is None else read_prompts(held_out, self.tokenizer, *limits, None, "eval_prompts")
+        )
         columns = dict.fromkeys(name for prompt in self.prompts for name in prompt.columns)  # for reward functions
         self.reward = load_rewards(config, self.tokenizer, self.device, reward, reward_tokenizer, columns, policy)
         self.reward.trainer_state.max_steps = config.steps
-        held_out, limits = config.eval_prompts, (config.max_prompt_length, config.truncate_long_prompts)
-        self.eval_prompts = (
-            []
-            if held_out is None
-            else read_prompts(held_out, self.tokenizer, *limits, config.prompts_split, "eval_prompts")
-        )
+        check_columns(self.reward.rewards, self.eval_prompts, "eval_prompts")  # now, not at the first evaluation
 
         lm = self._load_policy_lm(policy)  # float32 master weights, dropout off
         self.autocast_dtype = self._autocast_dtype(lm, checkpoint)  # None: float32

@@ -115,3 +115,49 @@ def test_evaluation_scores_with_every_reward_combined_as_training_does(tiny_llam
         expected = words.count("w7") + 0.5 * len(words) + (2.0 if len(words) > 3 else 0.0)
         assert row["score"] == pytest.approx(expected)
     assert metrics["eval/score_mean"] == pytest.approx(sum(row["score"] for row in rows) / len(rows))
+
+
+def test_eval_prompts_are_one_split_whatever_prompts_split_names(tiny_llama, tmp_path):
+    """TRL's layout: train on one split of a DatasetDict (prompts_split), evaluate on another split's Dataset or on a
+    list; the split name is the training prompts'. A DatasetDict as eval_prompts would be read at the training split:
+    refused."""
+    datasets = pytest.importorskip("datasets")
+    policy, _ = tiny_llama
+    splits = datasets.DatasetDict(
+        {
+            "train_prefs": datasets.Dataset.from_list([{"prompt": p} for p in prompt_list(8)]),
+            "test_prefs": datasets.Dataset.from_list([{"prompt": p} for p in prompt_list(3, seed=1)]),
+        }
+    )
+    config = small_config(tmp_path, policy_model=policy, steps=1, eval_every=1, prompts_split="train_prefs")
+    trainer = PPOTrainer(config, reward=count_w7, prompts=splits, eval_prompts=splits["test_prefs"])
+    assert [str(p) for p in trainer.eval_prompts] == prompt_list(3, seed=1)
+    assert "eval/score_mean" in trainer.train()[0]
+    listed = small_config(tmp_path / "list", policy_model=policy, eval_every=1, prompts_split="train_prefs")
+    trainer = PPOTrainer(listed, reward=count_w7, prompts=splits, eval_prompts=["w1 w2"])
+    assert [str(p) for p in trainer.eval_prompts] == ["w1 w2"]
+    fresh = small_config(tmp_path / "splits", policy_model=policy, eval_every=1, prompts_split="train_prefs")
+    with pytest.raises(InputError, match="eval_prompts: a dataset with splits .*dataset\\['test'\\]"):
+        PPOTrainer(fresh, reward=count_w7, prompts=splits, eval_prompts=splits)
+
+
+def exact_answer(completions, answer, **kwargs):
+    return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
+
+
+def test_eval_prompts_without_a_column_a_reward_needs_are_refused_before_training(tiny_llama, tmp_path):
+    """A TRL-form reward reading a dataset column: the eval prompts must have it too, checked at start-up (by the
+    CLI before anything loads), not by a crash at the first evaluation steps into the run."""
+    from fastppo.cli.train import check_inputs
+
+    policy, _ = tiny_llama
+    prompts = [{"prompt": p, "answer": "w7"} for p in prompt_list(8)]
+    config = small_config(tmp_path, policy_model=policy, steps=1, eval_every=1)
+    with pytest.raises(InputError, match="exact_answer \\(on eval_prompts\\).*'answer'"):
+        PPOTrainer(config, reward=exact_answer, prompts=prompts, eval_prompts=["w1 w2", "w3"])
+    spec = f"{__name__}:exact_answer"
+    cli = small_config(tmp_path, policy_model=policy, reward_model=spec, prompts=prompts, eval_prompts=["w1 w2"])
+    with pytest.raises(InputError, match="on eval_prompts.*'answer'"):
+        check_inputs(cli)
+    trainer = PPOTrainer(config, reward=exact_answer, prompts=prompts, eval_prompts=prompts[:3])
+    assert "eval/score_mean" in trainer.train()[0]
