@@ -254,7 +254,9 @@ class PPOConfig(Config):
 
     # --- what a run reports and leaves: evaluation, logging backends, checkpoints, the final model -------------------
     eval_prompts: typing.Any = option(
-        None, "Held-out prompts, in the forms `prompts` takes, that the policy answers every eval_every steps."
+        None,
+        "Held-out prompts, in the forms `prompts` takes, that the policy answers every eval_every steps: one split "
+        "(a DatasetDict's split itself, dataset['test']; prompts_split is the training prompts').",
     )
     eval_every: int = option(
         0, "Evaluate on eval_prompts every this many steps (eval/* metrics, completions.jsonl); 0 = never."
