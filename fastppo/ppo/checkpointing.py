@@ -127,6 +127,7 @@ def resume_settings(config) -> dict:
     return {
         "critic": config.critic if uses_critic(config.advantage_estimator) else "none",
         "lora_rank": config.lora_rank,
+        "lora_alpha": config.lora_alpha if config.lora_rank else None,  # the adapters' scale: another is another model
         "learning_rate": config.learning_rate,
         "weight_decay": config.weight_decay,
         "kl_coef": config.kl_coef,

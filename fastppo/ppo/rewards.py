@@ -34,7 +34,7 @@ from fastppo.ppo.reward_functions import (
 )
 from fastppo.runtime.errors import InputError
 from fastppo.runtime.micro_batches import forward_overhead, sorted_micro_batches
-from fastppo.runtime.validation import LOAD_ERRORS, is_callable_spec, read_model_config
+from fastppo.runtime.validation import LOAD_ERRORS, context_length, is_callable_spec, read_model_config
 
 __all__ = ["FunctionReward", "ModelReward", "RewardError", "Rewards", "load_reward", "load_rewards"]
 
@@ -278,8 +278,16 @@ def _model_reward(model, tokenizer, policy_tokenizer, field: str, name: str, con
     padding_free = getattr(config, "padding_free", False)  # configs without the field: never packed
     backbone = getattr(model, model.base_model_prefix, None)
     packed = hasattr(model, "score") and use_packing(padding_free, model, backbone, field)
+    context = context_length(model.config.to_dict())  # its position table: longer rows lose the prompt's start
     return ModelReward(
-        model, tokenizer, policy_tokenizer, name=name, rows_per_forward=rows, tokens_per_forward=tokens, packed=packed
+        model,
+        tokenizer,
+        policy_tokenizer,
+        max_length=min(4096, context) if context else 4096,
+        name=name,
+        rows_per_forward=rows,
+        tokens_per_forward=tokens,
+        packed=packed,
     )
 
 

@@ -374,7 +374,7 @@ def resume_checkpoint(resume_from: str | None, output_dir: str, announce: bool =
 
 
 # What a PPO checkpoint's weights and optimizer state were made with: a resumed run must build the same model.
-RESUME_FIXED = ("critic", "lora_rank")
+RESUME_FIXED = ("critic", "lora_rank", "lora_alpha")
 # Restored from the checkpoint's optimizer state whatever the config says now.
 RESUME_RESTORED = ("learning_rate", "weight_decay")
 # Honoured on resume, and said: the trainer applies the new value (PPOTrainer._resume) instead of the saved state.

@@ -246,3 +246,17 @@ def test_rewards_are_weighted_and_none_does_not_count():
         Rewards([FunctionReward(half)]).combine(Rewards([FunctionReward(half)])(fake_batch(["w1"], ["w2"])))
     with pytest.raises(RewardError, match="non-finite scores at positions \\[1\\]"):
         FunctionReward(lambda p, r: [None, float("nan")])(fake_batch(["w1", "w2"], ["w3", "w4"]))
+
+
+def test_a_reward_model_with_a_short_context_scores_rows_longer_than_it(tmp_path):
+    """A reward model with its own tokenizer re-renders prompt + response (its chat template adds tokens): a row can
+    exceed its position table (GPT-2's, 128 here) even when max_prompt_length + max_new_tokens fit it. The row loses
+    the start of its prompt instead of indexing past the table."""
+    reward_path = save_reward_model(tmp_path, "gpt2", list(reversed(WORDS)))  # other ids, same words
+    config = small_config(tmp_path, max_prompt_length=100, max_new_tokens=26)
+    reward = load_reward(reward_path, config, build_tokenizer(), torch.device("cpu"))
+    assert not reward.same_vocab
+    prompt, response = " ".join(["w1"] * 100), " ".join(["w2"] * 26)
+    batch = SimpleNamespace(prompts=[prompt], responses=[response], ended=torch.tensor([True]))
+    assert len(reward.encode(prompt, response, True)) > 128
+    assert torch.isfinite(reward(batch)).all()

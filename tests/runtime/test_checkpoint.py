@@ -288,3 +288,13 @@ def test_a_resumed_run_keeps_the_precision_auto_chose_at_its_start(tiny_models, 
         assert said in capsys.readouterr().err
         explicit = small_config(run, policy_model=policy, steps=2, precision="float32", resume_from=str(run / "run"))
         assert PPOTrainer(explicit, reward=count_w7, prompts=prompt_list()).autocast_dtype is None  # asked: honoured
+
+
+def test_a_resume_refuses_another_lora_alpha(tiny_llama, tmp_path):
+    """The adapters' scale (alpha / rank) is part of the model the checkpoint holds: another one is refused, not
+    loaded at a new scale."""
+    common = dict(policy_model=tiny_llama[0], steps=1, lora_rank=4, device="cpu")
+    PPOTrainer(small_config(tmp_path, **common), reward=count_w7, prompts=prompt_list()).train()
+    resumed = small_config(tmp_path, **{**common, "steps": 2, "lora_alpha": 64.0}, resume_from=str(tmp_path / "run"))
+    with pytest.raises(InputError, match="lora_alpha"):
+        PPOTrainer(resumed, reward=count_w7, prompts=prompt_list())
